@@ -1,0 +1,3 @@
+from boostserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Checkpoint -> per-stage ONNX graphs + manifest, calibration with the serving engine, reports."""

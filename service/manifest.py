@@ -1,0 +1,229 @@
+"""The offline/online contract: what an artifact directory holds and how it is verified.
+
+`export/` writes a `manifest.json` with this schema; `service/` loads it and refuses to serve
+anything whose files do not match their recorded sha256. Artifacts are immutable: recalibrating
+writes a new manifest (and so a new content-hash `version`).
+
+Stage wiring: the engine keeps, per sample, the preprocessed image and the outputs of the stage
+that ran last. A stage input's `source` names where its value comes from:
+  - "image"          the preprocessed image (N, C, H, W) float32
+  - "prev:<name>"    output `<name>` of the previous stage (features, or "logits" = F_{k-1})
+Every stage outputs the cumulative logits F_k under `logits_output`; the boosting sum
+F_k = f_k + t * F_{k-1} lives inside the graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+class ArtifactError(Exception):
+    """The artifact directory is missing, malformed or does not match its manifest."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TensorSpec(_Frozen):
+    name: str
+    shape: list[int | None] = Field(description="None marks a dynamic axis (the batch axis)")
+    dtype: Literal["float32"] = "float32"
+
+
+class StageInput(TensorSpec):
+    source: str = Field(description='"image" or "prev:<output name of the previous stage>"')
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value != "image" and not (value.startswith("prev:") and len(value) > 5):
+            raise ValueError(f"stage input source must be 'image' or 'prev:<name>', got {value!r}")
+        return value
+
+
+class StageSpec(_Frozen):
+    index: int = Field(ge=0, description="0-based stage index; exit number shown to users is index + 1")
+    file: str
+    sha256: str
+    inputs: list[StageInput]
+    outputs: list[TensorSpec]
+    logits_output: str = "logits"
+    macs: int = Field(ge=0, description="MACs of this stage alone (block + its head)")
+    cumulative_macs: int = Field(ge=0, description="MACs to reach this exit: blocks 0..k and heads 0..k")
+    params: int = Field(ge=0)
+    cumulative_params: int = Field(ge=0)
+
+    @property
+    def reads_image(self) -> bool:
+        return any(i.source == "image" for i in self.inputs)
+
+
+class Preprocessing(_Frozen):
+    """bytes -> decoded -> color_mode -> resized to (height, width) -> x/255 -> (x - mean) / std, NCHW."""
+
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: Literal[1, 3]
+    color_mode: Literal["L", "RGB"]
+    mean: list[float]
+    std: list[float]
+    resize: Literal["bilinear", "nearest", "bicubic"] = "bilinear"
+    input_scale: float = 1.0 / 255.0
+    layout: Literal["NCHW"] = "NCHW"
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> Preprocessing:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std must be positive")
+        expected = "L" if self.channels == 1 else "RGB"
+        if self.color_mode != expected:
+            raise ValueError(f"{self.channels} channel(s) need color_mode {expected!r}")
+        return self
+
+
+class ExitRule(_Frozen):
+    confidence: Literal["max_softmax_cumulative"] = "max_softmax_cumulative"
+    t: float = Field(ge=0.0, description="F_k = f_k + t * F_{k-1}; baked into the stage graphs")
+    description: str = "exit at the first stage k with max(softmax(F_k)) >= threshold_k; the last always answers"
+
+
+class Provenance(_Frozen):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    checkpoint_sha256: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    git_sha: str | None = None
+    dataset: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None
+    created_at: str | None = None
+    opset: int | None = None
+    tool_versions: dict[str, str] = Field(default_factory=dict)
+
+
+class CalibrationSpec(_Frozen):
+    """Where the per-exit confidence/correctness arrays live (see service.calibration)."""
+
+    file: str
+    sha256: str
+    split: str = "heldout"
+    num_samples: int = Field(gt=0)
+    heldout_accuracy: list[float]
+    test_accuracy: list[float] | None = None
+    test_samples: int | None = None
+
+
+class Manifest(_Frozen):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: str = Field(description="content hash of stages + calibration + contract")
+    stages: list[StageSpec] = Field(min_length=1)
+    preprocessing: Preprocessing
+    classes: list[str] = Field(min_length=2)
+    exit_rule: ExitRule
+    provenance: Provenance = Field(default_factory=Provenance)
+    calibration: CalibrationSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        for i, stage in enumerate(self.stages):
+            if stage.index != i:
+                raise ValueError(f"stages must be ordered by index; position {i} has index {stage.index}")
+        if self.stages[0].reads_image is False:
+            raise ValueError("stage 0 must read the image")
+        cumulative = [s.cumulative_macs for s in self.stages]
+        if cumulative != sorted(cumulative):
+            raise ValueError("cumulative_macs must be non-decreasing")
+        if self.calibration is not None:
+            n = len(self.stages)
+            if len(self.calibration.heldout_accuracy) != n:
+                raise ValueError("calibration.heldout_accuracy needs one value per stage")
+            if self.calibration.test_accuracy is not None and len(self.calibration.test_accuracy) != n:
+                raise ValueError("calibration.test_accuracy needs one value per stage")
+        return self
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def cumulative_macs(self) -> list[int]:
+        return [s.cumulative_macs for s in self.stages]
+
+    @property
+    def full_macs(self) -> int:
+        return self.stages[-1].cumulative_macs
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_version(manifest_without_version: dict[str, Any]) -> str:
+    """A short content hash over everything that defines behaviour (file hashes included)."""
+    body = {k: v for k, v in manifest_without_version.items() if k not in ("version", "provenance")}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _verified_path(artifacts_dir: Path, relative: str, expected_sha256: str, what: str) -> Path:
+    path = (artifacts_dir / relative).resolve()
+    if artifacts_dir.resolve() not in path.parents:
+        raise ArtifactError(f"{what} path {relative!r} escapes the artifact directory")
+    if not path.is_file():
+        raise ArtifactError(f"{what} file missing: {path}")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise ArtifactError(
+            f"{what} file {path} is corrupted or was changed: sha256 {actual[:16]}… != manifest {expected_sha256[:16]}…"
+        )
+    return path
+
+
+def load_manifest(artifacts_dir: str | Path, verify: bool = True) -> Manifest:
+    """Read and validate `manifest.json`; with verify, check the sha256 of every file it names."""
+    root = Path(artifacts_dir)
+    manifest_path = root / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ArtifactError(
+            f"no {MANIFEST_FILE} in {root}: point --artifacts / BOOSTSERVE_ARTIFACTS_DIR at a directory "
+            "written by `boostserve export`"
+        )
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    if isinstance(raw, dict) and raw.get("schema_version") not in (None, SCHEMA_VERSION):
+        raise ArtifactError(
+            f"{manifest_path} has schema_version {raw.get('schema_version')!r}; this boostserve reads {SCHEMA_VERSION}"
+        )
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValueError as exc:
+        raise ArtifactError(f"{manifest_path} does not match the manifest schema: {exc}") from exc
+    if verify:
+        for stage in manifest.stages:
+            _verified_path(root, stage.file, stage.sha256, f"stage {stage.index + 1}")
+        if manifest.calibration is not None:
+            _verified_path(root, manifest.calibration.file, manifest.calibration.sha256, "calibration")
+    return manifest
+
+
+def write_manifest(artifacts_dir: str | Path, manifest: Manifest) -> Path:
+    path = Path(artifacts_dir) / MANIFEST_FILE
+    path.write_text(manifest.model_dump_json(indent=2) + "\n")
+    return path
