@@ -32,7 +32,14 @@ from export.npz import save_npz_deterministic
 from export.onnx_export import DEFAULT_OPSET, Exporter, export_stage
 from export.parity import DEFAULT_TOLERANCE, ParityReport, check_parity
 from export.progress import Progress
-from export.stages import StageModule, StagePlan, plan_stages, stage_file
+from export.stages import (
+    StageModule,
+    StagePlan,
+    custom_autograd_functions,
+    plan_stages,
+    stage_file,
+    torch_stage_outputs,
+)
 from models.staged import StagedBackbone
 from service.manifest import (
     Manifest,
@@ -121,7 +128,16 @@ class ExportResult:
 
 
 def dataset_batches(dataset: DatasetLike, batch_size: int) -> Iterator[Batch]:
-    """(images float32 NCHW, labels int64) numpy batches in dataset order (no shuffling)."""
+    """(images float32 NCHW, labels int64) numpy batches in dataset order (no shuffling).
+
+    Uses the dataset's own vectorised `batches(batch_size)` when it has one (models.data's
+    ArrayDataset transforms a whole batch at once), else a plain DataLoader.
+    """
+    fast = getattr(dataset, "batches", None)
+    if callable(fast):
+        for images, labels in fast(batch_size):
+            yield images.numpy().astype(np.float32, copy=False), labels.numpy().astype(np.int64)
+        return
     loader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size,
@@ -268,9 +284,13 @@ def export_artifact(
     try:
         with torch.no_grad():
             plans = plan_stages(backbone, source.t, trace_image)
-            from export.stages import torch_stage_outputs
-
             staged = torch_stage_outputs(backbone, source.t, trace_image)
+        custom = custom_autograd_functions(backbone, source.t, trace_image[:1])
+        if custom:
+            raise ExportError(
+                f"custom autograd Functions {custom} run in eval mode; training-only parts (gradient "
+                "rescaling) must be off in the exported graphs"
+            )
         paths: list[Path] = []
         with progress.bar(total=n, desc="export stages", unit="stage") as bar:
             for plan in plans:
@@ -402,8 +422,6 @@ def _calibrate(
             tensor = torch.from_numpy(images)
             if source.reference is not None:
                 return [x.numpy() for x in source.reference(tensor)]
-            from export.stages import torch_stage_outputs
-
             return [cum.numpy() for _, cum in torch_stage_outputs(source.backbone, source.t, tensor)]
 
     n = manifest.num_stages

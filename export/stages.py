@@ -194,3 +194,29 @@ def plan_stages(backbone: StagedBackbone, t: float, sample_image: Tensor) -> lis
             )
         )
     return plans
+
+
+def custom_autograd_functions(backbone: StagedBackbone, t: float, sample_image: Tensor) -> list[str]:
+    """Names of custom `torch.autograd.Function`s on the eval-mode forward path of any stage.
+
+    Why at the torch level: the TorchScript exporter inlines a Function's forward (the gradient
+    rescaling is an identity `view_as`), so the ONNX graph alone cannot show that a training-only
+    part was still active. One forward with autograd recording and a walk of the autograd graph
+    finds every custom Function node (their backward nodes subclass `BackwardCFunction`).
+    """
+    found: set[str] = set()
+    with torch.enable_grad():
+        image = sample_image.detach().clone().requires_grad_(True)
+        outputs = torch_stage_outputs(backbone, t, image)
+        roots = [tensor for features, logits in outputs for tensor in (*features, logits)]
+        seen: set[int] = set()
+        stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, torch.autograd.function.BackwardCFunction):
+                found.add(type(node).__name__.removesuffix("Backward"))
+            stack.extend(next_fn for next_fn, _ in node.next_functions if next_fn is not None)
+    return sorted(found)
