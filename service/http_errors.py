@@ -1,0 +1,159 @@
+"""The one table from domain `error_type` to HTTP status, and the exception handlers that use it.
+
+Why one table: the engine, scheduler, preprocessing and budget code raise transport-free errors
+(`service.errors`); this module is the only place that knows about HTTP status codes, so v1, v2,
+FastAPI's own validation errors and routing 404/405 all answer with the same envelope
+
+    {"error": {"type": "<error_type>", "message": "<human readable>"}}
+
+and the same `error_type` labels `boostserve_errors_total`. The Open Inference Protocol suggests
+`{"error": "<message>"}`; we deliberately keep our envelope on the v2 routes too: OIP clients
+(tritonclient included) only look at the status code and surface the body as the message.
+
+Choices documented here:
+  - too many images in one request -> 413 (it is a size limit, like the body limit)
+  - v2 tensor problems (shape, datatype, NaN/Inf, wrong length) -> 422 validation_error
+  - PUT /v1/budget with a wrong token -> 401 (same as a missing one; no oracle for token guesses),
+    with no token configured on the server -> 403
+  - 500 never echoes the exception: a generic message plus the request id, traceback in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import (
+    ERROR_TYPES,
+    BoostServeError,
+    NotReadyError,
+    OverCapacityError,
+    UnauthorizedError,
+)
+
+log = logging.getLogger("boostserve.http")
+
+#: error_type -> HTTP status. Every entry of service.errors.ERROR_TYPES has exactly one row.
+STATUS_BY_ERROR_TYPE: dict[str, int] = {
+    "invalid_image": 400,
+    "validation_error": 422,
+    "payload_too_large": 413,
+    "too_many_images": 413,
+    "unsupported_media_type": 415,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "over_capacity": 429,
+    "not_ready": 503,
+    "deadline_exceeded": 504,
+    "internal_error": 500,
+}
+assert set(STATUS_BY_ERROR_TYPE) == set(ERROR_TYPES), "every error_type needs a status code"
+
+#: For routing errors raised by Starlette (no domain error behind them).
+_ERROR_TYPE_BY_STATUS: dict[int, str] = {
+    400: "validation_error",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "over_capacity",
+    503: "not_ready",
+    504: "deadline_exceeded",
+}
+
+#: Seconds a client should wait after a 503 during startup/shutdown.
+NOT_READY_RETRY_AFTER_S = 1
+
+INTERNAL_MESSAGE = "internal server error; quote request id {request_id} when reporting it"
+
+
+def status_for(error_type: str) -> int:
+    return STATUS_BY_ERROR_TYPE.get(error_type, 500)
+
+
+def error_body(error_type: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The single error envelope."""
+    inner: dict[str, Any] = {"type": error_type, "message": message}
+    inner.update(extra)
+    return {"error": inner}
+
+
+def request_id_of(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "") or "-")
+
+
+def _count(request: Request, error_type: str) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.count_error(error_type)
+
+
+def error_response(request: Request, exc: BoostServeError) -> JSONResponse:
+    """Render a domain error: status from the table, Retry-After / WWW-Authenticate where due."""
+    error_type = exc.error_type if exc.error_type in STATUS_BY_ERROR_TYPE else "internal_error"
+    status = status_for(error_type)
+    headers: dict[str, str] = {}
+    message = exc.message
+    if isinstance(exc, OverCapacityError):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    elif isinstance(exc, NotReadyError):
+        headers["Retry-After"] = str(NOT_READY_RETRY_AFTER_S)
+    elif isinstance(exc, UnauthorizedError):
+        headers["WWW-Authenticate"] = getattr(exc, "www_authenticate", 'Bearer realm="boostserve"')
+    if status >= 500 and error_type == "internal_error":
+        log.error("internal error (request id %s): %s", request_id_of(request), exc.message, exc_info=exc)
+        message = INTERNAL_MESSAGE.format(request_id=request_id_of(request))
+    _count(request, error_type)
+    return JSONResponse(error_body(error_type, message), status_code=status, headers=headers)
+
+
+async def _domain_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BoostServeError)
+    return error_response(request, exc)
+
+
+def _format_validation(exc: RequestValidationError) -> str:
+    parts: list[str] = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or "request"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    more = len(exc.errors()) - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    _count(request, "validation_error")
+    return JSONResponse(error_body("validation_error", _format_validation(exc)), status_code=422)
+
+
+async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    error_type = _ERROR_TYPE_BY_STATUS.get(exc.status_code, "internal_error")
+    if exc.status_code == 404:
+        message = f"no route for {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    _count(request, error_type)
+    headers = dict(exc.headers or {})
+    return JSONResponse(error_body(error_type, message), status_code=exc.status_code, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers; unexpected exceptions are turned into 500 by service.middleware."""
+    app.add_exception_handler(BoostServeError, _domain_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_handler)

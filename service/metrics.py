@@ -1,0 +1,230 @@
+"""Every Prometheus series of the service (the only module that imports prometheus_client).
+
+Names and labels are the table in docs/architecture.md; dashboards and alerts are built on them,
+so change them only together with deploy/. Each app gets its own CollectorRegistry, so several
+apps in one test process never collide and /metrics shows exactly one app's series.
+
+`Metrics` also implements the scheduler's observer protocol (`on_stage_batch`, `on_exit`,
+`on_queue_depth`); stages arrive 0-based and are labelled 1-based ("1".."N"), like the `exit`
+field users see. Label values come from closed sets only (route templates, error types, stage
+numbers), never from request data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from service.errors import ERROR_TYPES
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+#: HTTP latency: a 28x28 PNG is answered in ~1-3 ms; big uploads and deep exits under load take
+#: tens to hundreds of ms; timeouts are seconds.
+REQUEST_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+#: One ONNX Runtime stage run: tens of microseconds (tiny CPU stages) to ~100 ms (big batches).
+STAGE_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+#: Max softmax at exit: thresholds live mostly in 0.5..0.99, so resolve that range finely.
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999, 1.0)
+
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "5xx"
+
+
+class Metrics:
+    """The series of one app, on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "boostserve_request_duration_seconds",
+            "HTTP request latency by route template",
+            ["route", "method", "status_class"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "boostserve_requests", "HTTP requests", ["route", "method", "status_class"], registry=r
+        )
+        self.errors = Counter(
+            "boostserve_errors", "error responses by error_type", ["error_type"], registry=r
+        )
+        self.images = Counter("boostserve_images", "images classified", registry=r)
+        self.exits = Counter(
+            "boostserve_exits", "images answered at each exit (1-based)", ["stage"], registry=r
+        )
+        self._image_macs: Histogram | None = None
+        self.exit_confidence = Histogram(
+            "boostserve_exit_confidence",
+            "max softmax of the cumulative logits at the exit taken",
+            ["stage"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "boostserve_stage_duration_seconds",
+            "wall time of one ONNX Runtime stage batch",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.stage_batch_size = Histogram(
+            "boostserve_stage_batch_size",
+            "images per stage batch",
+            ["stage"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "boostserve_queue_depth", "images waiting per stage queue", ["stage"], registry=r
+        )
+        self.inflight = Gauge(
+            "boostserve_inflight_requests", "classification requests in progress", registry=r
+        )
+        self.deadline_hits = Counter(
+            "boostserve_deadline_hits", "images answered early because their deadline passed", registry=r
+        )
+        self.budget_expected_macs = Gauge(
+            "boostserve_budget_expected_macs", "expected MACs per image under the global budget", registry=r
+        )
+        self.budget_expected_accuracy = Gauge(
+            "boostserve_budget_expected_accuracy",
+            "expected (held-out) accuracy under the global budget",
+            registry=r,
+        )
+        self.calibrated_exit_fraction = Gauge(
+            "boostserve_calibrated_exit_fraction",
+            "expected share of images exiting at each stage under the global budget",
+            ["stage"],
+            registry=r,
+        )
+        self.full_macs = Gauge("boostserve_full_macs", "MACs of the full network (all stages)", registry=r)
+        self.ready = Gauge("boostserve_ready", "1 when models are loaded and warmed up", registry=r)
+        self.model_info = Gauge(
+            "boostserve_model_info",
+            "the model being served (value is always 1)",
+            ["model", "version", "stages", "providers", "exit_rule"],
+            registry=r,
+        )
+        for error_type in sorted(ERROR_TYPES):
+            self.errors.labels(error_type=error_type)
+        self.ready.set(0)
+
+    # -- model ---------------------------------------------------------------------------------
+    def bind_model(
+        self,
+        *,
+        name: str,
+        version: str,
+        cumulative_macs: Sequence[int],
+        providers: Sequence[str],
+        exit_rule: str,
+    ) -> None:
+        """Called once the manifest is loaded: model info, per-stage series, MACs buckets.
+
+        The MACs histogram's buckets are the exits' cumulative MACs, so each bucket counts the
+        images answered at or before one exit exactly.
+        """
+        stages = len(cumulative_macs)
+        self.model_info.labels(
+            model=name,
+            version=version,
+            stages=str(stages),
+            providers=",".join(providers),
+            exit_rule=exit_rule,
+        ).set(1)
+        self.full_macs.set(float(cumulative_macs[-1]))
+        buckets = sorted({float(m) for m in cumulative_macs if m > 0}) or [1.0]
+        if self._image_macs is None:
+            self._image_macs = Histogram(
+                "boostserve_image_macs",
+                "MACs spent per classified image (buckets = cumulative MACs of each exit)",
+                buckets=buckets,
+                registry=self.registry,
+            )
+        for k in range(1, stages + 1):
+            label = str(k)
+            self.exits.labels(stage=label)
+            self.exit_confidence.labels(stage=label)
+            self.stage_duration.labels(stage=label)
+            self.stage_batch_size.labels(stage=label)
+            self.queue_depth.labels(stage=label).set(0)
+
+    def set_budget(
+        self,
+        *,
+        expected_macs: float | None,
+        expected_accuracy: float | None,
+        exit_fractions: Sequence[float] | None,
+    ) -> None:
+        """The global budget changed (startup, PUT /v1/budget)."""
+        self.budget_expected_macs.set(float("nan") if expected_macs is None else float(expected_macs))
+        self.budget_expected_accuracy.set(
+            float("nan") if expected_accuracy is None else float(expected_accuracy)
+        )
+        if exit_fractions is not None:
+            for k, fraction in enumerate(exit_fractions, start=1):
+                self.calibrated_exit_fraction.labels(stage=str(k)).set(float(fraction))
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready.set(1 if ready else 0)
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        cls = status_class(status)
+        self.request_duration.labels(route=route, method=method, status_class=cls).observe(seconds)
+        self.requests.labels(route=route, method=method, status_class=cls).inc()
+
+    def count_error(self, error_type: str) -> None:
+        self.errors.labels(error_type=error_type if error_type in ERROR_TYPES else "internal_error").inc()
+
+    @contextmanager
+    def track_inflight(self) -> Iterator[None]:
+        self.inflight.inc()
+        try:
+            yield
+        finally:
+            self.inflight.dec()
+
+    # -- scheduler observer protocol ----------------------------------------------------------------
+    def on_stage_batch(self, stage: int, batch_size: int, seconds: float) -> None:
+        label = str(stage + 1)
+        self.stage_duration.labels(stage=label).observe(seconds)
+        self.stage_batch_size.labels(stage=label).observe(batch_size)
+
+    def on_exit(self, stage: int, confidence: float, macs: float, deadline_hit: bool) -> None:
+        label = str(stage + 1)
+        self.images.inc()
+        self.exits.labels(stage=label).inc()
+        self.exit_confidence.labels(stage=label).observe(confidence)
+        if self._image_macs is not None:
+            self._image_macs.observe(macs)
+        if deadline_hit:
+            self.deadline_hits.inc()
+
+    def on_queue_depth(self, stage: int, depth: int) -> None:
+        self.queue_depth.labels(stage=str(stage + 1)).set(depth)
+
+    # -- exposition ----------------------------------------------------------------------------
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def monotonic() -> float:
+    """The clock used for request timing (one place to change it)."""
+    return time.perf_counter()

@@ -1,0 +1,220 @@
+"""Image bytes / uint8 tensors -> validated float32 (C, H, W) per the manifest's Preprocessing.
+
+Pipeline (must match what the model saw in training, see export/ and models/data):
+  decode (Pillow) -> first frame -> alpha composited on black -> color_mode -> resize to
+  (width, height) with the manifest's filter -> x * input_scale -> (x - mean) / std.
+
+Documented conversions:
+  - animated images (GIF, APNG, WebP): the first frame is classified.
+  - alpha (RGBA, LA, PA, P with transparency, RGBa, La): composited on *black*. Fashion-MNIST is
+    white-on-black, so a transparent background is background; a cut-out on transparency then
+    looks like a training image.
+  - palette (P), bilevel (1), CMYK, YCbCr, LAB, HSV: converted by Pillow to L / RGB.
+  - 16/32-bit integer grayscale (I;16*, I): scaled by 255/65535 (values clipped to [0, 65535]).
+  - float grayscale (F): taken as 0..255 and clipped.
+  - RGB -> L uses Pillow's ITU-R 601-2 luma (the same weights as the uint8 tensor path); L -> RGB
+    replicates the channel.
+Limits (size and pixel count) are checked from the header *before* any pixel is decoded, so a
+decompression bomb costs nothing. Every failure is a domain error (4xx), never a 500.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from service.errors import InvalidImageError, PayloadTooLargeError, ValidationFailedError
+from service.manifest import Preprocessing
+
+# Truncated files are errors, not silently grey-padded images.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_RESAMPLE: dict[str, Image.Resampling] = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+#: ITU-R 601-2 luma, as Pillow's convert("L").
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+#: Images up to this many pixels are decoded on the event loop: a thread hop costs more than the
+#: decode. Bigger ones go to the threadpool so they never stall other requests.
+INLINE_DECODE_PIXELS = 256 * 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_image_pixels: int
+
+
+class Preprocessor:
+    """Precomputed normalisation for one manifest; thread-safe (no mutable state)."""
+
+    def __init__(self, spec: Preprocessing, limits: Limits) -> None:
+        self.spec = spec
+        self.limits = limits
+        self.shape = (spec.channels, spec.height, spec.width)
+        self._resample = _RESAMPLE[spec.resize]
+        std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+        mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
+        # x * input_scale then (x - mean) / std, fused into one multiply-add.
+        self._scale = (np.float32(spec.input_scale) / std).astype(np.float32)
+        self._offset = (-mean / std).astype(np.float32)
+
+    # -- bytes ---------------------------------------------------------------------------------
+    def open(self, data: bytes) -> Image.Image:
+        """Parse the header only; enforce the pixel limit before decoding. Cheap."""
+        if not data:
+            raise InvalidImageError("empty image: the upload has zero bytes")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise PayloadTooLargeError(
+                f"image has too many pixels (limit {self.limits.max_image_pixels}): {exc}"
+            ) from exc
+        except UnidentifiedImageError as exc:
+            raise InvalidImageError(
+                "not an image Pillow can decode (PNG, JPEG, WebP, GIF, BMP, TIFF...)"
+            ) from exc
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise InvalidImageError(f"cannot read image header: {exc}") from exc
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise InvalidImageError(f"image has an empty size {width}x{height}")
+        if width * height > self.limits.max_image_pixels:
+            raise PayloadTooLargeError(
+                f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                f"{self.limits.max_image_pixels}"
+            )
+        return image
+
+    @staticmethod
+    def pixels(image: Image.Image) -> int:
+        return int(image.size[0] * image.size[1])
+
+    def to_tensor(self, image: Image.Image) -> np.ndarray:
+        """Decode (first frame), convert, resize, normalise -> float32 (C, H, W)."""
+        spec = self.spec
+        try:
+            if getattr(image, "is_animated", False):
+                image.seek(0)
+            if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
+                # Let libjpeg downscale by 1/2..1/8 while decoding: big photos decode much faster.
+                image.draft(spec.color_mode, (spec.width, spec.height))
+            image.load()
+            converted = self._convert(image)
+            if converted.size != (spec.width, spec.height):
+                converted = converted.resize((spec.width, spec.height), self._resample)
+            array = np.asarray(converted, dtype=np.float32)
+        except (InvalidImageError, PayloadTooLargeError):
+            raise
+        except Image.DecompressionBombError as exc:
+            raise PayloadTooLargeError(f"image has too many pixels: {exc}") from exc
+        except (OSError, ValueError, SyntaxError, EOFError, IndexError, MemoryError) as exc:
+            raise InvalidImageError(f"cannot decode image (truncated or corrupt?): {exc}") from exc
+        chw = array[None, :, :] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+        return self._normalize(chw)
+
+    def _convert(self, image: Image.Image) -> Image.Image:
+        target = self.spec.color_mode
+        mode = image.mode
+        if mode == target:
+            return image
+        if mode.startswith("I;16") or mode == "I":
+            raw = np.asarray(image, dtype=np.float64) if mode == "I" else np.asarray(image).astype(np.float64)
+            scaled = np.clip(raw, 0, 65535) * (255.0 / 65535.0)
+            gray = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+            return gray if target == "L" else gray.convert("RGB")
+        if mode == "F":
+            raw = np.asarray(image, dtype=np.float32)
+            gray = Image.fromarray(np.clip(np.nan_to_num(raw), 0, 255).astype(np.uint8), mode="L")
+            return gray if target == "L" else gray.convert("RGB")
+        if mode == "P":
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            mode = image.mode
+        elif mode in ("RGBa", "La", "PA"):
+            image = image.convert("RGBA")
+            mode = "RGBA"
+        if mode in _ALPHA_MODES:
+            rgba = image.convert("RGBA")
+            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            image = Image.alpha_composite(black, rgba).convert("RGB")
+        return image.convert(target)
+
+    def _normalize(self, chw: np.ndarray) -> np.ndarray:
+        out = chw * self._scale
+        out += self._offset
+        return out.astype(np.float32, copy=False)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """bytes -> float32 (C, H, W). Synchronous; see `INLINE_DECODE_PIXELS` for the async policy."""
+        return self.to_tensor(self.open(data))
+
+    # -- tensors (Open Inference Protocol) ----------------------------------------------------------
+    def from_uint8_hwc(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, C) or (H, W, C) images -> float32 (B, C, H, W), vectorised.
+
+        C may be 1, 3 or 4 (alpha composited on black); channels are converted to the model's
+        (RGB -> L by ITU-R 601 luma, L -> RGB by replication). Images whose H, W differ from the
+        model's are resized one by one with the manifest's filter.
+        """
+        if batch.ndim == 3:
+            batch = batch[None]
+        if batch.ndim != 4:
+            raise ValidationFailedError(
+                f"uint8 image tensor must be [B,H,W,C] or [H,W,C], got {list(batch.shape)}"
+            )
+        b, h, w, c = batch.shape
+        if b == 0 or h == 0 or w == 0:
+            raise ValidationFailedError(f"uint8 image tensor has an empty axis: {list(batch.shape)}")
+        if c not in (1, 3, 4):
+            raise ValidationFailedError(f"uint8 image tensor needs 1, 3 or 4 channels (last axis), got {c}")
+        if h * w > self.limits.max_image_pixels:
+            raise PayloadTooLargeError(
+                f"image is {w}x{h} = {w * h} pixels, over the limit of {self.limits.max_image_pixels}"
+            )
+        x = batch.astype(np.float32)
+        if c == 4:
+            x = x[..., :3] * (x[..., 3:4] / 255.0)
+            c = 3
+        if self.spec.channels == 1 and c == 3:
+            x = (x @ _LUMA)[..., None]
+        elif self.spec.channels == 3 and c == 1:
+            x = np.repeat(x, 3, axis=-1)
+        if (h, w) != (self.spec.height, self.spec.width):
+            x = np.stack([self._resize_float(img) for img in x])
+        chw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        out = chw * self._scale[None]
+        out += self._offset[None]
+        return out.astype(np.float32, copy=False)
+
+    def _resize_float(self, hwc: np.ndarray) -> np.ndarray:
+        size = (self.spec.width, self.spec.height)
+        planes = [
+            np.asarray(Image.fromarray(hwc[..., i].astype(np.float32), mode="F").resize(size, self._resample))
+            for i in range(hwc.shape[-1])
+        ]
+        return np.stack(planes, axis=-1)
+
+    def check_chw_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Validate an already preprocessed float32 (B, C, H, W) tensor (v2 FP32 input)."""
+        if batch.ndim == 3:
+            batch = batch[None]
+        expected = self.shape
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise ValidationFailedError(
+                f"FP32 input must be [B,{expected[0]},{expected[1]},{expected[2]}] (NCHW, preprocessed), "
+                f"got {list(batch.shape)}"
+            )
+        if batch.shape[0] == 0:
+            raise ValidationFailedError("FP32 input has an empty batch")
+        if not np.isfinite(batch).all():
+            raise ValidationFailedError("FP32 input contains NaN or Inf")
+        return np.ascontiguousarray(batch, dtype=np.float32)

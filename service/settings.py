@@ -1,0 +1,178 @@
+"""Service settings: one pydantic-settings model, environment prefix `BOOSTSERVE_`.
+
+Why a class and no module-level instance: settings are read once, by the CLI (`boostserve serve`)
+or by whoever calls `create_app(settings)`, so tests can build several apps with different
+settings in one process and importing `service.app` never touches the environment.
+
+Lists accept a comma-separated string (`BOOSTSERVE_PROVIDERS=cuda,cpu`); the default budget is
+JSON (`BOOSTSERVE_DEFAULT_BUDGET='{"max_accuracy_drop": 0.01}'`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The model shipped inside the package (written by `boostserve export --embed`); the default artifact.
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded_model"
+
+#: Short provider names accepted on the command line / in the environment -> ONNX Runtime names.
+PROVIDER_ALIASES: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "gpu": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+
+_BUDGET_KEYS = ("budget_macs", "max_accuracy_drop", "max_exit", "thresholds")
+
+
+def normalize_provider(name: str) -> str:
+    """'cuda' -> 'CUDAExecutionProvider'; full ONNX Runtime names pass through unchanged."""
+    cleaned = name.strip()
+    return PROVIDER_ALIASES.get(cleaned.lower(), cleaned)
+
+
+class Settings(BaseSettings):
+    """Everything `boostserve serve` can be told; each field maps to `BOOSTSERVE_<FIELD>`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BOOSTSERVE_",
+        extra="ignore",
+        validate_default=True,
+        case_sensitive=False,
+    )
+
+    # -- model -----------------------------------------------------------------------------------
+    artifacts_dir: Path = Field(
+        default=EMBEDDED_MODEL_DIR,
+        description="artifact directory (manifest.json + stage_XX.onnx + calibration.npz); "
+        "default: the model embedded in the package",
+    )
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="ONNX Runtime execution providers in preference order, e.g. 'cuda,cpu'; "
+        "empty = CUDA when ONNX Runtime offers it, else CPU",
+    )
+    intra_op_threads: int = Field(
+        default=1, ge=0, description="ORT intra-op threads per session (0 = ORT default: all cores)"
+    )
+    inter_op_threads: int = Field(default=1, ge=0, description="ORT inter-op threads (0 = ORT default)")
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="bind address (0.0.0.0 in containers)")
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    # -- batching / admission ----------------------------------------------------------------------
+    batching: bool = Field(default=True, description="batch images of concurrent requests per stage")
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    max_batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    max_queue: int = Field(
+        default=1024, ge=1, description="images admitted and not yet answered; more -> 429"
+    )
+
+    # -- input limits ------------------------------------------------------------------------------
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="request body limit (413)")
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=1, description="decoded width*height limit, checked from the header (413)"
+    )
+    max_images_per_request: int = Field(default=64, ge=1, le=4096, description="more images -> 413")
+
+    # -- budget ------------------------------------------------------------------------------------
+    default_budget: dict[str, Any] = Field(
+        default_factory=lambda: {"max_accuracy_drop": 0.01},
+        description="global budget, JSON: exactly one of "
+        "budget_macs, max_accuracy_drop, max_exit, thresholds "
+        '(and optionally "policy")',
+    )
+    default_policy: str | None = Field(
+        default=None, description="policy used for budget_macs budgets that do not name one"
+    )
+    early_exit: bool = Field(default=True, description="false: every request runs every stage (A/B)")
+    admin_token: SecretStr | None = Field(
+        default=None, description="bearer token for PUT /v1/budget; unset -> the endpoint answers 403"
+    )
+
+    # -- operations ------------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    request_timeout_s: float = Field(default=30.0, gt=0.0, description="per-request limit -> 504")
+    shutdown_grace_s: float = Field(default=10.0, ge=0.0, description="drain time on SIGTERM")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            stripped = value.strip()
+            if stripped.startswith("["):
+                try:
+                    value = json.loads(stripped)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"providers: invalid JSON list: {exc}") from exc
+            else:
+                value = [part for part in stripped.split(",") if part.strip()]
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: list[str]) -> list[str]:
+        out: list[str] = []
+        for name in value:
+            full = normalize_provider(name)
+            if not full.endswith("ExecutionProvider"):
+                raise ValueError(
+                    f"unknown execution provider {name!r}: use one of {sorted(PROVIDER_ALIASES)} "
+                    "or a full ONNX Runtime name such as 'CUDAExecutionProvider'"
+                )
+            if full not in out:
+                out.append(full)
+        return out
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("default_budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"default_budget must be JSON such as '{{\"max_accuracy_drop\": 0.01}}': {exc}"
+                ) from exc
+        return value
+
+    @field_validator("default_budget")
+    @classmethod
+    def _one_budget_key(cls, value: dict[str, Any]) -> dict[str, Any]:
+        given = [k for k in _BUDGET_KEYS if value.get(k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"default_budget needs exactly one of {', '.join(_BUDGET_KEYS)}; got {given or 'none'}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_image_pixels > 1 << 31:
+            raise ValueError("max_image_pixels above 2**31 would let a single image exhaust memory")
+        return self
+
+    def budget_dict(self) -> dict[str, Any]:
+        """The default budget with the default policy filled in where the budget names none."""
+        budget = dict(self.default_budget)
+        if self.default_policy is not None and "policy" not in budget:
+            budget["policy"] = self.default_policy
+        return budget

@@ -1,0 +1,122 @@
+"""service.preprocess: every documented conversion, and every bad input is a domain error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import InvalidImageError, PayloadTooLargeError, ValidationFailedError
+from service.manifest import Preprocessing
+from service.preprocess import Limits, Preprocessor
+from tests.service.http import images
+
+GRAY = Preprocessing(height=8, width=8, channels=1, color_mode="L", mean=[0.5], std=[0.25])
+RGB = Preprocessing(height=8, width=8, channels=3, color_mode="RGB", mean=[0.5] * 3, std=[0.25] * 3)
+
+
+def pre(spec: Preprocessing = GRAY, max_pixels: int = 1_000_000) -> Preprocessor:
+    return Preprocessor(spec, Limits(max_image_pixels=max_pixels))
+
+
+def expected(gray_uint8: np.ndarray) -> np.ndarray:
+    return ((gray_uint8.astype(np.float32) / 255.0 - 0.5) / 0.25)[None]
+
+
+def test_png_gray_matches_the_manifest_formula() -> None:
+    image = images.gray()
+    out = pre().decode(images.encode(image))
+    assert out.shape == (1, 8, 8) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected(np.asarray(image)), rtol=1e-6, atol=1e-6)
+
+
+def test_resize_uses_the_manifest_size() -> None:
+    out = pre().decode(images.png(size=(28, 20)))
+    assert out.shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "P", "CMYK", "I;16", "I", "1", "RGB", "F"])
+def test_modes_are_converted(mode: str) -> None:
+    base = images.rgb()
+    if mode == "PA":
+        image = base.convert("P").convert("PA")
+    elif mode == "I;16":
+        image = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)
+    else:
+        image = base.convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "I", "F", "PA") else "PNG"
+    data = images.encode(image, fmt) if mode != "PA" else images.encode(image.convert("RGBA"))
+    for spec in (GRAY, RGB):
+        out = pre(spec).decode(data)
+        assert out.shape == (spec.channels, 8, 8)
+        assert np.isfinite(out).all()
+
+
+def test_sixteen_bit_is_scaled_not_clipped() -> None:
+    values = np.full((8, 8), 65535, dtype=np.uint16)
+    out = pre().decode(images.encode(Image.fromarray(values)))
+    np.testing.assert_allclose(out, expected(np.full((8, 8), 255, np.uint8)), atol=1e-5)
+
+
+def test_transparent_pixels_become_black() -> None:
+    clear = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
+    out = pre().decode(images.encode(clear))
+    np.testing.assert_allclose(out, expected(np.zeros((8, 8), np.uint8)), atol=1e-6)
+
+
+def test_animated_gif_uses_the_first_frame() -> None:
+    out = pre().decode(images.animated_gif())
+    np.testing.assert_allclose(out, expected(np.full((8, 8), 255, np.uint8)), atol=1e-5)
+
+
+def test_jpeg_and_webp_and_bmp() -> None:
+    for fmt in ("JPEG", "WEBP", "BMP", "GIF"):
+        assert pre(RGB).decode(images.encode(images.rgb(size=(64, 48)), fmt)).shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", InvalidImageError),
+        (b"definitely not an image", InvalidImageError),
+        (images.png(size=(64, 64))[:60], InvalidImageError),
+    ],
+)
+def test_bad_bytes(data: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        pre().decode(data)
+
+
+def test_decompression_bomb_is_refused_from_the_header() -> None:
+    with pytest.raises(PayloadTooLargeError, match="pixels"):
+        pre(max_pixels=10_000).decode(images.bomb_png(2_000, 2_000))
+
+
+def test_uint8_hwc_matches_the_bytes_path() -> None:
+    image = images.rgb()
+    via_bytes = pre(RGB).decode(images.encode(image))
+    via_tensor = pre(RGB).from_uint8_hwc(np.asarray(image)[None])
+    np.testing.assert_allclose(via_tensor[0], via_bytes, atol=1e-5)
+    gray_bytes = pre(GRAY).decode(images.encode(image))
+    gray_tensor = pre(GRAY).from_uint8_hwc(np.asarray(image))
+    # Pillow rounds luma to uint8; the vectorised path keeps it in float: within half a grey level.
+    np.testing.assert_allclose(gray_tensor[0], gray_bytes, atol=0.5 / 255 / 0.25 + 1e-5)
+
+
+def test_uint8_hwc_resizes_and_rejects_bad_shapes() -> None:
+    assert pre().from_uint8_hwc(np.zeros((2, 16, 12, 1), np.uint8)).shape == (2, 1, 8, 8)
+    with pytest.raises(ValidationFailedError):
+        pre().from_uint8_hwc(np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValidationFailedError):
+        pre().from_uint8_hwc(np.zeros((1, 8, 8, 2), np.uint8))
+
+
+def test_chw_batch_checks() -> None:
+    p = pre()
+    assert p.check_chw_batch(np.zeros((3, 1, 8, 8), np.float32)).shape == (3, 1, 8, 8)
+    with pytest.raises(ValidationFailedError, match="NCHW"):
+        p.check_chw_batch(np.zeros((3, 8, 8, 1), np.float32))
+    bad = np.zeros((1, 1, 8, 8), np.float32)
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValidationFailedError, match="NaN"):
+        p.check_chw_batch(bad)
