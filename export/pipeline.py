@@ -398,9 +398,16 @@ def export_artifact(
 
 
 def _validated(body: dict[str, Any]) -> Manifest:
-    body["version"] = content_version({k: v for k, v in body.items() if k != "version"})
+    """Validate the manifest and set its content version.
+
+    The version hashes the *normalised* manifest (pydantic defaults filled in, JSON types), i.e.
+    exactly what manifest.json will hold, so anyone can recompute it from the file alone.
+    """
     try:
-        return Manifest.model_validate(body)
+        draft = Manifest.model_validate({**body, "version": "pending"})
+        normalised = draft.model_dump(mode="json")
+        normalised.pop("version")
+        return Manifest.model_validate({**normalised, "version": content_version(normalised)})
     except ValueError as exc:
         raise ExportError(f"the manifest does not validate: {exc}") from exc
 

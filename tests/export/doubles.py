@@ -58,6 +58,7 @@ class TwoScaleNet(StagedBackbone):
         gen = torch.Generator().manual_seed(0)
         for bn in (m for m in self.modules() if isinstance(m, nn.BatchNorm2d)):
             with torch.no_grad():  # non-trivial running stats so BN folding is exercised
+                assert bn.running_mean is not None and bn.running_var is not None
                 bn.running_mean.uniform_(-0.5, 0.5, generator=gen)
                 bn.running_var.uniform_(0.5, 2.0, generator=gen)
 
