@@ -1,0 +1,336 @@
+"""Scheduler: cross-request batching, survivor merging, deeper-first, deadlines, backpressure, failures.
+
+Each test drives its own event loop with asyncio.run (no pytest-asyncio needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+from service.engine import CPU, Engine, StageBatch, StageOutput
+from service.errors import (
+    DeadlineExceededError,
+    NotReadyError,
+    OverCapacityError,
+    StageFailedError,
+    ValidationFailedError,
+)
+from service.manifest import Manifest, load_manifest
+from service.scheduler import Scheduler
+from tests.fixtures.synthetic_artifact import random_images
+
+T = TypeVar("T")
+E = 3  # stages of the synthetic artifact
+EXIT_FIRST = np.array([0.0, 0.0, 0.0], dtype=np.float32)
+NEVER = np.array([np.inf, np.inf, np.inf], dtype=np.float32)
+
+
+class SlowEngine(Engine):
+    """The real engine, with an optional sleep per stage and an optional failure count per stage."""
+
+    delays: dict[int, float]
+    failures: dict[int, int]
+
+    def run_stage_batch(self, k: int, state: StageBatch) -> StageOutput:
+        delay = getattr(self, "delays", {}).get(k, 0.0)
+        if delay:
+            time.sleep(delay)
+        failures = getattr(self, "failures", {})
+        if failures.get(k, 0) > 0:
+            failures[k] -= 1
+            raise StageFailedError(f"stage {k + 1} failed: simulated ORT error")
+        return super().run_stage_batch(k, state)
+
+
+@pytest.fixture(scope="module")
+def manifest(synthetic_artifact: Path) -> Manifest:
+    return load_manifest(synthetic_artifact)
+
+
+@pytest.fixture()
+def engine(manifest: Manifest, synthetic_artifact: Path) -> SlowEngine:
+    eng = SlowEngine(manifest, synthetic_artifact, providers=[CPU], intra_op_threads=1)
+    eng.delays = {}
+    eng.failures = {}
+    return eng
+
+
+def _images(n: int, seed: int = 7) -> np.ndarray:
+    return random_images(n, channels=1, height=8, width=8, seed=seed)
+
+
+def run(scheduler: Scheduler, body: Callable[[Scheduler], Awaitable[T]]) -> T:
+    """Start the scheduler, run body, stop it: all inside one asyncio.run."""
+
+    async def main() -> T:
+        await scheduler.start()
+        try:
+            return await body(scheduler)
+        finally:
+            await scheduler.stop(drain=True, timeout=5)
+
+    return asyncio.run(main())
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []
+        self.exits: list[tuple[int, bool]] = []
+        self.depths: list[tuple[int, int]] = []
+
+    def on_stage_batch(self, stage: int, batch_size: int, seconds: float) -> None:
+        self.batches.append((stage, batch_size))
+
+    def on_exit(self, stage: int, confidence: float, macs: float, deadline_hit: bool) -> None:
+        self.exits.append((stage, deadline_hit))
+
+    def on_queue_depth(self, stage: int, depth: int) -> None:
+        self.depths.append((stage, depth))
+
+
+def test_concurrent_requests_match_engine_classify(engine: SlowEngine) -> None:
+    """Batched, merged, compacted serving answers exactly what the synchronous engine answers."""
+    rng = np.random.default_rng(0)
+    requests = [
+        (_images(n, seed=n), rng.uniform(0.3, 0.8, size=(n, E)).astype(np.float32)) for n in (1, 5, 3, 8)
+    ]
+    observer = RecordingObserver()
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, observer=observer)
+
+    async def body(s: Scheduler) -> list[list[Any]]:
+        return list(await asyncio.gather(*(s.submit(x, t) for x, t in requests)))
+
+    answers = run(sched, body)
+    for (x, t), got in zip(requests, answers, strict=True):
+        want = engine.classify(x, t)
+        assert [r.exit_index for r in got] == [r.exit_index for r in want]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g.logits, w.logits, rtol=1e-5, atol=1e-6)
+            assert g.macs == w.macs and g.confidence == pytest.approx(w.confidence, rel=1e-5)
+            assert not g.deadline_hit
+    total = sum(len(x) for x, _ in requests)
+    assert len(observer.exits) == total
+    assert sum(b for _, b in observer.batches) == sum(s.items for s in sched.stats.stages)
+    assert sched.stats.stages[0].multi_request_batches >= 1  # requests arriving together share stage 1
+    assert max(b for _, b in observer.batches) <= 8
+    assert sched.queue_depths() == [0, 0, 0] and sched.pending == 0
+
+
+def test_threshold_zero_exits_at_first_stage_in_one_batch(engine: SlowEngine) -> None:
+    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=20)
+
+    async def body(s: Scheduler) -> list[list[Any]]:
+        return list(await asyncio.gather(*(s.submit(_images(3, seed=i), EXIT_FIRST) for i in range(4))))
+
+    answers = run(sched, body)
+    assert all(r.exit_index == 0 for a in answers for r in a)
+    st = sched.stats.stages
+    assert (st[0].batches, st[0].items, st[1].items, st[2].items) == (1, 12, 0, 0)
+    assert st[0].merged_batches == 1 and st[0].merged_items == 12
+
+
+def test_early_exit_false_runs_every_stage(engine: SlowEngine) -> None:
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0)
+    x = _images(4)
+    answers = run(sched, lambda s: s.submit(x, EXIT_FIRST, early_exit=False))
+    assert [r.exit_index for r in answers] == [2] * 4
+    np.testing.assert_allclose(np.stack([r.logits for r in answers]), engine.run_all_stages(x)[-1], rtol=1e-6)
+    assert [s.items for s in sched.stats.stages] == [4, 4, 4]
+
+
+def test_survivors_of_different_batches_are_merged(engine: SlowEngine) -> None:
+    """Under load (stage 0 full), survivors of two stage-1 batches share one stage-2 batch."""
+    # Rows 0-1 exit at stage 1, rows 2-3 run to the end.
+    thr = np.stack([EXIT_FIRST, EXIT_FIRST, NEVER, NEVER])
+    sched = Scheduler(engine, max_batch_size=4, max_wait_ms=0, merge_wait_ms=2000)
+
+    async def body(s: Scheduler) -> list[list[Any]]:
+        return list(await asyncio.gather(*(s.submit(_images(4, seed=i), thr) for i in range(3))))
+
+    answers = run(sched, body)
+    assert [[r.exit_index for r in a] for a in answers] == [[0, 0, 2, 2]] * 3
+    st = sched.stats.stages
+    assert [s.items for s in st] == [12, 6, 6]
+    assert st[1].merged_batches >= 1 and st[1].merged_items >= 4
+    assert st[1].multi_request_batches >= 1
+    # Compaction: a stage-2 batch never holds more rows than the survivors it was given.
+    assert all(b.size <= 4 for b in sched.stats.recent_batches)
+
+
+def test_deeper_stages_go_first(engine: SlowEngine) -> None:
+    engine.delays = {0: 0.05}
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0)
+
+    async def body(s: Scheduler) -> None:
+        first = asyncio.create_task(s.submit(_images(1, seed=1), NEVER))
+        await asyncio.sleep(0.02)  # A's stage 1 is running; B queues behind it
+        second = asyncio.create_task(s.submit(_images(1, seed=2), NEVER))
+        await asyncio.gather(first, second)
+
+    run(sched, body)
+    assert [b.stage for b in sched.stats.recent_batches] == [0, 1, 2, 0, 1, 2]
+
+
+def test_batching_off_serves_each_request_alone(engine: SlowEngine) -> None:
+    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=50, batching=False)
+
+    async def body(s: Scheduler) -> None:
+        await asyncio.gather(*(s.submit(_images(n, seed=n), NEVER) for n in (1, 2, 3)))
+
+    run(sched, body)
+    records = list(sched.stats.recent_batches)
+    assert all(b.requests == 1 for b in records)
+    assert sorted(b.size for b in records if b.stage == 0) == [1, 2, 3]
+    assert sched.stats.stages[0].multi_request_batches == 0
+
+
+def test_deadline_returns_best_so_far(engine: SlowEngine) -> None:
+    engine.delays = {1: 0.3}  # stage 2 is slow
+    observer = RecordingObserver()
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, observer=observer)
+    x = _images(3)
+
+    async def body(s: Scheduler) -> tuple[list[Any], float]:
+        start = time.monotonic()
+        out = await s.submit(x, NEVER, deadline=start + 0.1)
+        return out, time.monotonic() - start
+
+    answers, took = run(sched, body)
+    assert took < 0.25  # answered at the deadline, not after the slow stage
+    assert [(r.exit_index, r.deadline_hit) for r in answers] == [(0, True)] * 3
+    np.testing.assert_allclose(np.stack([r.logits for r in answers]), engine.run_all_stages(x)[0], rtol=1e-6)
+    assert all(r.macs == engine.manifest.stages[0].cumulative_macs for r in answers)
+    assert observer.exits == [(0, True)] * 3 and sched.stats.deadline_hits == 3
+
+
+def test_deadline_before_first_exit_raises(engine: SlowEngine) -> None:
+    engine.delays = {0: 0.2}
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0)
+
+    async def body(s: Scheduler) -> None:
+        with pytest.raises(DeadlineExceededError):
+            await s.submit(_images(2), NEVER, deadline=time.monotonic() + 0.05)
+        with pytest.raises(DeadlineExceededError):
+            await s.submit(_images(2), NEVER, deadline=time.monotonic() - 1)
+        assert s.pending == 0
+
+    run(sched, body)
+    assert sched.stats.deadline_exceeded == 2
+
+
+def test_over_capacity_is_immediate(engine: SlowEngine) -> None:
+    engine.delays = {0: 0.1}
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, max_queue=4)
+
+    async def body(s: Scheduler) -> None:
+        admitted = asyncio.create_task(s.submit(_images(4), EXIT_FIRST))
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(OverCapacityError) as info:
+            await s.submit(_images(1), EXIT_FIRST)
+        assert time.monotonic() - t0 < 0.05 and info.value.retry_after > 0
+        assert len(await admitted) == 4
+        assert len(await s.submit(_images(1), EXIT_FIRST)) == 1  # room again
+
+    run(sched, body)
+    assert sched.stats.rejected == 1
+
+
+def test_broken_stage_fails_only_its_batch_then_recovers(engine: SlowEngine) -> None:
+    engine.failures = {1: 1}  # the first stage-2 run raises
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20)
+
+    async def body(s: Scheduler) -> None:
+        deep = s.submit(_images(2, seed=1), NEVER)  # reaches stage 2 -> that batch fails
+        shallow = s.submit(_images(2, seed=2), EXIT_FIRST)  # same stage-1 batch, exits before stage 2
+        results = await asyncio.gather(deep, shallow, return_exceptions=True)
+        assert isinstance(results[0], StageFailedError)
+        assert isinstance(results[1], list) and [r.exit_index for r in results[1]] == [0, 0]
+        again = await s.submit(_images(2, seed=1), NEVER)  # the scheduler keeps running
+        assert [r.exit_index for r in again] == [2, 2]
+
+    run(sched, body)
+    assert sched.stats.stages[1].failed_batches == 1 and sched.stats.failed == 1
+    assert sched.stats.stages[0].multi_request_batches == 1
+
+
+def test_stop_drains_then_refuses(engine: SlowEngine) -> None:
+    engine.delays = {0: 0.05}
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0)
+
+    async def main() -> None:
+        with pytest.raises(NotReadyError):
+            await sched.submit(_images(1))  # not started
+        await sched.start()
+        task = asyncio.create_task(sched.submit(_images(2), NEVER))
+        await asyncio.sleep(0.01)
+        await sched.stop(drain=True, timeout=5)
+        assert [r.exit_index for r in await task] == [2, 2]
+        with pytest.raises(NotReadyError):
+            await sched.submit(_images(1))
+
+    asyncio.run(main())
+
+
+def test_stop_without_drain_fails_pending(engine: SlowEngine) -> None:
+    engine.delays = {0: 0.1}
+    sched = Scheduler(engine, max_batch_size=1, max_wait_ms=0)
+
+    async def main() -> None:
+        await sched.start()
+        task = asyncio.create_task(sched.submit(_images(3), NEVER))
+        await asyncio.sleep(0.02)
+        await sched.stop(drain=False, timeout=2)
+        with pytest.raises(NotReadyError):
+            await task
+        assert sched.pending == 0
+
+    asyncio.run(main())
+
+
+def test_cancelled_request_releases_its_rows(engine: SlowEngine) -> None:
+    engine.delays = {0: 0.05}
+    sched = Scheduler(engine, max_batch_size=1, max_wait_ms=0, max_queue=8)
+
+    async def body(s: Scheduler) -> None:
+        task = asyncio.create_task(s.submit(_images(4), NEVER))
+        await asyncio.sleep(0.01)
+        assert s.pending == 4
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert s.pending == 0 and sum(s.queue_depths()) == 0
+
+    run(sched, body)
+    assert sched.stats.cancelled == 1
+
+
+def test_validation_errors_are_raised_before_queueing(engine: SlowEngine) -> None:
+    sched = Scheduler(engine)
+
+    async def body(s: Scheduler) -> None:
+        with pytest.raises(ValidationFailedError):
+            await s.submit(np.zeros((1, 3, 8, 8), dtype=np.float32))
+        with pytest.raises(ValidationFailedError):
+            await s.submit(_images(2), np.zeros(2, dtype=np.float32))
+        assert await s.submit(np.zeros((0, 1, 8, 8), dtype=np.float32)) == []
+        assert s.pending == 0
+
+    run(sched, body)
+
+
+def test_observer_failure_does_not_break_serving(engine: SlowEngine) -> None:
+    class Broken(RecordingObserver):
+        def on_exit(self, stage: int, confidence: float, macs: float, deadline_hit: bool) -> None:
+            raise RuntimeError("metrics backend down")
+
+    sched = Scheduler(engine, observer=Broken(), max_wait_ms=0)
+    answers = run(sched, lambda s: s.submit(_images(2), EXIT_FIRST))
+    assert [r.exit_index for r in answers] == [0, 0]
