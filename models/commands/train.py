@@ -1,0 +1,83 @@
+"""`boostserve train`: train a preset on Fashion-MNIST, CIFAR or an image folder."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="model preset (see `boostserve macs --list`)")
+    parser.add_argument(
+        "--data",
+        default="/usr/share/datasets/fashion-mnist",
+        help="dataset directory (Fashion-MNIST IDX, CIFAR python, or train/+test/ image folders)",
+    )
+    parser.add_argument(
+        "--out", required=True, help="run directory (checkpoint.pt, last.pt, history.json, ...)"
+    )
+    parser.add_argument("--epochs", type=int, help="override the preset's epochs")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, help="peak / initial learning rate")
+    parser.add_argument(
+        "--t", type=float, help="boosting factor t (0.5 paper default; 0 = joint-training baseline)"
+    )
+    parser.add_argument("--no-stop-grad", action="store_true", help="let exit k's loss reach earlier heads")
+    parser.add_argument("--no-grad-rescale", action="store_true", help="disable MSDNet gradient rescaling")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--heldout-size", type=int, default=5000, help="seeded validation split carved from train"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument(
+        "--freeze-backbone",
+        metavar="CKPT",
+        help="load the backbone from CKPT (same config) and train only the exit heads",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="train only the last exit (t=0): a plain network to attach exits to later",
+    )
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from models.config import get_preset
+    from models.training import TrainOptions, train
+
+    config = get_preset(args.config)
+    tc = config.training
+    tc = replace(
+        tc,
+        **{
+            k: v
+            for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
+            if v is not None
+        },
+    )
+    boosting = {}
+    if args.t is not None:
+        boosting["t"] = args.t
+    if args.no_stop_grad:
+        boosting["stop_grad"] = False
+    if args.no_grad_rescale:
+        boosting["grad_rescale"] = False
+    config = replace(config.with_boosting(**boosting), training=tc)
+    opts = TrainOptions(
+        data_dir=args.data,
+        out_dir=args.out,
+        seed=args.seed,
+        heldout_size=args.heldout_size,
+        resume=args.resume,
+        freeze_backbone=args.freeze_backbone,
+        plain=args.plain,
+        device=args.device,
+        threads=args.threads,
+        quiet=args.quiet,
+    )
+    train(config, opts)
+    return 0
