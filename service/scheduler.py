@@ -137,6 +137,7 @@ class _Request:
         "done",
         "future",
         "id",
+        "queued_chunks",
         "remaining",
         "results",
         "size",
@@ -160,6 +161,7 @@ class _Request:
         self.results: list[ExitResult | None] = [None] * size
         self.remaining = size
         self.done = False
+        self.queued_chunks = 0  # chunks of this request in the queues (finalize scans only if > 0)
         self.timer: asyncio.TimerHandle | None = None
         # Best-so-far F per row, kept only for requests with a deadline: (B, classes), exit (B,).
         self.best_logits: np.ndarray | None = None
@@ -347,6 +349,7 @@ class Scheduler:
 
     def _enqueue(self, k: int, chunk: _Chunk) -> None:
         self._queues[k].append(chunk)
+        chunk.request.queued_chunks += 1
         self._depth[k] += len(chunk.rows)
         self._notify_depth(k)
 
@@ -385,6 +388,7 @@ class Scheduler:
             head = queue[0]
             if head.request.done:  # defensive: finalize removes them
                 queue.popleft()
+                head.request.queued_chunks -= 1
                 self._depth[k] -= len(head.rows)
                 continue
             if not self.batching and chunks and head.request is not chunks[0].request:
@@ -392,6 +396,7 @@ class Scheduler:
             n = len(head.rows)
             if n <= room:
                 queue.popleft()
+                head.request.queued_chunks -= 1
                 chunks.append(head)
                 room -= n
             else:
@@ -542,12 +547,14 @@ class Scheduler:
         req.done = True
         if req.timer is not None:
             req.timer.cancel()
-        for k, queue in enumerate(self._queues):
-            if any(c.request is req for c in queue):
-                kept = [c for c in queue if c.request is not req]
-                self._depth[k] = sum(len(c.rows) for c in kept)
-                self._queues[k] = deque(kept)
-                self._notify_depth(k)
+        if req.queued_chunks > 0:  # rare: deadline, failure, cancel or shutdown with rows still queued
+            for k, queue in enumerate(self._queues):
+                if any(c.request is req for c in queue):
+                    kept = [c for c in queue if c.request is not req]
+                    self._depth[k] = sum(len(c.rows) for c in kept)
+                    self._queues[k] = deque(kept)
+                    self._notify_depth(k)
+            req.queued_chunks = 0
         self._pending -= req.size
         self._requests.pop(req.id, None)
 
