@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from models.build import build_model
+from models.checkpoint import load_checkpoint
+from models.training import TrainOptions, lr_at, train
+
+from .conftest import tiny_compact
+
+
+def test_tiny_training_reduces_the_loss(idx_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    results = train(
+        tiny_compact(), TrainOptions(str(idx_dir), str(out), heldout_size=40, quiet=True, threads=1)
+    )
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 4
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    assert len(results["test_acc"]) == 3 and results["test_acc"][-1] > 50
+    split = json.loads((out / "split.json").read_text())
+    assert split["heldout_size"] == 40 and split["split_seed"] == 0 and len(split["heldout_indices"]) == 40
+    ck = load_checkpoint(out / "checkpoint.pt")
+    assert ck.meta["data"]["heldout_size"] == 40 and ck.meta["data"]["dataset"] == "fashion-mnist"
+    assert (out / "last.pt").is_file()
+
+
+def test_same_seed_same_weights_and_resume(idx_dir: Path, tmp_path: Path) -> None:
+    config = replace(tiny_compact(), training=replace(tiny_compact().training, epochs=2))
+    a = train(config, TrainOptions(str(idx_dir), str(tmp_path / "a"), heldout_size=40, quiet=True))
+    b = train(config, TrainOptions(str(idx_dir), str(tmp_path / "b"), heldout_size=40, quiet=True))
+    assert a["test_acc"] == b["test_acc"]
+    wa = load_checkpoint(tmp_path / "a" / "checkpoint.pt").model.state_dict()
+    wb = load_checkpoint(tmp_path / "b" / "checkpoint.pt").model.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # resuming a finished run trains no more epochs and keeps the history
+    train(config, TrainOptions(str(idx_dir), str(tmp_path / "a"), heldout_size=40, quiet=True, resume=True))
+    assert len(json.loads((tmp_path / "a" / "history.json").read_text())) == 2
+
+
+def test_frozen_backbone_trains_only_the_heads(idx_dir: Path, tmp_path: Path) -> None:
+    config = replace(tiny_compact(), training=replace(tiny_compact().training, epochs=1))
+    train(
+        config, TrainOptions(str(idx_dir), str(tmp_path / "plain"), heldout_size=40, quiet=True, plain=True)
+    )
+    base = load_checkpoint(tmp_path / "plain" / "checkpoint.pt").model.state_dict()
+    train(
+        config,
+        TrainOptions(
+            str(idx_dir),
+            str(tmp_path / "heads"),
+            heldout_size=40,
+            quiet=True,
+            freeze_backbone=str(tmp_path / "plain" / "checkpoint.pt"),
+        ),
+    )
+    tuned = load_checkpoint(tmp_path / "heads" / "checkpoint.pt").model.state_dict()
+    backbone_keys = [k for k in base if not k.startswith("backbone.heads.")]
+    assert backbone_keys and all(torch.equal(base[k], tuned[k]) for k in backbone_keys)
+    head_keys = [k for k in base if k.startswith("backbone.heads.")]
+    assert any(not torch.equal(base[k], tuned[k]) for k in head_keys)
+
+
+def test_freeze_backbone_leaves_only_head_parameters_trainable() -> None:
+    model = build_model(tiny_compact())
+    model.freeze_backbone()
+    model.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == model.head_parameter_names() and trainable
+    assert not model.backbone.stages[0].training and model.backbone.heads.training
+
+
+def test_onecycle_schedule_warms_up_and_anneals() -> None:
+    from models.config import get_preset
+
+    tc = get_preset("compact-fashion-mnist").training
+    lrs = [lr_at(tc, s, 1000) for s in range(1000)]
+    assert max(lrs) == lrs[250] == tc.lr and lrs[0] < 0.1 * tc.lr and lrs[-1] < 0.01 * tc.lr
