@@ -87,7 +87,7 @@ WORKDIR /tmp
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('BOOSTSERVE_PORT', '8000'), timeout=2)"]
-CMD ["boostserve", "serve", "--host", "0.0.0.0"]
+CMD ["boostserve", "serve"]
 
 # --------------------------------------------------------------------------------------------------
 # runtime: the CPU image (default target, last stage).
@@ -110,4 +110,4 @@ EXPOSE 8000
 # urlopen raises (non-zero exit) on connection errors and on any non-2xx answer such as 503.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('BOOSTSERVE_PORT', '8000'), timeout=2)"]
-CMD ["boostserve", "serve", "--host", "0.0.0.0"]
+CMD ["boostserve", "serve"]

@@ -160,7 +160,8 @@ if [ -n "$artifacts" ]; then
 else
   log "serving the embedded model"
 fi
-podman run "${run_args[@]}" "$IMAGE" >/dev/null
+# (stderr: podman complains that there is no systemd to schedule HEALTHCHECK runs; we run it by hand)
+podman run "${run_args[@]}" "$IMAGE" >/dev/null 2>"$TMPD/run.err" || { cat "$TMPD/run.err"; die "podman run failed"; }
 base="http://127.0.0.1:$port"
 
 ready=0
@@ -171,7 +172,11 @@ for _ in $(seq 1 120); do
   [ "$(podman inspect --format '{{.State.Running}}' "$NAME")" = true ] || break
   sleep 1
 done
-if [ $ready != 1 ]; then podman logs "$NAME" 2>&1 | tail -30; die "not ready within 120 s"; fi
+if [ $ready != 1 ]; then
+  podman logs "$NAME" 2>&1 | tail -30
+  [ "$(podman inspect --format '{{.State.Running}}' "$NAME")" = true ] || die "container exited before ready"
+  die "not ready within 120 s"
+fi
 log "ready on $base"
 podman healthcheck run "$NAME" >/dev/null && log "HEALTHCHECK passes" || die "HEALTHCHECK fails"
 [ "$(podman exec "$NAME" id -u)" = 10001 ] || die "running process is not uid 10001"
