@@ -4,6 +4,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from models.build import build_model
@@ -80,3 +81,31 @@ def test_onecycle_schedule_warms_up_and_anneals() -> None:
     tc = get_preset("compact-fashion-mnist").training
     lrs = [lr_at(tc, s, 1000) for s in range(1000)]
     assert max(lrs) == lrs[250] == tc.lr and lrs[0] < 0.1 * tc.lr and lrs[-1] < 0.01 * tc.lr
+
+
+def test_cli_train_then_eval(idx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from boostserve.cli import main
+
+    out = tmp_path / "cli"
+    args = ["train", "--config", "compact-fashion-mnist", "--data", str(idx_dir), "--out", str(out)]
+    args += [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--heldout-size",
+        "40",
+        "--t",
+        "0",
+        "--quiet",
+        "--threads",
+        "1",
+    ]
+    assert main(args) == 0
+    ck = load_checkpoint(out / "checkpoint.pt")
+    assert ck.config.boosting.t == 0.0 and ck.config.training.epochs == 1
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--json", "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [e["exit"] for e in report["exits"]] == [1, 2, 3, 4]
+    assert report["exits"][0]["cumulative_macs"] < report["exits"][-1]["cumulative_macs"]
