@@ -2,6 +2,7 @@
 
     python deploy/promql_exprs.py check   # names vs docs/architecture.md, PromQL syntax (promtool)
     python deploy/promql_exprs.py list    # print every expression (variables substituted)
+    python deploy/promql_exprs.py prometheusrule > deploy/k8s/monitoring/prometheusrule.yaml
 
 Shared by deploy/verify_static.sh and the tests in tests/deploy/ (the live test evaluates each
 expression against a real Prometheus scraping a running service).
@@ -164,7 +165,35 @@ def dashboard_structure_errors() -> list[str]:
     return errors
 
 
+def prometheus_rule_yaml() -> str:
+    """deploy/prometheus/alerts.yml wrapped as a Prometheus-operator PrometheusRule (same groups)."""
+    rules = yaml.safe_load(RULES.read_text())
+    doc = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "boostserve"},
+        "spec": {"groups": rules["groups"]},
+    }
+    header = (
+        "# GENERATED from deploy/prometheus/alerts.yml by `python deploy/promql_exprs.py prometheusrule`;\n"
+        "# do not edit (tests/deploy/test_static.py checks that it is in sync).\n"
+    )
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def block(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, block)
+    return header + yaml.dump(doc, Dumper=Dumper, sort_keys=False, width=1000)
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["prometheusrule"]:
+        sys.stdout.write(prometheus_rule_yaml())
+        return 0
     exprs = dashboard_exprs() + rule_exprs()
     if argv[:1] == ["list"]:
         for e in exprs + dashboard_variable_queries():

