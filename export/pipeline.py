@@ -149,22 +149,29 @@ def dataset_batches(dataset: DatasetLike, batch_size: int) -> Iterator[Batch]:
 
 
 class _Hashing:
-    """Wrap a batch iterator and hash what passes through (images + labels), for report reuse."""
+    """Wrap a batch iterator and hash what passes through, for report reuse.
+
+    Images and labels go into separate digests (combined at the end), so the hash does not
+    depend on the batch size used to stream the split.
+    """
 
     def __init__(self, batches: Iterable[Batch]) -> None:
         import hashlib
 
         self._batches = batches
-        self._digest = hashlib.sha256()
+        self._images = hashlib.sha256()
+        self._labels = hashlib.sha256()
 
     def __iter__(self) -> Iterator[Batch]:
         for images, labels in self._batches:
-            self._digest.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
-            self._digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+            self._images.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+            self._labels.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
             yield images, labels
 
     def hexdigest(self) -> str:
-        return self._digest.hexdigest()
+        import hashlib
+
+        return hashlib.sha256((self._images.hexdigest() + self._labels.hexdigest()).encode()).hexdigest()
 
 
 def split_sha256(dataset: DatasetLike, batch_size: int = 512) -> str:
