@@ -80,7 +80,8 @@ def export_stage(
                     str(path),
                     input_names=input_names,
                     output_names=output_names,
-                    dynamic_shapes=tuple({0: batch} for _ in input_names),
+                    # StageModule.forward(*inputs): one varargs entry holding a spec per tensor.
+                    dynamic_shapes=(tuple({0: batch} for _ in input_names),),
                     opset_version=opset,
                     dynamo=True,
                     external_data=False,
