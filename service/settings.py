@@ -88,13 +88,13 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(default=64, ge=1, le=4096, description="more images -> 413")
 
     # -- budget ------------------------------------------------------------------------------------
-    default_budget: dict[str, Any] = Field(
+    default_budget: Annotated[dict[str, Any], NoDecode] = Field(
         default_factory=lambda: {"max_accuracy_drop": 0.01},
         description="global budget, JSON: exactly one of "
         "budget_macs, max_accuracy_drop, max_exit, thresholds "
         '(and optionally "policy")',
     )
-    default_policy: str | None = Field(
+    default_policy: Literal["optimal", "reference"] | None = Field(
         default=None, description="policy used for budget_macs budgets that do not name one"
     )
     early_exit: bool = Field(default=True, description="false: every request runs every stage (A/B)")

@@ -1,0 +1,193 @@
+"""`create_app(settings) -> FastAPI`: the app factory and its lifespan.
+
+Why a factory and no module-level app: settings are read once by the caller (CLI or test), so
+importing this module has no side effects (no env, no model, no torch), and tests can build
+several apps with different settings and registries in one process.
+
+Lifespan, in order: load the manifest (every file's sha256 verified) -> calibration (optional)
+-> BudgetResolver and the global budget -> Engine -> Scheduler.start() -> warm-up -> ready.
+Without calibration data, budget_macs / max_accuracy_drop requests get a 422, and a default
+budget that needs calibration falls back to `max_exit = last stage` (every image answered by the
+full network: no accuracy loss, no early exit) with a warning in the log.
+On shutdown readiness goes false first (probes and new requests see 503), then the scheduler
+drains: every admitted request is answered, within `shutdown_grace_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI
+
+from boostserve import __version__
+from service import api_v1, api_v2, middleware
+from service.budget import Budget, BudgetResolver
+from service.calibration import CalibrationData, load_calibration
+from service.engine import Engine
+from service.errors import ValidationFailedError
+from service.http_errors import install_error_handlers
+from service.manifest import ArtifactError, Manifest, load_manifest
+from service.metrics import Metrics
+from service.preprocess import Limits, Preprocessor
+from service.runtime import NEEDS_CALIBRATION, ResolvedBudget, Runtime
+from service.scheduler import Scheduler
+from service.settings import Settings
+
+log = logging.getLogger("boostserve.app")
+
+DESCRIPTION = """
+Boosted early-exit image classification. Each image leaves the network at the first exit whose
+confidence reaches the threshold of the budget in force, so easy images cost a fraction of the
+full network.
+
+* **v1**: `POST /v1/classify` (multipart, raw image body or JSON base64), `GET/PUT /v1/budget`.
+* **v2**: the Open Inference Protocol (KServe v2 / Triton REST, JSON).
+* **ops**: `/livez`, `/readyz`, `/metrics` (Prometheus).
+
+Every error has the body `{"error": {"type": ..., "message": ...}}` and every response an
+`X-Request-ID` header.
+"""
+
+TAGS = [
+    {"name": "v1", "description": "classification and budget"},
+    {"name": "v2 (Open Inference Protocol)", "description": "KServe v2 / Triton REST compatible"},
+    {"name": "ops", "description": "probes and metrics"},
+]
+
+
+def _default_budget(
+    settings: Settings, manifest: Manifest, calibrated: bool, resolver: BudgetResolver
+) -> Budget:
+    raw = settings.budget_dict()
+    if not calibrated and any(raw.get(k) is not None for k in NEEDS_CALIBRATION):
+        log.warning(
+            "the artifact has no calibration data, so the default budget %s cannot be resolved; "
+            "falling back to max_exit=%d (every image answered by the last stage)",
+            raw,
+            manifest.num_stages,
+        )
+        raw = {"max_exit": manifest.num_stages}
+    try:
+        budget = Budget.parse(raw)
+        resolver.resolve(budget)
+    except ValidationFailedError as exc:
+        raise ArtifactError(f"the default budget {raw} does not fit this model: {exc}") from exc
+    return budget
+
+
+def _load_calibration(settings: Settings, manifest: Manifest) -> CalibrationData | None:
+    if manifest.calibration is None:
+        log.warning(
+            "artifact %s has no calibration data: budget_macs/max_accuracy_drop budgets are refused (422)",
+            settings.artifacts_dir,
+        )
+        return None
+    return load_calibration(settings.artifacts_dir, manifest)
+
+
+def _startup(app: FastAPI) -> Runtime:
+    """Everything blocking (file hashing, ORT session creation); runs in a worker thread."""
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    manifest = load_manifest(settings.artifacts_dir, verify=True)
+    calibration = _load_calibration(settings, manifest)
+    resolver = BudgetResolver(manifest, calibration)
+    resolver.warmup()  # the one-off threshold searches happen now, not in the first request
+    budget = _default_budget(settings, manifest, calibration is not None, resolver)
+    engine = Engine(
+        manifest,
+        settings.artifacts_dir,
+        providers=settings.providers or None,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+    )
+    scheduler = Scheduler(
+        engine,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_batch_wait_ms,
+        max_queue=settings.max_queue,
+        batching=settings.batching,
+        observer=metrics,
+    )
+    return Runtime(
+        settings=settings,
+        manifest=manifest,
+        engine=engine,
+        scheduler=scheduler,
+        resolver=resolver,
+        preprocessor=Preprocessor(manifest.preprocessing, Limits(max_image_pixels=settings.max_image_pixels)),
+        metrics=metrics,
+        calibrated=calibration is not None,
+        global_budget=ResolvedBudget(budget, resolver.resolve(budget), settings.early_exit),
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    runtime = await anyio.to_thread.run_sync(_startup, app)
+    engine = runtime.engine
+    await anyio.to_thread.run_sync(engine.warmup, settings.max_batch_size)
+    await runtime.scheduler.start()
+    manifest = runtime.manifest
+    metrics.bind_model(
+        name=manifest.name,
+        version=manifest.version,
+        cumulative_macs=manifest.cumulative_macs,
+        providers=list(getattr(engine, "providers", settings.providers)),
+        exit_rule=manifest.exit_rule.confidence,
+    )
+    runtime.publish_budget()
+    app.state.runtime = runtime
+    app.state.engine = engine
+    app.state.scheduler = runtime.scheduler
+    runtime.ready = True
+    metrics.set_ready(True)
+    log.info(
+        "ready: model %s version %s, %d stages, providers %s, default budget %s, early_exit=%s",
+        manifest.name,
+        manifest.version,
+        manifest.num_stages,
+        getattr(engine, "providers", None),
+        runtime.global_budget.budget.describe(),
+        runtime.global_budget.early_exit,
+    )
+    try:
+        yield
+    finally:
+        runtime.closing = True
+        runtime.ready = False
+        metrics.set_ready(False)
+        log.info("shutting down: draining the scheduler (up to %.1f s)", settings.shutdown_grace_s)
+        await runtime.scheduler.stop(drain=True, timeout=settings.shutdown_grace_s)
+        log.info("shutdown complete")
+
+
+def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None) -> FastAPI:
+    """Build the app; nothing is loaded until the lifespan starts (TestClient / uvicorn)."""
+    settings = settings if settings is not None else Settings()
+    metrics = metrics if metrics is not None else Metrics()
+    app = FastAPI(
+        title="boostserve",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.runtime = None
+    install_error_handlers(app)
+    middleware.install(app, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.include_router(api_v1.router, tags=["v1"])
+    app.include_router(api_v2.router)
+    app.include_router(api_v1.probes, tags=["ops"])
+    return app
+
+
+__all__: list[Any] = ["create_app"]

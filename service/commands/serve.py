@@ -1,0 +1,142 @@
+"""`boostserve serve`: start the HTTP service with uvicorn (one worker) on the app factory.
+
+Settings come from `BOOSTSERVE_*` environment variables; command-line flags override them. The
+artifact is loaded and verified *before* uvicorn starts, so a missing or corrupted artifact fails
+fast with a clear message and exit code 2 instead of a uvicorn traceback.
+
+Why one worker: the scheduler batches images across requests inside one process and ONNX Runtime
+already uses the cores; several workers would split batches and multiply model memory. Scale
+with replicas instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+EXIT_BAD_CONFIG = 2
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--artifacts", metavar="DIR", help="artifact directory (default: the embedded model)")
+    parser.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
+    parser.add_argument("--log-format", choices=["text", "json"])
+    parser.add_argument("--providers", help="ONNX Runtime providers in order, e.g. 'cuda,cpu'")
+    parser.add_argument("--intra-op-threads", type=int)
+    parser.add_argument("--inter-op-threads", type=int)
+    parser.add_argument("--max-batch-size", type=int)
+    parser.add_argument("--max-batch-wait-ms", type=float)
+    parser.add_argument("--max-queue", type=int)
+    batching = parser.add_mutually_exclusive_group()
+    batching.add_argument("--batching", dest="batching", action="store_true", default=None)
+    batching.add_argument("--no-batching", dest="batching", action="store_false")
+    parser.add_argument("--default-budget", metavar="JSON", help="e.g. '{\"max_accuracy_drop\": 0.01}'")
+    parser.add_argument("--default-policy", help="policy for budget_macs budgets (optimal, reference)")
+    early = parser.add_mutually_exclusive_group()
+    early.add_argument("--early-exit", dest="early_exit", action="store_true", default=None)
+    early.add_argument(
+        "--no-early-exit",
+        dest="early_exit",
+        action="store_false",
+        help="run every stage for every image (A/B)",
+    )
+    parser.add_argument("--request-timeout-s", type=float)
+    parser.add_argument("--shutdown-grace-s", type=float)
+    parser.add_argument("--max-body-bytes", type=int)
+    parser.add_argument("--max-image-pixels", type=int)
+    parser.add_argument("--max-images-per-request", type=int)
+
+
+_FLAG_TO_FIELD = {
+    "artifacts": "artifacts_dir",
+    "host": "host",
+    "port": "port",
+    "log_level": "log_level",
+    "log_format": "log_format",
+    "providers": "providers",
+    "intra_op_threads": "intra_op_threads",
+    "inter_op_threads": "inter_op_threads",
+    "max_batch_size": "max_batch_size",
+    "max_batch_wait_ms": "max_batch_wait_ms",
+    "max_queue": "max_queue",
+    "batching": "batching",
+    "default_budget": "default_budget",
+    "default_policy": "default_policy",
+    "early_exit": "early_exit",
+    "request_timeout_s": "request_timeout_s",
+    "shutdown_grace_s": "shutdown_grace_s",
+    "max_body_bytes": "max_body_bytes",
+    "max_image_pixels": "max_image_pixels",
+    "max_images_per_request": "max_images_per_request",
+}
+
+
+def build_settings(args: argparse.Namespace) -> Any:
+    """Environment first, flags on top (only the flags that were given)."""
+    from service.settings import Settings
+
+    overrides = {
+        field: getattr(args, flag)
+        for flag, field in _FLAG_TO_FIELD.items()
+        if getattr(args, flag, None) is not None
+    }
+    return Settings(**overrides)
+
+
+def _graceful_exit(signum: int, frame: object) -> None:
+    """SIGTERM after uvicorn's graceful shutdown: nothing left to do."""
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        settings = build_settings(args)
+    except ValidationError as exc:
+        print(f"boostserve serve: invalid settings:\n{exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+
+    import uvicorn
+
+    from service.logging_setup import configure_logging, uvicorn_log_config
+    from service.manifest import ArtifactError, load_manifest
+
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        load_manifest(settings.artifacts_dir, verify=True)
+    except ArtifactError as exc:
+        print(f"boostserve serve: cannot serve {settings.artifacts_dir}: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+
+    from service.app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_config=uvicorn_log_config(),
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=round(settings.shutdown_grace_s) or None,
+        proxy_headers=False,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it caught once shutdown is complete; a SIGTERM that led to a
+    # clean drain is a normal exit (0), so the handler it restores and re-raises into does nothing.
+    signal.signal(signal.SIGTERM, _graceful_exit)
+    try:
+        server.run()
+    except ArtifactError as exc:  # pragma: no cover - checked above, kept for races with the files
+        print(f"boostserve serve: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if not server.started:
+        # Lifespan startup failed (engine, calibration, default budget): uvicorn logged why.
+        return 3
+    return 0

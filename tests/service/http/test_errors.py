@@ -1,0 +1,179 @@
+"""Every client error is an exact 4xx with the one envelope, and the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.errors import DeadlineExceededError, OverCapacityError
+from tests.service.http import images
+from tests.service.http.conftest import ClientFactory, assert_error
+
+PNG = {"content-type": "image/png"}
+
+
+def post_raw(client: TestClient, data: bytes, url: str = "/v1/classify", **headers: str) -> Any:
+    return client.post(url, content=data, headers={**PNG, **headers})
+
+
+@pytest.mark.parametrize(
+    ("data", "contains"),
+    [
+        (b"", "zero bytes"),
+        (b"this is not an image at all", "not an image"),
+        (images.png(size=(64, 64))[:80], "truncated"),
+    ],
+)
+def test_bad_image_bytes_are_400(client: TestClient, data: bytes, contains: str) -> None:
+    assert_error(post_raw(client, data), 400, "invalid_image", contains)
+
+
+def test_decompression_bomb_is_413(client: TestClient) -> None:
+    # 20000 x 20000 = 4e8 pixels declared in a ~50 KB PNG; refused from the header.
+    assert_error(post_raw(client, images.bomb_png()), 413, "payload_too_large", "pixels")
+    # under Pillow's own hard limit, over ours: our message with the size from the header
+    body = assert_error(post_raw(client, images.bomb_png(5000, 5000)), 413, "payload_too_large")
+    assert "5000x5000" in body["error"]["message"]
+
+
+def test_bad_image_in_multipart_names_its_index(client: TestClient) -> None:
+    files = [("file", ("a.png", images.png(), "image/png")), ("file", ("b.png", b"junk", "image/png"))]
+    assert_error(client.post("/v1/classify", files=files), 400, "invalid_image", "image 1")
+
+
+def test_bad_base64_is_400(client: TestClient) -> None:
+    assert_error(
+        client.post("/v1/classify", json={"image": "%%%not base64%%%"}), 400, "invalid_image", "base64"
+    )
+
+
+def test_unknown_content_type_is_415(client: TestClient) -> None:
+    response = client.post("/v1/classify", content=b"hello", headers={"content-type": "text/plain"})
+    assert_error(response, 415, "unsupported_media_type", "text/plain")
+
+
+def test_missing_content_type_is_415(client: TestClient) -> None:
+    response = client.post("/v1/classify", content=b"hello", headers={"content-type": ""})
+    assert_error(response, 415, "unsupported_media_type")
+
+
+def test_too_many_images_is_413(make_client: ClientFactory) -> None:
+    with make_client(max_images_per_request=2) as client:
+        files = [("file", (f"{i}.png", images.png(seed=i), "image/png")) for i in range(3)]
+        assert_error(client.post("/v1/classify", files=files), 413, "too_many_images", "limit is 2")
+        many = [base64.b64encode(images.png()).decode()] * 3
+        assert_error(client.post("/v1/classify", json={"images": many}), 413, "too_many_images")
+        assert client.post("/v1/classify", files=files[:2]).status_code == 200
+
+
+def test_body_over_the_limit_is_413(make_client: ClientFactory) -> None:
+    with make_client(max_body_bytes=2048) as client:
+        big = b"\x89PNG" + b"\0" * 4096
+        assert_error(post_raw(client, big), 413, "payload_too_large", "2048")
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted while streaming
+            for _ in range(8):
+                yield b"\0" * 1024
+
+        assert_error(client.post("/v1/classify", content=chunks(), headers=PNG), 413, "payload_too_large")
+        files = {"file": ("a.png", big, "image/png")}
+        assert_error(client.post("/v1/classify", files=files), 413, "payload_too_large")
+        assert post_raw(client, images.png()).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("query", "contains"),
+    [
+        ("max_exit=0", "max_exit"),
+        ("max_exit=9", "max_exit"),
+        ("max_exit=abc", "max_exit"),
+        ("max_accuracy_drop=2", "max_accuracy_drop"),
+        ("budget_macs=-5", "budget_macs"),
+        ("thresholds=0.5,abc,0", "thresholds"),
+        ("thresholds=0.5,0.5", "thresholds"),
+        ("max_exit=1&budget_macs=1000", "exactly one"),
+        ("budget_macs=1e6&policy=nonsense", "policy"),
+        ("top_k=0", "top_k"),
+        ("deadline_ms=-1", "deadline_ms"),
+    ],
+)
+def test_invalid_budget_values_are_422(client: TestClient, query: str, contains: str) -> None:
+    assert_error(post_raw(client, images.png(), f"/v1/classify?{query}"), 422, "validation_error", contains)
+
+
+@pytest.mark.parametrize(
+    ("payload", "contains"),
+    [
+        ({}, "no image"),
+        ({"image": "", "images": []}, "not both"),
+        ({"image": "x", "unknown_field": 1}, "unknown_field"),
+        ({"image": "x", "budget": {"max_exit": 1, "thresholds": [0.5, 0.5, 0]}}, "exactly one"),
+        ({"image": "x", "top_k": 0}, "top_k"),
+    ],
+)
+def test_invalid_json_is_422(client: TestClient, payload: dict, contains: str) -> None:
+    assert_error(client.post("/v1/classify", json=payload), 422, "validation_error", contains)
+
+
+def test_malformed_json_is_422(client: TestClient) -> None:
+    response = client.post("/v1/classify", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(response, 422, "validation_error")
+
+
+def test_routing_errors_use_the_envelope(client: TestClient) -> None:
+    assert_error(client.get("/nope"), 404, "not_found", "/nope")
+    assert_error(client.get("/v1/classify"), 405, "method_not_allowed")
+    assert_error(client.delete("/v1/budget"), 405, "method_not_allowed")
+
+
+def test_over_capacity_is_429_with_retry_after(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def full(*args: Any, **kwargs: Any) -> Any:
+        raise OverCapacityError("queue full", retry_after=2.5)
+
+    monkeypatch.setattr(client.app.state.runtime.scheduler, "submit", full)  # type: ignore[attr-defined]
+    response = post_raw(client, images.png())
+    assert_error(response, 429, "over_capacity", "queue full")
+    assert response.headers["retry-after"] == "3"
+
+
+def test_deadline_without_answer_is_504(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def late(*args: Any, **kwargs: Any) -> Any:
+        raise DeadlineExceededError("the deadline passed before the first stage ran")
+
+    monkeypatch.setattr(client.app.state.runtime.scheduler, "submit", late)  # type: ignore[attr-defined]
+    assert_error(post_raw(client, images.png(), "/v1/classify?deadline_ms=1"), 504, "deadline_exceeded")
+
+
+def test_internal_error_is_a_generic_500_with_request_id(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("secret internal detail")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(client.app.state.runtime.scheduler, "submit", boom)  # type: ignore[attr-defined]
+        response = post_raw(client, images.png(), **{"x-request-id": "req-500"})
+    body = assert_error(response, 500, "internal_error", "req-500")
+    assert "secret" not in body["error"]["message"]
+    assert response.headers["x-request-id"] == "req-500"
+    assert any("req-500" in r.getMessage() and r.exc_info for r in caplog.records)
+    # ... and the server keeps serving.
+    assert post_raw(client, images.png()).status_code == 200
+
+
+def test_not_ready_is_503_with_retry_after(make_client: ClientFactory, synthetic_artifact: Any) -> None:
+    from service.app import create_app
+    from tests.service.http.conftest import settings_for
+
+    app = create_app(settings_for(synthetic_artifact))
+    client = TestClient(app)  # no `with`: the lifespan never ran, the model is not loaded
+    for url in ("/readyz", "/v2/health/ready"):
+        response = client.get(url)
+        assert_error(response, 503, "not_ready")
+        assert response.headers["retry-after"] == "1"
+    assert_error(post_raw(client, images.png()), 503, "not_ready")
+    assert client.get("/livez").status_code == 200

@@ -1,0 +1,105 @@
+"""Import hygiene (no torch/models/export in the serving process) and settings parsing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import EMBEDDED_MODEL_DIR, Settings
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_service_app_imports_no_torch_models_or_export() -> None:
+    code = (
+        "import sys, service.app, service.commands.serve\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'models', 'export'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("BOOSTSERVE_"):
+            monkeypatch.delenv(key)
+    s = Settings()
+    assert s.artifacts_dir == EMBEDDED_MODEL_DIR
+    assert (s.host, s.port, s.early_exit, s.admin_token, s.log_format) == (
+        "127.0.0.1",
+        8000,
+        True,
+        None,
+        "text",
+    )
+    assert s.default_budget == {"max_accuracy_drop": 0.01}
+
+
+def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOOSTSERVE_PROVIDERS", "cuda, cpu")
+    monkeypatch.setenv("BOOSTSERVE_DEFAULT_BUDGET", '{"budget_macs": 1e6}')
+    monkeypatch.setenv("BOOSTSERVE_DEFAULT_POLICY", "reference")
+    monkeypatch.setenv("BOOSTSERVE_EARLY_EXIT", "false")
+    monkeypatch.setenv("BOOSTSERVE_ADMIN_TOKEN", "s3cr3t-value")
+    monkeypatch.setenv("BOOSTSERVE_LOG_LEVEL", "DEBUG")
+    s = Settings()
+    assert s.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert s.budget_dict() == {"budget_macs": 1e6, "policy": "reference"}
+    assert s.early_exit is False and s.log_level == "debug"
+    assert s.admin_token is not None and s.admin_token.get_secret_value() == "s3cr3t-value"
+    assert "s3cr3t" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "contains"),
+    [
+        ("default_budget", "{not json", "must be JSON"),
+        ("default_budget", '{"max_exit": 1, "budget_macs": 5}', "exactly one"),
+        ("default_budget", "{}", "exactly one"),
+        ("providers", "quantum", "unknown execution provider"),
+        ("max_batch_size", "0", "greater than or equal to 1"),
+        ("log_format", "xml", "text"),
+        ("port", "70000", "65535"),
+    ],
+)
+def test_invalid_settings_have_clear_messages(
+    monkeypatch: pytest.MonkeyPatch, field: str, value: str, contains: str
+) -> None:
+    monkeypatch.setenv(f"BOOSTSERVE_{field.upper()}", value)
+    with pytest.raises(ValidationError, match=contains):
+        Settings()
+
+
+def test_serve_fails_fast_on_a_missing_artifact(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "boostserve", "serve", "--artifacts", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "manifest.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_fails_fast_on_a_corrupted_artifact(tmp_path: Path, synthetic_artifact: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "artifact"
+    shutil.copytree(synthetic_artifact, copy)
+    with (copy / "stage_02.onnx").open("ab") as handle:
+        handle.write(b"tampered")
+    out = subprocess.run(
+        [sys.executable, "-m", "boostserve", "serve", "--artifacts", str(copy)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "corrupted" in out.stderr and "Traceback" not in out.stderr
