@@ -201,5 +201,5 @@ for series in boostserve_requests_total boostserve_exits_total boostserve_ready 
   grep -q "^$series" "$TMPD/metrics.txt" || die "/metrics lacks $series"
 done
 log "/metrics serves the boostserve_ series"
-podman stop -t 10 "$NAME" >/dev/null
+podman stop -t 10 "$NAME" >/dev/null 2>&1
 log "OK: image $IMAGE ($((size / 1000000)) MB), total $(($(date +%s) - START)) s"
