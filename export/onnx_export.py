@@ -95,7 +95,37 @@ def export_stage(
         except Exception as exc:
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ExportError(f"stage {plan.index + 1}: torch.onnx.export failed: {first_line}") from exc
+    _strip_initializer_identities(path)
     check_stage_graph(path, plan, opset=opset)
+
+
+def _strip_initializer_identities(path: Path) -> None:
+    """Rewire `Identity(initializer)` nodes to the initializer itself.
+
+    The TorchScript exporter deduplicates equal constants (e.g. identical folded BatchNorm biases)
+    and re-creates the duplicates with Identity nodes. ONNX Runtime removes them anyway; dropping
+    them here keeps the stored graphs minimal and readable in Netron.
+    """
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    rename: dict[str, str] = {}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs:
+            rename[node.output[0]] = node.input[0]
+        else:
+            keep.append(node)
+    if not rename:
+        return
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    onnx.save_model(model, str(path))
 
 
 def check_stage_graph(path: Path, plan: StagePlan, *, opset: int) -> None:

@@ -204,3 +204,16 @@ def test_tiny_export_helper(tmp_path: Path) -> None:
     engine = Engine(manifest, art, intra_op_threads=1)
     results = engine.classify(np.zeros((2, 1, 28, 28), np.float32))
     assert len(results) == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_graphs_are_clean(kind: str, tiny_artifacts: dict[str, Path]) -> None:
+    """Eval-mode graphs: BatchNorm folded into Conv, no Identity leftovers, no dropout, one opset."""
+    import onnx
+
+    manifest = load_manifest(tiny_artifacts[kind], verify=False)
+    for stage in manifest.stages:
+        model = onnx.load(str(tiny_artifacts[kind] / stage.file))
+        ops = {n.op_type for n in model.graph.node}
+        assert not ops & {"BatchNormalization", "Identity", "Dropout", "PythonOp", "ATen"}, (stage.file, ops)
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
