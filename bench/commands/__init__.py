@@ -1,0 +1,1 @@
+"""`boostserve bench` subcommand (see bench.commands.bench)."""

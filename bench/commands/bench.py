@@ -1,0 +1,370 @@
+"""`boostserve bench`: the offline, engine and HTTP benchmark suites.
+
+Top-level imports stay light (argparse only), as the CLI dispatcher requires: numpy, ONNX
+Runtime, matplotlib and httpx are imported by `run` when a suite needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+DESCRIPTION = """\
+Benchmark boostserve on an artifact. Each suite writes <suite>.json under --out; every run then
+regenerates the markdown summary (targets with PASS/MISS computed by code) and PNG plots from all
+suite JSONs present there, so suites can be run one at a time into the same directory.
+
+Suites (--suite, comma-separated; default all):
+  offline  accuracy vs average MACs on the test split from calibration.npz: every budgeted-MAC
+           policy (reference, optimal) swept over budgets, the accuracy-drop knob, the anytime
+           exits and the oracle exit; BoostNet vs its t=0 baseline (--baseline). Thresholds are
+           chosen on held-out data and evaluated on test. Seconds; no ONNX Runtime.
+  engine   in-process images/s and latency per batch size (1, 8, 32, 128): early exit (≤1 %
+           drop budget) vs all stages vs ONE plain ONNX Runtime session of the full network (the
+           stage graphs chained into a single model with `onnx`). Interleaved rounds; median and
+           min/max reported.
+  http     closed-loop load (N clients each looping request -> response) against a real
+           `python -m boostserve serve` subprocess on 127.0.0.1 with 1, 8, 64, 256 clients,
+           posting PNGs of Fashion-MNIST test images: all stages (early_exit=false), early exit
+           at max_accuracy_drop=0.005 and 0.01, cross-request batching on vs off. Every label is
+           checked; reports req/s, p50/p95/p99, served accuracy, MACs, exits, client/server CPU.
+
+Durations on a 2-core machine: --quick about 1.5-2.5 min for all suites; full about 12-15 min.
+--publish writes the results to docs/benchmarks/ and the summary to docs/benchmarks.md.
+"""
+
+DEFAULT_DATA = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_BASELINE = Path("docs/artifacts/baseline")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _suites(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in names if s not in ("offline", "engine", "http")]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown suite(s) {unknown or text!r}: choose from offline, engine, http"
+        )
+    return names
+
+
+def _cpus(text: str) -> list[int] | None:
+    if text.lower() in ("", "none", "all"):
+        return None
+    return list(_ints_or_zero(text))
+
+
+def _ints_or_zero(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected CPU numbers such as 0 or 0,1, got {text!r}") from exc
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = DESCRIPTION
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "--suite",
+        type=_suites,
+        default=("offline", "engine", "http"),
+        help="comma-separated suites to run: offline,engine,http (default: all)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer cells and shorter runs: all suites in under 3 minutes"
+    )
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        default=None,
+        help="artifact directory to benchmark (default: the embedded model)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=str,
+        default=str(DEFAULT_BASELINE),
+        help="t=0 baseline artifact for the offline comparison; 'none' to skip "
+        "(default: %(default)s, skipped when absent)",
+    )
+    parser.add_argument(
+        "--data",
+        type=str,
+        default=str(DEFAULT_DATA),
+        help="Fashion-MNIST directory with t10k-*-idx*-ubyte.gz, or 'synthetic' for random "
+        "images (tests, synthetic artifacts)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results directory (default: results/bench-<UTC timestamp>)"
+    )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="where to write the markdown summary (default: OUT/README.md)",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="shorthand for --out docs/benchmarks --markdown docs/benchmarks.md",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress output")
+
+    off = parser.add_argument_group("offline suite")
+    off.add_argument(
+        "--budget-points",
+        type=int,
+        default=None,
+        help="budgets per budgeted-MAC policy curve (default 24, quick 12)",
+    )
+
+    eng = parser.add_argument_group("engine suite")
+    eng.add_argument("--batch-sizes", type=_ints, default=None, help="default 1,8,32,128 (quick: 1,32)")
+    eng.add_argument(
+        "--engine-rounds", type=int, default=None, help="interleaved rounds (default 5, quick 2)"
+    )
+    eng.add_argument(
+        "--engine-round-seconds",
+        type=float,
+        default=None,
+        help="seconds per mode per round (default 1.0, quick 0.3)",
+    )
+    eng.add_argument(
+        "--engine-images",
+        type=int,
+        default=None,
+        help="test images cycled through (default 4096, quick 1024)",
+    )
+    eng.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ONNX Runtime intra-op threads for the engine suite and the server "
+        "(default 1 = service.engine's measured default; 0 = ORT default)",
+    )
+
+    web = parser.add_argument_group("http suite")
+    web.add_argument("--concurrency", type=_ints, default=None, help="client counts (default 1,8,64,256)")
+    web.add_argument(
+        "--duration", type=float, default=None, help="measured seconds per cell (default 10, quick 4)"
+    )
+    web.add_argument(
+        "--max-requests", type=int, default=None, help="request cap per cell (default 30000, quick 4000)"
+    )
+    web.add_argument(
+        "--warmup", type=float, default=None, help="warm-up seconds per cell (default 2, quick 1)"
+    )
+    web.add_argument("--http-rounds", type=int, default=None, help="interleaved rounds (default 2, quick 1)")
+    web.add_argument(
+        "--http-images", type=int, default=None, help="distinct test images posted (default 10000)"
+    )
+    web.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="load generator: 'raw' asyncio HTTP/1.1 (cheap, default) or 'httpx'",
+    )
+    web.add_argument(
+        "--server-cpus",
+        type=_cpus,
+        default=None,
+        help="CPUs the server is pinned to (default: the last CPU when there are ≥2; 'none')",
+    )
+    web.add_argument(
+        "--client-cpus",
+        type=_cpus,
+        default=None,
+        help="CPUs the load generator is pinned to (default: the other CPUs; 'none')",
+    )
+    web.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="BOOSTSERVE_MAX_BATCH_SIZE of the batching server (default: the service default)",
+    )
+    web.add_argument(
+        "--max-batch-wait-ms",
+        type=float,
+        default=None,
+        help="BOOSTSERVE_MAX_BATCH_WAIT_MS of the batching server (default: the service default)",
+    )
+
+
+def _default_artifacts() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("service")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("cannot locate the service package to find the embedded model; pass --artifacts")
+    return Path(next(iter(spec.submodule_search_locations))) / "embedded_model"
+
+
+def _pick(value: Any, full: Any, quick: Any, is_quick: bool) -> Any:
+    return value if value is not None else (quick if is_quick else full)
+
+
+def _default_cpus(args: argparse.Namespace) -> tuple[list[int] | None, list[int] | None]:
+    import os
+
+    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    server, client = args.server_cpus, args.client_cpus
+    if len(available) >= 2:
+        server = server if server is not None else available[-1:]
+        client = client if client is not None else [c for c in available if c not in server] or available
+    return server, client
+
+
+def run(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+    from datetime import UTC, datetime
+
+    from bench.common import Progress, load_artifact, write_json
+    from bench.machine import machine_info
+    from bench.report import write_report
+
+    quick: bool = args.quick
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    if args.publish:
+        out_dir = args.out or Path("docs/benchmarks")
+        markdown = args.markdown or Path("docs/benchmarks.md")
+        logs_dir = Path("results") / f"bench-{stamp}-logs"  # server logs stay out of docs/
+    else:
+        out_dir = args.out or Path("results") / f"bench-{stamp}"
+        markdown = args.markdown or out_dir / "README.md"
+        logs_dir = out_dir / "logs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress(enabled=not args.no_progress)
+    artifacts = (args.artifacts or _default_artifacts()).resolve()
+    if not (artifacts / "manifest.json").is_file():
+        print(f"no manifest.json in {artifacts}: pass --artifacts DIR", file=sys.stderr)
+        return 2
+    baseline: Path | None = None
+    if args.baseline.lower() != "none":
+        candidate = Path(args.baseline)
+        if (candidate / "manifest.json").is_file():
+            baseline = candidate.resolve()
+        elif args.baseline != str(DEFAULT_BASELINE):
+            print(f"no manifest.json in --baseline {candidate}", file=sys.stderr)
+            return 2
+    command = (
+        "boostserve bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if len(sys.argv) > 1
+        else "boostserve bench"
+    )
+    artifact = load_artifact(artifacts)
+    test_cache: list[Any] = []
+
+    def test_set() -> Any:
+        from bench.data import load_test_set, synthetic_test_set
+
+        if not test_cache:
+            if args.data == "synthetic":
+                pre = artifact.manifest.preprocessing
+                test_cache.append(
+                    synthetic_test_set(2048, pre.height, pre.width, len(artifact.manifest.classes))
+                )
+            else:
+                test_cache.append(load_test_set(Path(args.data)))
+        return test_cache[0]
+
+    t_all = time.perf_counter()
+    for suite in args.suite:
+        started = datetime.now(UTC).isoformat(timespec="seconds")
+        t0 = time.perf_counter()
+        progress.log(f"suite {suite}: {artifacts.name} ({'quick' if quick else 'full'} mode)")
+        settings: dict[str, Any]
+        providers: list[str] | None = None
+        if suite == "offline":
+            from bench.offline import DEFAULT_BUDGET_POINTS, run_offline
+
+            points = _pick(args.budget_points, DEFAULT_BUDGET_POINTS, 12, quick)
+            settings = {
+                "quick": quick,
+                "artifacts": str(artifacts),
+                "baseline": str(baseline),
+                "budget_points": points,
+            }
+            result = run_offline(artifacts, baseline, budget_points=points, progress=progress)
+        elif suite == "engine":
+            from bench.engine_suite import EngineSettings, run_engine
+
+            eng = EngineSettings(
+                batch_sizes=_pick(args.batch_sizes, (1, 8, 32, 128), (1, 32), quick),
+                rounds=_pick(args.engine_rounds, 5, 2, quick),
+                round_seconds=_pick(args.engine_round_seconds, 1.0, 0.3, quick),
+                min_calls=3,
+                max_calls=100_000,
+                images=_pick(args.engine_images, 4096, 1024, quick),
+                intra_op_threads=args.threads,
+                inter_op_threads=1,
+                providers=None,
+            )
+            settings = {"quick": quick, "artifacts": str(artifacts), "data": args.data, **eng.__dict__}
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="boostserve-bench-") as workdir:
+                result = run_engine(artifact, test_set(), eng, Path(workdir), progress)
+            providers = result.get("engine_providers")
+        else:
+            from bench.http_suite import CLASSIFY_PATH, MODE_QUERIES, HttpSettings, default_servers, run_http
+
+            server_cpus, client_cpus = _default_cpus(args)
+            threads = args.threads if args.threads > 0 else len(server_cpus or [0])
+            concurrencies = _pick(args.concurrency, (1, 8, 64, 256), (1, 64), quick)
+            http_settings = HttpSettings(
+                servers=default_servers(
+                    quick=quick,
+                    threads=threads,
+                    concurrencies=concurrencies,
+                    max_batch_size=args.max_batch_size,
+                    max_batch_wait_ms=args.max_batch_wait_ms,
+                ),
+                duration_s=_pick(args.duration, 10.0, 4.0, quick),
+                max_requests=_pick(args.max_requests, 30_000, 4_000, quick),
+                warmup_s=_pick(args.warmup, 2.0, 1.0, quick),
+                rounds=_pick(args.http_rounds, 2, 1, quick),
+                images=_pick(args.http_images, 10_000, 10_000, quick),
+                client=args.client,
+                server_cpus=server_cpus,
+                client_cpus=client_cpus,
+            )
+            settings = {
+                "quick": quick,
+                "artifacts": str(artifacts),
+                "data": args.data,
+                "path": CLASSIFY_PATH,
+                "mode_queries": MODE_QUERIES,
+                "servers": [s.__dict__ for s in http_settings.servers],
+                **{k: v for k, v in http_settings.__dict__.items() if k != "servers"},
+            }
+            result = run_http(artifact, test_set(), http_settings, logs_dir, progress)
+        duration = time.perf_counter() - t0
+        write_json(
+            out_dir / f"{suite}.json",
+            {
+                "suite": suite,
+                "command": command,
+                "started_at": started,
+                "duration_s": duration,
+                "machine": machine_info(providers),
+                "settings": settings,
+                "result": result,
+            },
+        )
+        progress.log(f"suite {suite} done in {duration:.1f} s -> {out_dir / (suite + '.json')}")
+    path, targets = write_report(out_dir, markdown, command)
+    progress.log(f"all done in {time.perf_counter() - t_all:.1f} s; summary: {path}")
+    for t in targets:
+        print(f"{t.verdict:4}  {t.description}: {t.measured_text} (limit {t.limit})")
+    return 0

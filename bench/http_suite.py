@@ -1,0 +1,396 @@
+"""HTTP suite: closed-loop load against a real `boostserve serve` subprocess on 127.0.0.1.
+
+Cells = (server configuration, mode, concurrency). Modes are per-request query parameters on
+POST /v1/classify with a raw image/png body:
+  all_stages   ?early_exit=false             every stage runs (the A/B reference)
+  drop_0.005   ?max_accuracy_drop=0.005      early exit, ≤ 0.5 % held-out accuracy loss
+  drop_0.01    ?max_accuracy_drop=0.01       early exit, ≤ 1 % held-out accuracy loss
+Server configurations: `batching` (cross-request batching on, the default settings) and
+`no_batching` (BOOSTSERVE_BATCHING=false and BOOSTSERVE_MAX_BATCH_SIZE=1: batch-1 serving).
+
+Every answer is checked: HTTP status, predicted label vs the Fashion-MNIST ground truth, and —
+when the artifact's test calibration arrays are in the dataset's order — the exit against the one
+the offline simulation predicts for that image under the same thresholds, plus the all-stages
+correctness of the very same images (a paired accuracy loss, free of sampling noise).
+
+CPU placement (2-core host): the server is pinned to `server_cpus` and this process (the load
+generator) to `client_cpus`; each cell records server and client CPU seconds per request, so
+client cost and saturation are visible. Within a server, rounds are interleaved: every round
+visits each concurrency and, in rotating order, each mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import Artifact, Progress, simulate_exits
+from bench.data import TestSet, encode_png
+from bench.loadgen import LoadResult, run_closed_loop, summarize_latency
+from bench.server import ServerProcess, metric_sum
+from bench.stats import safe_ratio
+
+MODE_QUERIES: dict[str, str] = {
+    "all_stages": "early_exit=false",
+    "drop_0.005": "max_accuracy_drop=0.005",
+    "drop_0.01": "max_accuracy_drop=0.01",
+}
+CLASSIFY_PATH = "/v1/classify"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    env: dict[str, str]
+    modes: tuple[str, ...]
+    concurrencies: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    servers: tuple[ServerConfig, ...]
+    duration_s: float
+    max_requests: int
+    warmup_s: float
+    rounds: int
+    images: int
+    client: str
+    server_cpus: list[int] | None
+    client_cpus: list[int] | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_servers(
+    *,
+    quick: bool,
+    threads: int,
+    concurrencies: tuple[int, ...],
+    max_batch_size: int | None = None,
+    max_batch_wait_ms: float | None = None,
+) -> tuple[ServerConfig, ...]:
+    """The issue's matrix; quick mode keeps only the cells the targets need."""
+    base = {
+        "BOOSTSERVE_LOG_LEVEL": "warning",  # no access log: logging is not what we measure
+        "BOOSTSERVE_INTRA_OP_THREADS": str(threads),
+        "BOOSTSERVE_INTER_OP_THREADS": "1",
+        "BOOSTSERVE_MAX_QUEUE": "4096",
+        "BOOSTSERVE_BATCHING": "true",
+    }
+    if max_batch_size is not None:
+        base["BOOSTSERVE_MAX_BATCH_SIZE"] = str(max_batch_size)
+    if max_batch_wait_ms is not None:
+        base["BOOSTSERVE_MAX_BATCH_WAIT_MS"] = f"{max_batch_wait_ms:g}"
+    no_batch = {**base, "BOOSTSERVE_BATCHING": "false", "BOOSTSERVE_MAX_BATCH_SIZE": "1"}
+    if quick:
+        return (
+            ServerConfig(
+                "batching",
+                base,
+                ("all_stages", "drop_0.005", "drop_0.01"),
+                tuple(c for c in concurrencies if c in (1, 64)) or concurrencies,
+            ),
+            ServerConfig(
+                "no_batching", no_batch, ("drop_0.01",), (64,) if 64 in concurrencies else concurrencies[-1:]
+            ),
+        )
+    return (
+        ServerConfig("batching", base, ("all_stages", "drop_0.005", "drop_0.01"), concurrencies),
+        ServerConfig("no_batching", no_batch, ("all_stages", "drop_0.01"), concurrencies),
+    )
+
+
+@contextmanager
+def pinned(cpus: list[int] | None) -> Iterator[None]:
+    """Pin this process (the load generator) to `cpus` for the duration; restore afterwards."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _aligned_test_arrays(artifact: Artifact, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(confidence, correct) of the test calibration split when it is the dataset in file order."""
+    if artifact.test is None or artifact.manifest.calibration is None:
+        return None
+    try:
+        with np.load(artifact.path / artifact.manifest.calibration.file) as data:
+            cal_labels = np.asarray(data["test_labels"])
+    except (KeyError, OSError, ValueError):
+        return None
+    n = len(labels)
+    if cal_labels.shape[0] < n or not np.array_equal(cal_labels[:n], labels):
+        return None
+    return artifact.test.confidence[:, :n], artifact.test.correct[:, :n]
+
+
+def _served_thresholds(raw: Any, num_exits: int) -> list[float] | None:
+    """JSON thresholds from an answer (null = +inf, last = always) back to floats."""
+    if not isinstance(raw, list) or len(raw) != num_exits:
+        return None
+    values = [math.inf if v is None else float(v) for v in raw]
+    values[-1] = -math.inf
+    return values
+
+
+def _cell_summary(
+    *,
+    server: str,
+    mode: str,
+    concurrency: int,
+    round_index: int,
+    result: LoadResult,
+    labels: np.ndarray,
+    artifact: Artifact,
+    aligned: tuple[np.ndarray, np.ndarray] | None,
+    metrics_before: dict[Any, float],
+    metrics_after: dict[Any, float],
+    server_cpu_s: float,
+) -> dict[str, Any]:
+    """One cell's numbers: throughput, latency, accuracy, MACs, exits and CPU costs."""
+    num_exits = artifact.manifest.num_stages
+    statuses = np.asarray(result.statuses, dtype=np.int64)
+    ok = statuses == 200
+    idx = np.asarray(result.image_index, dtype=np.int64)
+    predicted = np.asarray(result.labels, dtype=np.int64)
+    exits = np.asarray(result.exits, dtype=np.int64)
+    n_ok = int(ok.sum())
+    correct = ok & (predicted == labels[idx]) if idx.size else np.zeros(0, dtype=bool)
+    cum = artifact.cumulative_macs
+    exit_hist = np.bincount(exits[ok] - 1, minlength=num_exits)[:num_exits] if n_ok else np.zeros(num_exits)
+    macs_from_exits = float((exit_hist * cum).sum() / n_ok) if n_ok else math.nan
+    reported_macs = np.asarray(result.macs, dtype=np.float64)[ok]
+
+    paired: dict[str, Any] = {"available": aligned is not None}
+    if aligned is not None and n_ok:
+        confidence, correct_arr = aligned
+        all_stages_correct = correct_arr[-1, idx[ok]]
+        paired["all_stages_accuracy_same_images"] = float(all_stages_correct.mean())
+        paired["accuracy_loss_vs_all_stages"] = float(all_stages_correct.mean() - correct[ok].mean())
+        thresholds = _served_thresholds(result.thresholds, num_exits)
+        if mode == "all_stages":
+            thresholds = [math.inf] * (num_exits - 1) + [-math.inf]
+        if thresholds is not None:
+            sim_conf = confidence[:, idx[ok]]
+            sim = simulate_exits(sim_conf, correct_arr[:, idx[ok]], thresholds, cum)
+            predicted_exits = np.full(idx[ok].size, num_exits - 1)
+            open_ = np.ones(idx[ok].size, dtype=bool)
+            t32 = np.asarray(thresholds, dtype=np.float32)
+            for k in range(num_exits - 1):
+                take = open_ & (sim_conf[k] >= t32[k])
+                predicted_exits[take] = k
+                open_ &= ~take
+            paired["exit_agreement"] = float((predicted_exits + 1 == exits[ok]).mean())
+            paired["offline_accuracy_same_images"] = sim["accuracy"]
+            paired["offline_macs_same_images"] = sim["macs"]
+
+    d_images = metric_sum(metrics_after, "boostserve_images_total") - metric_sum(
+        metrics_before, "boostserve_images_total"
+    )
+    d_stage_s = metric_sum(metrics_after, "boostserve_stage_duration_seconds_sum") - metric_sum(
+        metrics_before, "boostserve_stage_duration_seconds_sum"
+    )
+    d_batch_sum = metric_sum(metrics_after, "boostserve_stage_batch_size_sum") - metric_sum(
+        metrics_before, "boostserve_stage_batch_size_sum"
+    )
+    d_batch_count = metric_sum(metrics_after, "boostserve_stage_batch_size_count") - metric_sum(
+        metrics_before, "boostserve_stage_batch_size_count"
+    )
+    stage1_batches = metric_sum(metrics_after, "boostserve_stage_batch_size_count", stage="1") - metric_sum(
+        metrics_before, "boostserve_stage_batch_size_count", stage="1"
+    )
+    stage1_items = metric_sum(metrics_after, "boostserve_stage_batch_size_sum", stage="1") - metric_sum(
+        metrics_before, "boostserve_stage_batch_size_sum", stage="1"
+    )
+    d_req_s = metric_sum(
+        metrics_after, "boostserve_request_duration_seconds_sum", route=CLASSIFY_PATH
+    ) - metric_sum(metrics_before, "boostserve_request_duration_seconds_sum", route=CLASSIFY_PATH)
+    d_req_n = metric_sum(
+        metrics_after, "boostserve_request_duration_seconds_count", route=CLASSIFY_PATH
+    ) - metric_sum(metrics_before, "boostserve_request_duration_seconds_count", route=CLASSIFY_PATH)
+
+    latency = summarize_latency(result.latencies_s)
+    engine_ms = 1e3 * safe_ratio(d_stage_s, d_images)
+    server_ms = np.asarray(result.server_ms, dtype=np.float64)[ok]
+    server_ms = server_ms[np.isfinite(server_ms)]
+    status_counts = {str(s): int(c) for s, c in zip(*np.unique(statuses, return_counts=True), strict=True)}
+    return {
+        "server": server,
+        "mode": mode,
+        "concurrency": concurrency,
+        "round": round_index,
+        "requests": result.count,
+        "ok": n_ok,
+        "status_counts": status_counts,
+        "first_error": result.first_error,
+        "wall_s": result.wall_s,
+        "req_per_s": result.count / result.wall_s if result.wall_s > 0 else math.nan,
+        "ok_per_s": n_ok / result.wall_s if result.wall_s > 0 else math.nan,
+        "latency_ms": latency,
+        "served_accuracy": float(correct[ok].mean()) if n_ok else math.nan,
+        "avg_macs": macs_from_exits,
+        "avg_macs_reported": float(reported_macs.mean()) if reported_macs.size else math.nan,
+        "macs_fraction_of_full": macs_from_exits / artifact.full_macs if n_ok else math.nan,
+        "exit_histogram": exit_hist.tolist(),
+        "thresholds_served": result.thresholds,
+        "paired": paired,
+        "server_latency_ms_p50": float(np.median(server_ms)) if server_ms.size else math.nan,
+        "server_request_ms_mean": 1e3 * safe_ratio(d_req_s, d_req_n),
+        "engine_ms_per_image": engine_ms,
+        "avg_stage_batch": safe_ratio(d_batch_sum, d_batch_count),
+        "avg_stage1_batch": safe_ratio(stage1_items, stage1_batches),
+        "server_cpu_ms_per_request": 1e3 * safe_ratio(server_cpu_s, d_images),
+        "client_cpu_ms_per_request": 1e3 * safe_ratio(result.client_cpu_s, result.count),
+        "client_cpu_utilization": safe_ratio(result.client_cpu_s, result.wall_s),
+        "overhead_ms_p50": latency["p50"] - engine_ms if math.isfinite(engine_ms) else math.nan,
+        "warmup_requests": result.warmup_requests,
+    }
+
+
+def run_http(
+    artifact: Artifact, test: TestSet, settings: HttpSettings, logs_dir: Path, progress: Progress
+) -> dict[str, Any]:
+    """Every server configuration and cell; returns the suite's JSON body."""
+    subset = test.head(settings.images)
+    bodies = encode_png(subset.images)
+    labels = subset.labels
+    aligned = _aligned_test_arrays(artifact, labels)
+    servers_out: list[dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
+    total = sum(len(s.modes) * len(s.concurrencies) for s in settings.servers) * settings.rounds
+    with progress.task("http", total) as advance, pinned(settings.client_cpus):
+        for config in settings.servers:
+            server = ServerProcess(
+                artifact.path,
+                config.env,
+                cpus=settings.server_cpus,
+                log_path=logs_dir / f"server-{config.name}.log",
+            )
+            server.start()
+            progress.log(f"server {config.name} ready on port {server.port} in {server.startup_s:.1f} s")
+            try:
+                for r in range(settings.rounds):
+                    for concurrency in config.concurrencies:
+                        shift = r % len(config.modes)
+                        for mode in config.modes[shift:] + config.modes[:shift]:
+                            before = server.scrape()
+                            cpu0 = server.cpu_seconds()
+                            result = asyncio.run(
+                                run_closed_loop(
+                                    host=server.host,
+                                    port=server.port,
+                                    path=f"{CLASSIFY_PATH}?{MODE_QUERIES[mode]}",
+                                    bodies=bodies,
+                                    concurrency=concurrency,
+                                    duration_s=settings.duration_s,
+                                    max_requests=settings.max_requests,
+                                    warmup_s=settings.warmup_s,
+                                    client=settings.client,
+                                )
+                            )
+                            server_cpu = server.cpu_seconds() - cpu0
+                            after = server.scrape()
+                            cell = _cell_summary(
+                                server=config.name,
+                                mode=mode,
+                                concurrency=concurrency,
+                                round_index=r,
+                                result=result,
+                                labels=labels,
+                                artifact=artifact,
+                                aligned=aligned,
+                                metrics_before=before,
+                                metrics_after=after,
+                                server_cpu_s=server_cpu,
+                            )
+                            cells.append(cell)
+                            advance(
+                                1,
+                                f"{config.name} {mode} c={concurrency}: {cell['req_per_s']:.0f} req/s "
+                                f"p99 {cell['latency_ms']['p99']:.1f} ms",
+                            )
+            finally:
+                server.stop()
+                servers_out.append({"name": config.name, **server.describe(), "log": str(server.log_path)})
+    return {
+        "artifacts": str(artifact.path),
+        "model": artifact.manifest.name,
+        "version": artifact.manifest.version,
+        "images": len(bodies),
+        "full_macs": artifact.full_macs,
+        "cumulative_macs": artifact.cumulative_macs.tolist(),
+        "png_bytes_mean": float(np.mean([len(b) for b in bodies])),
+        "paired_with_calibration": aligned is not None,
+        "servers": servers_out,
+        "cells": cells,
+        "aggregate": aggregate_cells(cells),
+    }
+
+
+def aggregate_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median over rounds per (server, mode, concurrency), with min/max of req/s."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for cell in cells:
+        groups.setdefault((cell["server"], cell["mode"], cell["concurrency"]), []).append(cell)
+    out = []
+    for (server, mode, concurrency), group in groups.items():
+        rps = [c["req_per_s"] for c in group]
+
+        def med(key: str, sub: str | None = None, group: list[dict[str, Any]] = group) -> float:
+            values = [(c[key][sub] if sub else c[key]) for c in group]
+            values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+            return float(np.median(values)) if values else math.nan
+
+        ok = sum(c["ok"] for c in group)
+        exit_hist = np.sum([c["exit_histogram"] for c in group], axis=0).tolist()
+        losses = [c["paired"].get("accuracy_loss_vs_all_stages") for c in group]
+        losses = [v for v in losses if v is not None]
+        agreement = [c["paired"].get("exit_agreement") for c in group]
+        agreement = [v for v in agreement if v is not None]
+        out.append(
+            {
+                "server": server,
+                "mode": mode,
+                "concurrency": concurrency,
+                "rounds": len(group),
+                "requests": sum(c["requests"] for c in group),
+                "errors": sum(c["requests"] - c["ok"] for c in group),
+                "req_per_s": float(np.median(rps)),
+                "req_per_s_min": float(np.min(rps)),
+                "req_per_s_max": float(np.max(rps)),
+                "p50_ms": med("latency_ms", "p50"),
+                "p95_ms": med("latency_ms", "p95"),
+                "p99_ms": med("latency_ms", "p99"),
+                "served_accuracy": float(sum(c["served_accuracy"] * c["ok"] for c in group if c["ok"]) / ok)
+                if ok
+                else math.nan,
+                "accuracy_loss_vs_all_stages": float(np.mean(losses)) if losses else math.nan,
+                "exit_agreement": float(np.mean(agreement)) if agreement else math.nan,
+                "avg_macs": float(sum(c["avg_macs"] * c["ok"] for c in group if c["ok"]) / ok)
+                if ok
+                else math.nan,
+                "exit_histogram": exit_hist,
+                "engine_ms_per_image": med("engine_ms_per_image"),
+                "server_request_ms_mean": med("server_request_ms_mean"),
+                "server_latency_ms_p50": med("server_latency_ms_p50"),
+                "overhead_ms_p50": med("overhead_ms_p50"),
+                "avg_stage_batch": med("avg_stage_batch"),
+                "avg_stage1_batch": med("avg_stage1_batch"),
+                "server_cpu_ms_per_request": med("server_cpu_ms_per_request"),
+                "client_cpu_ms_per_request": med("client_cpu_ms_per_request"),
+                "client_cpu_utilization": med("client_cpu_utilization"),
+            }
+        )
+    return out

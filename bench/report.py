@@ -1,0 +1,461 @@
+"""Markdown summary and PNG plots, generated from the suite JSON files of one results directory.
+
+Why regenerate from JSON: suites can be run separately into the same directory (e.g. re-run only
+`--suite http`), and the summary always reflects every result present. Nothing in the markdown
+is typed by hand: targets and verdicts come from bench.targets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from bench.targets import Target, evaluate
+
+SUITES = ("offline", "engine", "http")
+
+
+def load_results(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """{suite: document} for every `<suite>.json` present in out_dir."""
+    found: dict[str, dict[str, Any]] = {}
+    for suite in SUITES:
+        path = out_dir / f"{suite}.json"
+        if path.is_file():
+            found[suite] = json.loads(path.read_text())
+    return found
+
+
+def _f(value: Any, fmt: str = "{:.2f}") -> str:
+    if value is None or value in ("inf", "-inf"):
+        return "–" if value is None else str(value)
+    if isinstance(value, float) and math.isnan(value):
+        return "–"
+    return fmt.format(value)
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * float(value):.2f} %"
+
+
+def _m(value: Any) -> str:
+    return "–" if value is None else f"{float(value) / 1e6:.3f} M"
+
+
+# --------------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_offline(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+    plt = _pyplot()
+    models = doc["result"]["models"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = {"boostnet": "tab:blue", "baseline": "tab:orange"}
+    styles = {
+        "optimal": "-",
+        "reference": "--",
+        "max_accuracy_drop/optimal": ":",
+        "max_accuracy_drop/reference": "-.",
+    }
+    for key, model in models.items():
+        color = colors.get(key, "tab:gray")
+        label = f"{key} (t={model['t']:g})"
+        for name, points in model["curves"].items():
+            if not points:
+                continue
+            pts = sorted(points, key=lambda p: p["test_macs"])
+            ax.plot(
+                [p["test_macs"] / 1e6 for p in pts],
+                [100 * p["test_accuracy"] for p in pts],
+                styles.get(name, "-"),
+                color=color,
+                alpha=0.9,
+                linewidth=1.3,
+                label=f"{label}: {name}",
+            )
+        any_pts = model["anytime"]
+        ax.plot(
+            [p["macs"] / 1e6 for p in any_pts],
+            [100 * p["test_accuracy"] for p in any_pts],
+            "o",
+            color=color,
+            markersize=5,
+            label=f"{label}: anytime exits",
+        )
+        orc = model["oracle"]
+        ax.plot(
+            orc["macs"] / 1e6,
+            100 * orc["accuracy"],
+            "*",
+            color=color,
+            markersize=13,
+            label=f"{label}: oracle",
+        )
+        head = model["headline"].get("0.01")
+        if head:
+            ax.plot(
+                head["test_macs"] / 1e6,
+                100 * head["test_accuracy"],
+                "D",
+                color="black",
+                markersize=6,
+                markerfacecolor=color,
+                label=f"{label}: ≤1 % drop budget",
+            )
+    ax.set_xlabel("average MACs per image (millions), test split")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs average MACs (thresholds chosen on held-out data)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    path = out_dir / "offline_accuracy_vs_macs.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_engine(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+    plt = _pyplot()
+    cells = doc["result"]["cells"]
+    modes = sorted({c["mode"] for c in cells}, key=["early_exit", "all_stages", "full_onnx"].index)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for mode in modes:
+        mc = sorted((c for c in cells if c["mode"] == mode), key=lambda c: c["batch_size"])
+        xs = [c["batch_size"] for c in mc]
+        med = [c["images_per_s"]["median"] for c in mc]
+        lo = [c["images_per_s"]["median"] - c["images_per_s"]["min"] for c in mc]
+        hi = [c["images_per_s"]["max"] - c["images_per_s"]["median"] for c in mc]
+        ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=mode)
+        ax2.plot(xs, [c["latency_ms"]["p50"] for c in mc], marker="o", label=f"{mode} p50")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images/s (median over rounds, bars: min–max)")
+    ax.set_title("Engine throughput (in process)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("batch size")
+    ax2.set_ylabel("latency per batch call (ms)")
+    ax2.set_title("Engine latency per call")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    path = out_dir / "engine_throughput.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_http(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+    plt = _pyplot()
+    agg = doc["result"]["aggregate"]
+    keys = sorted({(c["server"], c["mode"]) for c in agg})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for server, mode in keys:
+        cs = sorted(
+            (c for c in agg if c["server"] == server and c["mode"] == mode), key=lambda c: c["concurrency"]
+        )
+        xs = [c["concurrency"] for c in cs]
+        style = "-" if server == "batching" else "--"
+        ax.plot(xs, [c["req_per_s"] for c in cs], style, marker="o", label=f"{mode} ({server})")
+        ax2.plot(xs, [c["p99_ms"] for c in cs], style, marker="o", label=f"{mode} ({server})")
+    for a, ylabel, title in (
+        (ax, "requests/s (median over rounds)", "HTTP throughput, closed loop"),
+        (ax2, "p99 latency (ms)", "HTTP p99 latency"),
+    ):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("concurrent clients")
+        a.set_ylabel(ylabel)
+        a.set_title(title)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    ax2.set_yscale("log")
+    path = out_dir / "http_throughput_latency.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ee = [c for c in agg if c["server"] == "batching" and c["mode"] != "all_stages"]
+    if ee:
+        top = max(c["concurrency"] for c in ee)
+        chosen = [c for c in ee if c["concurrency"] == top]
+        width = 0.8 / max(len(chosen), 1)
+        for i, c in enumerate(chosen):
+            hist = c["exit_histogram"]
+            total = max(sum(hist), 1)
+            ax.bar(
+                [k + 1 + (i - (len(chosen) - 1) / 2) * width for k in range(len(hist))],
+                [100 * h / total for h in hist],
+                width=width,
+                label=f"{c['mode']} ({top} clients)",
+            )
+        ax.set_xlabel("exit")
+        ax.set_ylabel("share of served images (%)")
+        ax.set_title("Where served images exit")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    exits_path = out_dir / "http_exit_histogram.png"
+    fig.tight_layout()
+    fig.savefig(exits_path, dpi=110)
+    plt.close(fig)
+    return [path, exits_path]
+
+
+# --------------------------------------------------------------------------------------------------
+# markdown
+# --------------------------------------------------------------------------------------------------
+
+
+def _targets_table(targets: list[Target]) -> list[str]:
+    lines = ["| target | limit | measured | verdict | measured on |", "|---|---:|---:|:---:|---|"]
+    for t in targets:
+        lines.append(f"| {t.description} | {t.limit} | {t.measured_text} | **{t.verdict}** | {t.source} |")
+    return lines
+
+
+def _machine(doc: dict[str, Any]) -> list[str]:
+    m = doc["machine"]
+    ram = m.get("ram_bytes")
+    return [
+        f"- CPU: {m.get('cpu_model')}, {m.get('logical_cores')} logical cores "
+        f"(affinity {m.get('affinity')}), "
+        f"RAM {ram / 2**30:.1f} GiB"
+        if ram
+        else f"- CPU: {m.get('cpu_model')}, {m.get('logical_cores')} cores",
+        f"- OS: {m.get('os')}; Python {m.get('python')}; ONNX Runtime {m.get('onnxruntime')} "
+        f"(providers available {m.get('providers_available')}, in use {m.get('providers_in_use')}); "
+        f"numpy {m.get('numpy')}, onnx {m.get('onnx')}, Pillow {m.get('pillow')}, httpx {m.get('httpx')}",
+        f"- load average at suite start (1/5/15 min): {m.get('loadavg_1_5_15')}; git {m.get('git_sha')}; "
+        f"recorded {m.get('recorded_at')}",
+    ]
+
+
+def _offline_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
+    models = doc["result"]["models"]
+    lines = ["## Offline: accuracy vs average MACs (test split)", ""]
+    lines += [
+        "Thresholds are chosen on the held-out split (`heldout_*` arrays of calibration.npz) by "
+        "`service.policy` and evaluated on the test split (`test_*`). Oracle: each image exits at the "
+        "first exit that classifies it correctly (images no exit gets right take the last exit).",
+        "",
+        "| model | t | exits | full MACs | all-stages acc. | oracle acc. / MACs "
+        "| ≤0.5 % budget: acc. / MACs (% full) "
+        "| ≤1 % budget: acc. / MACs (% full) | MACs / oracle at ≤1 % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, m in models.items():
+        h5, h10 = m["headline"].get("0.005"), m["headline"].get("0.01")
+
+        def cell(p: dict[str, Any] | None, full: float = m["full_macs"]) -> str:
+            if not p:
+                return "–"
+            return f"{_pct(p['test_accuracy'])} / {_m(p['test_macs'])} ({100 * p['test_macs'] / full:.1f} %)"
+
+        ratio = h10["test_macs"] / m["oracle"]["macs"] if h10 and m["oracle"]["macs"] else math.nan
+        lines.append(
+            f"| {key} (`{m['name']}` {m['version']}) | {m['t']:g} | {m['num_exits']} | {_m(m['full_macs'])} "
+            f"| {_pct(m['all_stages']['accuracy'])} "
+            f"| {_pct(m['oracle']['accuracy'])} / {_m(m['oracle']['macs'])} "
+            f"| {cell(h5)} | {cell(h10)} | {_f(ratio)}× |"
+        )
+    lines += ["", "Anytime points (everyone leaves at exit k):", ""]
+    header = "| exit | cumulative MACs | " + " | ".join(f"{k} test acc." for k in models) + " |"
+    lines += [header, "|---:|---:|" + "---:|" * len(models)]
+    first = next(iter(models.values()))
+    for k in range(first["num_exits"]):
+        accs = " | ".join(
+            _pct(m["anytime"][k]["test_accuracy"]) if k < len(m["anytime"]) else "–" for m in models.values()
+        )
+        lines.append(f"| {k + 1} | {_m(first['anytime'][k]['macs'])} | {accs} |")
+    lines += ["", "Accuracy-drop knob (policy `optimal`, as served), BoostNet:", ""]
+    bn = models["boostnet"]
+    lines += [
+        "| max drop | held-out acc. | test acc. | test loss vs all stages | avg MACs | % of full "
+        "| exit fractions |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for p in bn["curves"].get("max_accuracy_drop/optimal", []):
+        lines.append(
+            f"| {100 * p['budget']:.2f} % | {_pct(p['heldout_accuracy'])} | {_pct(p['test_accuracy'])} "
+            f"| {100 * p['accuracy_loss']:.2f} pp | {_m(p['test_macs'])} "
+            f"| {100 * p['macs_fraction_of_full']:.1f} % "
+            f"| {', '.join(f'{f:.3f}' for f in p['test_exit_fractions'])} |"
+        )
+    check = max(m["max_crosscheck_diff"] for m in models.values())
+    lines += [
+        "",
+        f"Cross-check: `service.policy.evaluate_thresholds` vs the bench's own exit simulation, largest "
+        f"difference {check:.2g}.",
+    ]
+    if "offline" in images:
+        lines += ["", f"![accuracy vs MACs]({images['offline']})"]
+    return lines
+
+
+def _engine_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
+    r = doc["result"]
+    s = doc["settings"]
+    lines = ["## Engine: images/s per batch size (in process, no HTTP)", ""]
+    thresholds_text = ", ".join(_f(t, "{:.4f}") if isinstance(t, float) else str(t) for t in r["thresholds"])
+    full_text = r["full_network"].get("construction") or r["full_network"].get("reason")
+    lines += [
+        f"`{r['model']}` ({r['version']}); {r['images']} test images; early exit at max_accuracy_drop="
+        f"{r['drop']:g} (thresholds {thresholds_text}); "
+        f"{s['rounds']} interleaved rounds per batch size, ≥{s['round_seconds']:g} s per mode per round; "
+        f"ORT intra-op threads {s['intra_op_threads']}, inter-op {s['inter_op_threads']}; "
+        f"engine providers {r['engine_providers']}.",
+        "",
+        f"Full network (`full_onnx`): {full_text}.",
+        f"Parity: {json.dumps(r['parity'])}.",
+        "",
+        "| batch | mode | images/s (median) | min–max | p50 ms/call | p99 ms/call | avg MACs | calls |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in r["cells"]:
+        ips = c["images_per_s"]
+        lines.append(
+            f"| {c['batch_size']} | {c['mode']} | {ips['median']:.0f} | {ips['min']:.0f}–{ips['max']:.0f} "
+            f"| {c['latency_ms']['p50']:.3f} | {c['latency_ms']['p99']:.3f} | {_m(c['avg_macs'])} "
+            f"| {c['latency_ms']['calls']} |"
+        )
+    lines += [
+        "",
+        "| batch | early exit / all stages | early exit / full ONNX | all stages / full ONNX | MAC-ideal |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for sp in r["speedups"]:
+        lines.append(
+            f"| {sp['batch_size']} | {_f(sp['early_exit_vs_all_stages'])}× "
+            f"| {_f(sp['early_exit_vs_full_onnx'])}× "
+            f"| {_f(sp['all_stages_vs_full_onnx'])}× | {_f(sp['mac_ideal'])}× |"
+        )
+    if "engine" in images:
+        lines += ["", f"![engine throughput]({images['engine']})"]
+    return lines
+
+
+def _http_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
+    r = doc["result"]
+    s = doc["settings"]
+    lines = ["## HTTP: closed-loop load against `boostserve serve`", ""]
+    lines += [
+        f"`{r['model']}` ({r['version']}); bodies: {r['images']} Fashion-MNIST test images as PNG "
+        f"(mean {r['png_bytes_mean']:.0f} B), raw `image/png` POST {s.get('path', '/v1/classify')}; "
+        f"client `{s['client']}` pinned to CPUs {s['client_cpus']}, "
+        f"server pinned to CPUs {s['server_cpus']}; "
+        f"per cell {s['warmup_s']:g} s warm-up then ≤{s['duration_s']:g} s or ≤{s['max_requests']} requests; "
+        f"{s['rounds']} round(s), modes interleaved. "
+        "Every answer's label is checked against the ground truth; "
+        f"accuracy loss is paired (all-stages correctness of the same images from the calibration arrays: "
+        f"{'yes' if r['paired_with_calibration'] else 'not available'}).",
+        "",
+        "| server | mode | clients | req/s (median) | min–max | p50 ms | p95 ms | p99 ms | served acc. "
+        "| loss vs all "
+        "| avg MACs (% full) | exits (1..N) | avg stage batch | engine ms/img | server CPU ms/req "
+        "| client CPU ms/req (util) | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    order = {"all_stages": 0, "drop_0.005": 1, "drop_0.01": 2}
+    for c in sorted(r["aggregate"], key=lambda c: (c["server"], order.get(c["mode"], 9), c["concurrency"])):
+        frac = c["avg_macs"] / r["full_macs"] if r.get("full_macs") else math.nan
+        lines.append(
+            f"| {c['server']} | {c['mode']} | {c['concurrency']} | {c['req_per_s']:.0f} "
+            f"| {c['req_per_s_min']:.0f}–{c['req_per_s_max']:.0f} | {_f(c['p50_ms'])} | {_f(c['p95_ms'])} "
+            f"| {_f(c['p99_ms'])} | {_pct(c['served_accuracy'])} "
+            f"| {_f(100 * c['accuracy_loss_vs_all_stages'])} pp "
+            f"| {_m(c['avg_macs'])} ({_f(100 * frac, '{:.1f}')} %) "
+            f"| {'/'.join(str(h) for h in c['exit_histogram'])} "
+            f"| {_f(c['avg_stage_batch'], '{:.1f}')} | {_f(c['engine_ms_per_image'], '{:.3f}')} "
+            f"| {_f(c['server_cpu_ms_per_request'], '{:.3f}')} "
+            f"| {_f(c['client_cpu_ms_per_request'], '{:.3f}')} "
+            f"({_f(100 * c['client_cpu_utilization'], '{:.0f}')} %) "
+            f"| {c['errors']} |"
+        )
+    agreements = [c["exit_agreement"] for c in r["aggregate"] if c.get("exit_agreement") is not None]
+    agreements = [a for a in agreements if not (isinstance(a, float) and math.isnan(a))]
+    if agreements:
+        lines += [
+            "",
+            "Exit agreement between the server and the offline simulation of the same thresholds "
+            f"on the same "
+            f"images: min {100 * min(agreements):.2f} % over cells.",
+        ]
+    for key in ("http", "http_exits"):
+        if key in images:
+            lines += ["", f"![{key}]({images[key]})"]
+    return lines
+
+
+def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path, list[Target]]:
+    """(Re)generate plots and the markdown from every suite JSON in out_dir."""
+    docs = load_results(out_dir)
+    rel = Path(os.path.relpath(out_dir, markdown_path.parent))
+    images: dict[str, str] = {}
+    if "offline" in docs:
+        images["offline"] = (rel / plot_offline(docs["offline"], out_dir)[0].name).as_posix()
+    if "engine" in docs:
+        images["engine"] = (rel / plot_engine(docs["engine"], out_dir)[0].name).as_posix()
+    if "http" in docs:
+        paths = plot_http(docs["http"], out_dir)
+        images["http"] = (rel / paths[0].name).as_posix()
+        images["http_exits"] = (rel / paths[1].name).as_posix()
+
+    offline = docs["offline"]["result"] if "offline" in docs else None
+    http = docs["http"]["result"] if "http" in docs else None
+    targets = evaluate(offline, http)
+    (out_dir / "targets.json").write_text(
+        json.dumps([t.as_dict() for t in targets], indent=2, default=str) + "\n"
+    )
+
+    lines = [
+        "# boostserve benchmarks",
+        "",
+        "<!-- generated by `boostserve bench`; do not edit: re-run the bench to change any number -->",
+        "",
+        f"Generated by `{command}`. Raw results: "
+        + ", ".join(f"[{s}.json]({(rel / f'{s}.json').as_posix()})" for s in docs)
+        + ".",
+        "",
+    ]
+    for suite, doc in docs.items():
+        lines.append(
+            f"- suite `{suite}`: started {doc['started_at']}, took {doc['duration_s']:.1f} s "
+            f"({'quick' if doc['settings'].get('quick') else 'full'} mode)"
+        )
+    lines += ["", "## Targets", "", "Verdicts are computed by `bench.targets` from the JSON results.", ""]
+    lines += _targets_table(targets)
+    if docs:
+        lines += ["", "## Machine", "", *_machine(next(iter(docs.values())))]
+    if "offline" in docs:
+        lines += ["", *_offline_section(docs["offline"], images)]
+    if "engine" in docs:
+        lines += ["", *_engine_section(docs["engine"], images)]
+    if "http" in docs:
+        lines += ["", *_http_section(docs["http"], images)]
+    lines += ["", "## Exact settings", ""]
+    for suite, doc in docs.items():
+        lines += [
+            f"`{suite}`:",
+            "",
+            "```json",
+            json.dumps(doc["settings"], indent=1, sort_keys=True),
+            "```",
+            "",
+        ]
+    markdown_path.parent.mkdir(parents=True, exist_ok=True)
+    markdown_path.write_text("\n".join(lines).rstrip() + "\n")
+    return markdown_path, targets

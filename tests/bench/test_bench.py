@@ -1,0 +1,191 @@
+"""Tests of the bench code (not timed tests): the suites run end to end on the synthetic artifact
+and write sane JSON, markdown and PNGs; the full-network graph and the load generator's HTTP client
+are checked against independent references."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.common import load_artifact, simulate_exits
+from bench.fullgraph import build_full_network
+from bench.loadgen import run_closed_loop
+from bench.server import metric_sum, parse_prometheus
+from boostserve.cli import main
+from tests.fixtures.synthetic_artifact import (
+    build_synthetic_artifact,
+    random_images,
+    reference_cumulative_logits,
+)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("bench_artifacts")
+    model = build_synthetic_artifact(
+        root / "boostnet", num_stages=3, num_classes=4, logit_scale=[1.0, 2.0, 3.0], calibration_samples=400
+    )
+    baseline = build_synthetic_artifact(
+        root / "baseline", num_stages=3, num_classes=4, t=0.0, seed=5, calibration_samples=400
+    )
+    return model, baseline
+
+
+@pytest.fixture(scope="module")
+def bench_out(artifacts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, baseline = artifacts
+    out = tmp_path_factory.mktemp("bench_out")
+    argv = [
+        "bench", "--suite", "offline,engine", "--quick", "--no-progress",
+        "--artifacts", str(model), "--baseline", str(baseline), "--data", "synthetic", "--out", str(out),
+        "--budget-points", "6", "--batch-sizes", "1,4", "--engine-rounds", "2",
+        "--engine-round-seconds", "0.02", "--engine-images", "64",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_files_written(bench_out: Path) -> None:
+    for name in ("offline.json", "engine.json", "targets.json", "README.md",
+                 "offline_accuracy_vs_macs.png", "engine_throughput.png"):  # fmt: skip
+        path = bench_out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert (bench_out / "offline_accuracy_vs_macs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (bench_out / "README.md").read_text()
+    assert "## Targets" in text and "| **N/A** |" in text  # http targets: not measured in this run
+    assert "average MACs / oracle-exit MACs" in text
+    assert "NaN" not in (bench_out / "offline.json").read_text()
+
+
+def test_offline_numbers_are_sane(bench_out: Path) -> None:
+    doc = json.loads((bench_out / "offline.json").read_text())
+    assert doc["machine"]["logical_cores"] >= 1 and doc["settings"]["budget_points"] == 6
+    models = doc["result"]["models"]
+    assert set(models) == {"boostnet", "baseline"}
+    for m in models.values():
+        macs = m["cumulative_macs"]
+        assert m["full_macs"] == macs[-1]
+        assert m["oracle"]["accuracy"] >= m["all_stages"]["accuracy"]
+        assert macs[0] <= m["oracle"]["macs"] <= macs[-1]
+        assert m["max_crosscheck_diff"] < 1e-9  # service.policy agrees with the bench's simulation
+        assert {"optimal", "reference", "max_accuracy_drop/optimal"} <= set(m["curves"])
+        for points in m["curves"].values():
+            for p in points:
+                assert 0.0 <= p["test_accuracy"] <= 1.0
+                assert macs[0] - 1e-6 <= p["test_macs"] <= macs[-1] + 1e-6
+                assert math.isclose(sum(p["test_exit_fractions"]), 1.0, abs_tol=1e-9)
+        knob = m["curves"]["max_accuracy_drop/optimal"]
+        assert m["headline"]["0.01"] is not None
+        # A larger allowed drop never costs more MACs (held-out).
+        held = [p["heldout_macs"] for p in sorted(knob, key=lambda p: p["budget"])]
+        assert all(a >= b - 1e-6 for a, b in itertools.pairwise(held))
+
+
+def test_engine_numbers_are_sane(bench_out: Path) -> None:
+    doc = json.loads((bench_out / "engine.json").read_text())
+    r = doc["result"]
+    assert r["full_network"]["available"] is True
+    assert r["parity"]["full_onnx_vs_all_stages_max_abs_diff"] < 1e-4
+    assert r["parity"]["early_exit_label_mismatches"] == 0
+    cells = {(c["batch_size"], c["mode"]) for c in r["cells"]}
+    assert cells == {(b, m) for b in (1, 4) for m in ("early_exit", "all_stages", "full_onnx")}
+    for c in r["cells"]:
+        assert c["images_per_s"]["median"] > 0 and c["images_per_s"]["n"] == 2
+        assert c["latency_ms"]["p50"] > 0
+    full = r["cells"][0]["avg_macs"] if r["cells"][0]["mode"] != "early_exit" else None
+    for c in r["cells"]:
+        if c["mode"] == "early_exit":
+            assert math.isclose(sum(c["exit_fractions"]), 1.0, abs_tol=1e-9)
+        elif full is not None:
+            assert c["avg_macs"] == full
+
+
+def test_full_network_matches_numpy_reference(tmp_path: Path) -> None:
+    """The chained single graph equals the numpy oracle, cascade stage (reads the image) included."""
+    root = build_synthetic_artifact(tmp_path / "cascade", num_stages=4, channels=3, cascade_stage=2, seed=1)
+    artifact = load_artifact(root)
+    path = build_full_network(artifact.manifest, root, tmp_path / "full.onnx")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    images = random_images(7, channels=3)
+    got = session.run(["logits"], {"image": images})[0]
+    want = reference_cumulative_logits(root, images)[-1]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_simulate_exits_rule() -> None:
+    conf = np.array([[0.9, 0.2, 0.5], [0.1, 0.95, 0.4], [0.3, 0.3, 0.3]], dtype=np.float32)
+    correct = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 1]], dtype=bool)
+    out = simulate_exits(conf, correct, [0.5, 0.9, -math.inf], np.array([1.0, 2.0, 3.0]))
+    # sample 0 exits at 1 (0.9 >= 0.5), sample 1 at 2, sample 2 at 1 (0.5 >= 0.5: ties exit)
+    assert out["exit_fractions"] == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert out["accuracy"] == pytest.approx(2 / 3)
+    assert out["macs"] == pytest.approx((1 + 2 + 1) / 3)
+
+
+def test_prometheus_parser() -> None:
+    text = (
+        "# HELP x\n"
+        'boostserve_stage_duration_seconds_sum{stage="1"} 0.5\n'
+        'boostserve_stage_duration_seconds_sum{stage="2"} 0.25\n'
+        "boostserve_images_total 12.0\n"
+    )
+    metrics = parse_prometheus(text)
+    assert metric_sum(metrics, "boostserve_stage_duration_seconds_sum") == 0.75
+    assert metric_sum(metrics, "boostserve_stage_duration_seconds_sum", stage="2") == 0.25
+    assert metric_sum(metrics, "boostserve_images_total") == 12.0
+
+
+def test_raw_load_generator_against_a_stub_server() -> None:
+    """The raw HTTP/1.1 client keeps connections alive, bounds requests and reads every answer."""
+    answer = json.dumps(
+        {
+            "results": [{"label": 3, "exit": 2, "macs": 100}],
+            "latency_ms": 0.1,
+            "budget": {"thresholds": [0.5, 0.0]},
+        }
+    ).encode()
+    connections = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(
+                    next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(
+                        b":"
+                    )[1]
+                )
+                await reader.readexactly(length)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                    + str(len(answer)).encode() + b"\r\n\r\n" + answer
+                )  # fmt: skip
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            result = await run_closed_loop(
+                host="127.0.0.1", port=port, path="/v1/classify?early_exit=false",
+                bodies=[b"a", b"bb", b"ccc"], concurrency=4, duration_s=5.0, max_requests=50, warmup_s=0.05,
+            )  # fmt: skip
+        assert result.count == 50 and set(result.statuses) == {200}
+        assert set(result.labels) == {3} and set(result.exits) == {2}
+        assert result.thresholds == [0.5, 0.0] and result.first_error is None
+        assert 0 < result.wall_s < 5.0
+        assert len(connections) == 4  # keep-alive: one connection per client
+
+    asyncio.run(scenario())
