@@ -217,3 +217,16 @@ def test_graphs_are_clean(kind: str, tiny_artifacts: dict[str, Path]) -> None:
         ops = {n.op_type for n in model.graph.node}
         assert not ops & {"BatchNormalization", "Identity", "Dropout", "PythonOp", "ATen"}, (stage.file, ops)
         assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
+
+
+def test_cli_modules_import_light() -> None:
+    """`boostserve export/report --help` must not pay for torch, onnxruntime or matplotlib."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, export.commands.export, export.commands.report; "
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'matplotlib', 'onnx') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
