@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, Path, Request
 from pydantic import ValidationError
 
 from boostserve import __version__
-from service.api_v1 import RuntimeDep, get_runtime, parse_thresholds
+from service.api_v1 import RuntimeDep, parse_thresholds, runtime_of
 from service.errors import NotFoundError, NotReadyError, UnsupportedMediaTypeError, ValidationFailedError
 from service.runtime import Runtime
 from service.schemas import (
@@ -57,7 +57,7 @@ _V2_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def checked_model(
+async def checked_model(
     runtime: RuntimeDep,
     name: Annotated[str, Path(description="model name (GET /v2/models/{name} lists it)")],
     version: str | None = None,
@@ -90,7 +90,7 @@ async def live() -> Liveness:
     "/health/ready", response_model=Readiness, responses={503: ERROR_RESPONSES[503]}, summary="Server ready"
 )
 async def ready(request: Request) -> Readiness:
-    runtime = get_runtime(request)
+    runtime = runtime_of(request)
     if not runtime.ready or runtime.closing:
         raise NotReadyError("not ready")
     return Readiness(ready=True)
