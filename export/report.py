@@ -315,16 +315,17 @@ def write_markdown(path: Path, reports: Sequence[ArtifactReport], plots: Sequenc
             "",
             "### Budgeted batch (average MMACs per image)",
             "",
-            "| budget MMACs | reference test acc % | reference test MMACs | optimal test acc % | "
-            "optimal test MMACs |",
-            "|---:|---:|---:|---:|---:|",
+            "| budget MMACs | reference held-out acc % | reference test acc % | reference test MMACs | "
+            "optimal held-out acc % | optimal test acc % | optimal test MMACs |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         refs = r.curve("reference")
         opts = r.curve("optimal")
         for ref, opt in zip(refs, opts, strict=True):
             lines.append(
-                f"| {_mm(ref.knob)} | {_pct(ref.test_accuracy)} | {_mm(ref.test_macs)} | "
-                f"{_pct(opt.test_accuracy)} | {_mm(opt.test_macs)} |"
+                f"| {_mm(ref.knob)} | {_pct(ref.heldout_accuracy)} | {_pct(ref.test_accuracy)} | "
+                f"{_mm(ref.test_macs)} | {_pct(opt.heldout_accuracy)} | {_pct(opt.test_accuracy)} | "
+                f"{_mm(opt.test_macs)} |"
             )
         lines += [
             "",
@@ -474,5 +475,7 @@ def write_report(
 
 
 def _slug(label: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in label).strip("-")
+    import re
+
+    cleaned = re.sub(r"-+", "-", "".join(c if c.isalnum() or c in "-_." else "-" for c in label)).strip("-")
     return cleaned or "model"
