@@ -57,23 +57,29 @@ _V2_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def checked_model(
-    runtime: RuntimeDep,
-    name: Annotated[str, Path(description="model name (GET /v2/models/{name} lists it)")],
-    version: str | None = None,
-) -> Runtime:
-    """404 unless name (and version, when given) is the model being served."""
-    manifest = runtime.manifest
-    if name != manifest.name:
-        raise NotFoundError(f"unknown model {name!r}; this server serves {manifest.name!r}")
-    if version is not None and version != manifest.version:
+NamePath = Annotated[str, Path(description="model name (GET /v2/models/{name} lists it)")]
+VersionPath = Annotated[str, Path(description="model version (the manifest's content hash)")]
+
+
+async def checked_model(runtime: RuntimeDep, name: NamePath) -> Runtime:
+    """404 unless `name` is the model being served."""
+    if name != runtime.manifest.name:
+        raise NotFoundError(f"unknown model {name!r}; this server serves {runtime.manifest.name!r}")
+    return runtime
+
+
+async def checked_model_version(runtime: RuntimeDep, name: NamePath, version: VersionPath) -> Runtime:
+    """404 unless `name` and `version` are the model being served."""
+    await checked_model(runtime, name)
+    if version != runtime.manifest.version:
         raise NotFoundError(
-            f"model {name!r} has no version {version!r}; the served version is {manifest.version!r}"
+            f"model {name!r} has no version {version!r}; the served version is {runtime.manifest.version!r}"
         )
     return runtime
 
 
 ModelDep = Annotated[Runtime, Depends(checked_model)]
+VersionDep = Annotated[Runtime, Depends(checked_model_version)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +144,7 @@ async def model_metadata(runtime: ModelDep) -> ModelMetadata:
     responses=_V2_ERRORS,
     summary="Model metadata",
 )
-async def model_version_metadata(runtime: ModelDep) -> ModelMetadata:
+async def model_version_metadata(runtime: VersionDep) -> ModelMetadata:
     return _metadata(runtime)
 
 
@@ -161,7 +167,7 @@ async def model_ready(runtime: ModelDep) -> ModelReadiness:
     responses=_V2_ERRORS,
     summary="Model ready",
 )
-async def model_version_ready(runtime: ModelDep) -> ModelReadiness:
+async def model_version_ready(runtime: VersionDep) -> ModelReadiness:
     return await _model_ready(runtime)
 
 
@@ -329,5 +335,5 @@ async def infer(request: Request, runtime: ModelDep) -> InferenceResponse:
 
 
 @router.post("/models/{name}/versions/{version}/infer", **_INFER_DOC)  # type: ignore[arg-type]
-async def infer_version(request: Request, runtime: ModelDep) -> InferenceResponse:
+async def infer_version(request: Request, runtime: VersionDep) -> InferenceResponse:
     return await _infer(request, runtime)

@@ -35,6 +35,7 @@ from service.metrics import Metrics
 from service.preprocess import Limits, Preprocessor
 from service.runtime import NEEDS_CALIBRATION, ResolvedBudget, Runtime
 from service.scheduler import Scheduler
+from service.schemas import ClassifyJSON, InferenceRequest
 from service.settings import Settings
 
 log = logging.getLogger("boostserve.app")
@@ -168,6 +169,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("shutdown complete")
 
 
+def _install_openapi(app: FastAPI) -> None:
+    """Add the request models of the routes that read their body themselves to the schema.
+
+    /v1/classify and /v2/.../infer parse their body by hand (content negotiation, body limit ->
+    413), so FastAPI does not see their request models; their `openapi_extra` refers to these
+    components, which we register here so /docs shows them.
+    """
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = base()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ClassifyJSON, InferenceRequest):
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in js.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components[model.__name__] = js
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None) -> FastAPI:
     """Build the app; nothing is loaded until the lifespan starts (TestClient / uvicorn)."""
     settings = settings if settings is not None else Settings()
@@ -187,7 +213,8 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     app.include_router(api_v1.router, tags=["v1"])
     app.include_router(api_v2.router)
     app.include_router(api_v1.probes, tags=["ops"])
+    _install_openapi(app)
     return app
 
 
-__all__: list[Any] = ["create_app"]
+__all__ = ["create_app"]

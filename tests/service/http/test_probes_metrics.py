@@ -85,3 +85,18 @@ def test_two_apps_do_not_share_series(client: TestClient, make_client) -> None: 
     with make_client() as other:
         text = other.get("/metrics").text
         assert 'route="/v1/classify"' not in text
+
+
+def test_openapi_documents_every_route_and_body(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path in ("/v1/classify", "/v1/budget", "/v2/models/{name}/infer", "/livez", "/readyz", "/metrics"):
+        assert path in paths
+    schemas = spec["components"]["schemas"]
+    assert {"ClassifyJSON", "BudgetFields", "InferenceRequest", "ClassifyResponse", "ErrorResponse"} <= set(
+        schemas
+    )
+    body = paths["/v1/classify"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json", "image/png"} <= set(body)
+    assert not any(p["name"] == "version" for p in paths["/v2/models/{name}"]["get"].get("parameters", []))
+    assert client.get("/docs").status_code == 200
