@@ -41,9 +41,14 @@ RUN /opt/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
 FROM ${BASE_IMAGE} AS venv-cpu
 SHELL ["/bin/sh", "-eu", "-c"]
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-COPY --from=wheel /wheels /wheels
+# Dependencies first, from pyproject.toml alone: this layer stays cached while only code changes.
+COPY pyproject.toml /tmp/pyproject.toml
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir "$(ls /wheels/boostserve-*.whl)[cpu]" \
+    && python3 -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['cpu']))" > /tmp/requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+COPY --from=wheel /wheels /wheels
+RUN /opt/venv/bin/pip install --no-cache-dir "$(ls /wheels/boostserve-*.whl)[cpu]" \
     && /opt/venv/bin/pip uninstall --yes pip \
     && find /opt/venv -name 'tests' -path '*/numpy/*' -prune -exec rm -rf {} + \
     && /opt/venv/bin/python -c "import service, onnxruntime; print('onnxruntime', onnxruntime.__version__)"
@@ -57,9 +62,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 DEBIAN_FRONTEND=nonintera
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=wheel /wheels /wheels
+COPY pyproject.toml /tmp/pyproject.toml
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir "$(ls /wheels/boostserve-*.whl)[gpu]" \
+    && python3 -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > /tmp/requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+COPY --from=wheel /wheels /wheels
+RUN /opt/venv/bin/pip install --no-cache-dir "$(ls /wheels/boostserve-*.whl)[gpu]" \
     && /opt/venv/bin/pip uninstall --yes pip
 
 # --------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_dockerfile_contract() -> None:
     assert text.count("HEALTHCHECK") >= 2 and "/readyz" in text
     # Only the serving sources reach the wheel.
     copies = re.findall(r"^COPY (?!--from)(\S+)", text, re.M)
-    assert sorted(copies) == ["boostserve/", "pyproject.toml", "service/"]
+    assert set(copies) == {"boostserve/", "pyproject.toml", "service/"}
     assert "torch" not in re.sub(r"#.*", "", text)
 
 
