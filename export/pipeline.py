@@ -28,7 +28,7 @@ from torch import Tensor
 
 from export.calibrate import Batch, EngineCrossCheck, SplitResult, make_engine, run_split
 from export.errors import ExportError
-from export.npz import save_npz_deterministic
+from service.calibration import save_calibration_npz
 from export.onnx_export import DEFAULT_OPSET, Exporter, export_stage
 from export.parity import DEFAULT_TOLERANCE, ParityReport, check_parity
 from export.progress import Progress
@@ -375,7 +375,7 @@ def export_artifact(
             if test is not None:
                 arrays.update(test.arrays("test"))
             calibration_path = temp / CALIBRATION_FILE
-            save_npz_deterministic(calibration_path, arrays)
+            save_calibration_npz(calibration_path, arrays)
             body["calibration"] = {
                 "file": CALIBRATION_FILE,
                 "sha256": sha256_file(calibration_path),

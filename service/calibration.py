@@ -10,6 +10,9 @@ and optionally the same three with the prefix `test_` (for reports and the offli
 
 from __future__ import annotations
 
+import io
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +46,24 @@ class CalibrationData:
         return int(self.confidence.shape[1])
 
 
-def save_calibration_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write arrays deterministically (no timestamps in the zip), so the sha256 is reproducible."""
-    np.savez_compressed(path, **arrays)
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def save_calibration_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write a byte-reproducible .npz that `numpy.load` reads.
+
+    Why not `numpy.savez_compressed`: it stamps each member with the current time, so the same
+    arrays saved twice get different sha256s and every re-export of the same checkpoint would get
+    a new content version. Here zip timestamps are pinned, members sorted, compression fixed.
+    """
+    with zipfile.ZipFile(path, mode="w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+        for key in sorted(arrays):
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, buffer.getvalue())
 
 
 def load_calibration(artifacts_dir: str | Path, manifest: Manifest, split: str = "heldout") -> CalibrationData:
