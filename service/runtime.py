@@ -70,7 +70,7 @@ class Runtime:
     calibrated: bool
     global_budget: ResolvedBudget
     ready: bool = False
-    closing: bool = False
+    closing: bool = False  # SIGTERM received: readiness probes say 503, admitted work still answered
     _budget_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     # -- budget --------------------------------------------------------------------------------
@@ -175,8 +175,10 @@ class Runtime:
     async def classify(
         self, images: np.ndarray, resolved: ResolvedBudget, deadline_ms: float | None
     ) -> list[Classified]:
-        if not self.ready or self.closing:
-            raise NotReadyError("the model is not ready (starting up or shutting down)")
+        # While draining (closing) requests still go to the scheduler: it answers what it admits
+        # and refuses (503) once stopped; only the readiness probes flip first.
+        if not self.ready and not self.closing:
+            raise NotReadyError("the model is not ready (starting up)")
         timeout = self.settings.request_timeout_s
         deadline: float | None = None
         if deadline_ms is not None:

@@ -87,6 +87,29 @@ def build_settings(args: argparse.Namespace) -> Any:
     return Settings(**overrides)
 
 
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn.Server whose first SIGTERM/SIGINT flips readiness to false at once.
+
+        Why: a load balancer should stop sending new traffic as soon as shutdown begins, while
+        uvicorn (up to timeout_graceful_shutdown) and then the scheduler drain (shutdown_grace_s)
+        finish what was already admitted.
+        """
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app: Any = self.config.app
+            runtime = getattr(getattr(app, "state", None), "runtime", None)
+            if runtime is not None:
+                runtime.closing = True
+                runtime.ready = False
+                app.state.metrics.set_ready(False)
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
 def _graceful_exit(signum: int, frame: object) -> None:
     """SIGTERM after uvicorn's graceful shutdown: nothing left to do."""
 
@@ -127,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         proxy_headers=False,
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     # uvicorn re-raises the signal it caught once shutdown is complete; a SIGTERM that led to a
     # clean drain is a normal exit (0), so the handler it restores and re-raises into does nothing.
     signal.signal(signal.SIGTERM, _graceful_exit)

@@ -177,3 +177,15 @@ def test_not_ready_is_503_with_retry_after(make_client: ClientFactory, synthetic
         assert response.headers["retry-after"] == "1"
     assert_error(post_raw(client, images.png()), 503, "not_ready")
     assert client.get("/livez").status_code == 200
+
+
+def test_real_deadline_already_passed_is_504(client: TestClient) -> None:
+    # 1 µs: gone before the scheduler sees the request, so no exit can answer.
+    response = post_raw(client, images.png(), "/v1/classify?deadline_ms=0.001")
+    assert_error(response, 504, "deadline_exceeded", "deadline")
+
+
+def test_generous_deadline_answers_normally(client: TestClient) -> None:
+    response = post_raw(client, images.png(), "/v1/classify?deadline_ms=10000")
+    assert response.status_code == 200
+    assert response.json()["results"][0]["deadline_hit"] is False
