@@ -164,7 +164,9 @@ def run_engine(
                 chunks = [np.ascontiguousarray(np.concatenate([x] * reps)[:batch_size])]
             for fn in modes.values():  # one untimed call per mode and batch shape
                 fn(chunks[0])
-            per_mode: dict[str, dict[str, list[float]]] = {m: {"ips": [], "lat": []} for m in names}
+            per_mode: dict[str, dict[str, list[float]]] = {
+                m: {"ips": [], "lat": [], "cpu": []} for m in names
+            }
             exit_counts[:] = 0
             start_chunk = 0
             for r in range(settings.rounds):
@@ -173,6 +175,7 @@ def run_engine(
                 for mode in order:
                     fn = modes[mode]
                     lat: list[float] = []
+                    cpu0 = time.process_time()
                     deadline = time.perf_counter() + settings.round_seconds
                     calls = 0
                     while calls < settings.max_calls and (
@@ -183,6 +186,8 @@ def run_engine(
                         fn(batch)
                         lat.append(time.perf_counter() - t0)
                         calls += 1
+                    # CPU ms per image (all threads of this process): robust to a busy machine.
+                    per_mode[mode]["cpu"].append(1e3 * (time.process_time() - cpu0) / (calls * batch_size))
                     per_mode[mode]["ips"].append(calls * batch_size / sum(lat))
                     per_mode[mode]["lat"].extend(lat)
                     calls_this_round = max(calls_this_round, calls)
@@ -197,6 +202,7 @@ def run_engine(
                         "batch_size": batch_size,
                         "mode": mode,
                         "images_per_s": spread(per_mode[mode]["ips"]),
+                        "cpu_ms_per_image": spread(per_mode[mode]["cpu"]),
                         "latency_ms": {
                             **percentiles(lat_ms),
                             "mean": float(lat_ms.mean()),

@@ -269,6 +269,10 @@ def run_http(
     aligned = _aligned_test_arrays(artifact, labels)
     servers_out: list[dict[str, Any]] = []
     cells: list[dict[str, Any]] = []
+    # Each (server, mode) continues through the test images where its previous cell stopped, so
+    # pooled over cells the served accuracy covers as much of the test split as possible.
+    next_start: dict[tuple[str, str], int] = {}
+    pooled: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
     total = sum(len(s.modes) * len(s.concurrencies) for s in settings.servers) * settings.rounds
     with progress.task("http", total) as advance, pinned(settings.client_cpus):
         for config in settings.servers:
@@ -298,8 +302,11 @@ def run_http(
                                     max_requests=settings.max_requests,
                                     warmup_s=settings.warmup_s,
                                     client=settings.client,
+                                    start_index=next_start.get((config.name, mode), 0),
                                 )
                             )
+                            next_start[(config.name, mode)] = result.next_index
+                            _pool(pooled.setdefault((config.name, mode), {}), result, labels)
                             server_cpu = server.cpu_seconds() - cpu0
                             after = server.scrape()
                             cell = _cell_summary(
@@ -336,7 +343,47 @@ def run_http(
         "servers": servers_out,
         "cells": cells,
         "aggregate": aggregate_cells(cells),
+        "pooled": [
+            _pooled_summary(server, mode, parts, labels, aligned) for (server, mode), parts in pooled.items()
+        ],
     }
+
+
+def _pool(parts: dict[str, list[np.ndarray]], result: LoadResult, labels: np.ndarray) -> None:
+    """Keep the image index and correctness of every 200 answer of a (server, mode)."""
+    ok = np.asarray(result.statuses, dtype=np.int64) == 200
+    idx = np.asarray(result.image_index, dtype=np.int64)[ok]
+    predicted = np.asarray(result.labels, dtype=np.int64)[ok]
+    parts.setdefault("index", []).append(idx)
+    parts.setdefault("correct", []).append(predicted == labels[idx])
+    parts.setdefault("exit", []).append(np.asarray(result.exits, dtype=np.int64)[ok])
+
+
+def _pooled_summary(
+    server: str,
+    mode: str,
+    parts: dict[str, list[np.ndarray]],
+    labels: np.ndarray,
+    aligned: tuple[np.ndarray, np.ndarray] | None,
+) -> dict[str, Any]:
+    """Served accuracy of a (server, mode) over all its cells, paired with all-stages correctness."""
+    idx = np.concatenate(parts["index"]) if parts.get("index") else np.zeros(0, dtype=np.int64)
+    correct = np.concatenate(parts["correct"]) if parts.get("correct") else np.zeros(0, dtype=bool)
+    out: dict[str, Any] = {
+        "server": server,
+        "mode": mode,
+        "answers": int(idx.size),
+        "distinct_images": int(np.unique(idx).size),
+        "test_images": int(labels.size),
+        "served_accuracy": float(correct.mean()) if idx.size else math.nan,
+        "all_stages_accuracy_same_images": math.nan,
+        "accuracy_loss_vs_all_stages": math.nan,
+    }
+    if aligned is not None and idx.size:
+        all_correct = aligned[1][-1, idx]
+        out["all_stages_accuracy_same_images"] = float(all_correct.mean())
+        out["accuracy_loss_vs_all_stages"] = float(all_correct.mean() - correct.mean())
+    return out
 
 
 def aggregate_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:

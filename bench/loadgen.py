@@ -46,6 +46,7 @@ class LoadResult:
     wall_s: float = 0.0
     client_cpu_s: float = 0.0
     warmup_requests: int = 0
+    next_index: int = 0  # where the image counter stopped: the next cell continues from here
 
     @property
     def count(self) -> int:
@@ -248,6 +249,7 @@ async def run_closed_loop(
         state["stop"] = True
         result.wall_s = state["t_end"] - state["t_start"]
         result.warmup_requests = warm[0]
+        result.next_index = counter[0]
         await asyncio.wait(tasks, timeout=timeout_s)
     finally:
         for task in tasks:

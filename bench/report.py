@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench.targets import Target, evaluate
+from bench.targets import Target, evaluate, limits_analysis, limits_bounds
 
 SUITES = ("offline", "engine", "http")
 
@@ -28,20 +28,27 @@ def load_results(out_dir: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _f(value: Any, fmt: str = "{:.2f}") -> str:
-    if value is None or value in ("inf", "-inf"):
-        return "–" if value is None else str(value)
-    if isinstance(value, float) and math.isnan(value):
+def _num(value: Any) -> float:
+    """JSON value -> float; None (a NaN in the results) and strings become NaN."""
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def _f(value: Any, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
+    """Format a number from the JSON ("–" for missing/NaN; "inf"/"-inf" strings pass through)."""
+    if value in ("inf", "-inf"):
+        return str(value)
+    number = _num(value)
+    if math.isnan(number):
         return "–"
-    return fmt.format(value)
+    return fmt.format(number * scale)
 
 
 def _pct(value: Any) -> str:
-    return "–" if value is None else f"{100 * float(value):.2f} %"
+    return _f(value, "{:.2f} %", 100)
 
 
 def _m(value: Any) -> str:
-    return "–" if value is None else f"{float(value) / 1e6:.3f} M"
+    return _f(value, "{:.3f} M", 1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,8 +177,8 @@ def plot_http(doc: dict[str, Any], out_dir: Path) -> list[Path]:
         )
         xs = [c["concurrency"] for c in cs]
         style = "-" if server == "batching" else "--"
-        ax.plot(xs, [c["req_per_s"] for c in cs], style, marker="o", label=f"{mode} ({server})")
-        ax2.plot(xs, [c["p99_ms"] for c in cs], style, marker="o", label=f"{mode} ({server})")
+        ax.plot(xs, [_num(c["req_per_s"]) for c in cs], style, marker="o", label=f"{mode} ({server})")
+        ax2.plot(xs, [_num(c["p99_ms"]) for c in cs], style, marker="o", label=f"{mode} ({server})")
     for a, ylabel, title in (
         (ax, "requests/s (median over rounds)", "HTTP throughput, closed loop"),
         (ax2, "p99 latency (ms)", "HTTP p99 latency"),
@@ -328,8 +335,10 @@ def _engine_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
     for c in r["cells"]:
         ips = c["images_per_s"]
         lines.append(
-            f"| {c['batch_size']} | {c['mode']} | {ips['median']:.0f} | {ips['min']:.0f}–{ips['max']:.0f} "
-            f"| {c['latency_ms']['p50']:.3f} | {c['latency_ms']['p99']:.3f} | {_m(c['avg_macs'])} "
+            f"| {c['batch_size']} | {c['mode']} | {_f(ips['median'], '{:.0f}')} "
+            f"| {_f(ips['min'], '{:.0f}')}–{_f(ips['max'], '{:.0f}')} "
+            f"| {_f(c['latency_ms']['p50'], '{:.3f}')} | {_f(c['latency_ms']['p99'], '{:.3f}')} "
+            f"| {_m(c['avg_macs'])} "
             f"| {c['latency_ms']['calls']} |"
         )
     lines += [
@@ -371,20 +380,38 @@ def _http_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
     ]
     order = {"all_stages": 0, "drop_0.005": 1, "drop_0.01": 2}
     for c in sorted(r["aggregate"], key=lambda c: (c["server"], order.get(c["mode"], 9), c["concurrency"])):
-        frac = c["avg_macs"] / r["full_macs"] if r.get("full_macs") else math.nan
+        frac = _num(c["avg_macs"]) / r["full_macs"] if r.get("full_macs") else math.nan
         lines.append(
-            f"| {c['server']} | {c['mode']} | {c['concurrency']} | {c['req_per_s']:.0f} "
-            f"| {c['req_per_s_min']:.0f}–{c['req_per_s_max']:.0f} | {_f(c['p50_ms'])} | {_f(c['p95_ms'])} "
+            f"| {c['server']} | {c['mode']} | {c['concurrency']} | {_f(c['req_per_s'], '{:.0f}')} "
+            f"| {_f(c['req_per_s_min'], '{:.0f}')}–{_f(c['req_per_s_max'], '{:.0f}')} "
+            f"| {_f(c['p50_ms'])} | {_f(c['p95_ms'])} "
             f"| {_f(c['p99_ms'])} | {_pct(c['served_accuracy'])} "
-            f"| {_f(100 * c['accuracy_loss_vs_all_stages'])} pp "
-            f"| {_m(c['avg_macs'])} ({_f(100 * frac, '{:.1f}')} %) "
+            f"| {_f(c['accuracy_loss_vs_all_stages'], '{:.2f}', 100)} pp "
+            f"| {_m(c['avg_macs'])} ({_f(frac, '{:.1f}', 100)} %) "
             f"| {'/'.join(str(h) for h in c['exit_histogram'])} "
             f"| {_f(c['avg_stage_batch'], '{:.1f}')} | {_f(c['engine_ms_per_image'], '{:.3f}')} "
             f"| {_f(c['server_cpu_ms_per_request'], '{:.3f}')} "
             f"| {_f(c['client_cpu_ms_per_request'], '{:.3f}')} "
-            f"({_f(100 * c['client_cpu_utilization'], '{:.0f}')} %) "
+            f"({_f(c['client_cpu_utilization'], '{:.0f}', 100)} %) "
             f"| {c['errors']} |"
         )
+    if r.get("pooled"):
+        lines += [
+            "",
+            "Served accuracy pooled over every cell of a server and mode (each cell continues through the "
+            "test images where the previous one stopped):",
+            "",
+            "| server | mode | answers | distinct test images | served acc. | all stages, same images "
+            "| loss |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for p in r["pooled"]:
+            lines.append(
+                f"| {p['server']} | {p['mode']} | {p['answers']} "
+                f"| {p['distinct_images']} of {p['test_images']} "
+                f"| {_pct(p['served_accuracy'])} | {_pct(p['all_stages_accuracy_same_images'])} "
+                f"| {_f(p['accuracy_loss_vs_all_stages'], '{:.2f} pp', 100)} |"
+            )
     agreements = [c["exit_agreement"] for c in r["aggregate"] if c.get("exit_agreement") is not None]
     agreements = [a for a in agreements if not (isinstance(a, float) and math.isnan(a))]
     if agreements:
@@ -446,6 +473,29 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
         lines += ["", *_engine_section(docs["engine"], images)]
     if "http" in docs:
         lines += ["", *_http_section(docs["http"], images)]
+    engine_result = docs["engine"]["result"] if "engine" in docs else None
+    limits = limits_analysis(http, engine_result)
+    bounds = limits_bounds(limits, engine_result)
+    if limits or bounds:
+        lines += ["", "## What limits the HTTP numbers (computed from the results above)", ""]
+        lines += [
+            "Server CPU per request (from /proc) = engine share (engine suite CPU ms per image, same mode, "
+            "batch size closest to the server's average stage-1 batch) + other (HTTP, routing, decode, "
+            "scheduling, JSON). With the server CPU-bound, req/s follows 1 / CPU per request.",
+            "",
+            "| cell | server CPU ms/req | engine ms/img (batch) | other ms/req | engine share "
+            "| avg stage-1 batch | engine wall ms/img (server metrics) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in limits:
+            lines.append(
+                f"| {row['what']} | {_f(row['server_cpu_ms'], '{:.3f}')} "
+                f"| {_f(row['engine_ms'], '{:.3f}')} ({row['engine_batch'] or '–'}) "
+                f"| {_f(row['other_ms'], '{:.3f}')} "
+                f"| {_f(row['engine_share'], '{:.0f} %', 100)} | {_f(row['avg_stage1_batch'], '{:.1f}')} "
+                f"| {_f(row['engine_wall_ms'], '{:.3f}')} |"
+            )
+        lines += [""] + [f"- {what}: {_f(value)}×" for what, value in bounds]
     lines += ["", "## Exact settings", ""]
     for suite, doc in docs.items():
         lines += [
