@@ -284,6 +284,7 @@ def run_http(
             )
             server.start()
             progress.log(f"server {config.name} ready on port {server.port} in {server.startup_s:.1f} s")
+            info = [dict(labels) for (name, labels) in server.scrape() if name == "boostserve_model_info"]
             try:
                 for r in range(settings.rounds):
                     for concurrency in config.concurrencies:
@@ -330,7 +331,14 @@ def run_http(
                             )
             finally:
                 server.stop()
-                servers_out.append({"name": config.name, **server.describe(), "log": str(server.log_path)})
+                servers_out.append(
+                    {
+                        "name": config.name,
+                        **server.describe(),
+                        "log": str(server.log_path),
+                        "model_info": info[0] if info else None,
+                    }
+                )
     return {
         "artifacts": str(artifact.path),
         "model": artifact.manifest.name,

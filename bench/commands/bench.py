@@ -349,6 +349,10 @@ def run(args: argparse.Namespace) -> int:
                 **{k: v for k, v in http_settings.__dict__.items() if k != "servers"},
             }
             result = run_http(artifact, test_set(), http_settings, logs_dir, progress)
+            infos = [s.get("model_info") or {} for s in result["servers"]]
+            providers = (
+                sorted({p for i in infos for p in str(i.get("providers", "")).split(",") if p}) or None
+            )
         duration = time.perf_counter() - t0
         write_json(
             out_dir / f"{suite}.json",

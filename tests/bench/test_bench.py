@@ -189,3 +189,33 @@ def test_raw_load_generator_against_a_stub_server() -> None:
         assert len(connections) == 4  # keep-alive: one connection per client
 
     asyncio.run(scenario())
+
+
+def test_http_suite_end_to_end(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
+    """A tiny HTTP run against a real `boostserve serve` subprocess: every answer is a 200 and the
+    served exits agree with the offline simulation of the same thresholds."""
+    model, _ = artifacts
+    out = tmp_path / "http"
+    argv = [
+        "bench", "--suite", "http", "--quick", "--no-progress", "--artifacts", str(model),
+        "--data", "synthetic", "--out", str(out), "--concurrency", "2", "--duration", "0.4",
+        "--warmup", "0.1", "--max-requests", "200", "--http-images", "64",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((out / "http.json").read_text())
+    r = doc["result"]
+    assert {s["name"] for s in r["servers"]} == {"batching", "no_batching"}
+    cells = r["aggregate"]
+    assert {(c["server"], c["mode"]) for c in cells} >= {
+        ("batching", "all_stages"),
+        ("batching", "drop_0.01"),
+    }
+    for c in cells:
+        assert c["requests"] > 0 and c["errors"] == 0
+        assert sum(c["exit_histogram"]) == c["requests"]
+        assert c["client_cpu_ms_per_request"] > 0
+    allst = next(c for c in cells if c["mode"] == "all_stages")
+    assert allst["exit_histogram"][:-1] == [0] * (len(allst["exit_histogram"]) - 1)  # nobody exits early
+    assert all(c["server_cpu_ms_per_request"] > 0 for c in cells)
+    text = (out / "README.md").read_text()
+    assert "## HTTP" in text and (out / "http_throughput_latency.png").is_file()
