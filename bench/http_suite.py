@@ -13,10 +13,11 @@ when the artifact's test calibration arrays are in the dataset's order — the e
 the offline simulation predicts for that image under the same thresholds, plus the all-stages
 correctness of the very same images (a paired accuracy loss, free of sampling noise).
 
-CPU placement (2-core host): the server is pinned to `server_cpus` and this process (the load
+CPU placement (2-core host): the servers are pinned to `server_cpus` and this process (the load
 generator) to `client_cpus`; each cell records server and client CPU seconds per request, so
-client cost and saturation are visible. Within a server, rounds are interleaved: every round
-visits each concurrency and, in rotating order, each mode.
+client cost and saturation are visible. All server configurations run at once (idle ones cost
+nothing) and rounds are interleaved: every round visits each concurrency and, in rotating order,
+each (server, mode) pair — an ABAB design for early exit vs all stages and batching vs none.
 """
 
 from __future__ import annotations
@@ -273,70 +274,80 @@ def run_http(
     # pooled over cells the served accuracy covers as much of the test split as possible.
     next_start: dict[tuple[str, str], int] = {}
     pooled: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
-    total = sum(len(s.modes) * len(s.concurrencies) for s in settings.servers) * settings.rounds
-    with progress.task("http", total) as advance, pinned(settings.client_cpus):
-        for config in settings.servers:
-            server = ServerProcess(
-                artifact.path,
-                config.env,
-                cpus=settings.server_cpus,
-                log_path=logs_dir / f"server-{config.name}.log",
-            )
-            server.start()
-            progress.log(f"server {config.name} ready on port {server.port} in {server.startup_s:.1f} s")
-            info = [dict(labels) for (name, labels) in server.scrape() if name == "boostserve_model_info"]
-            try:
-                for r in range(settings.rounds):
-                    for concurrency in config.concurrencies:
-                        shift = r % len(config.modes)
-                        for mode in config.modes[shift:] + config.modes[:shift]:
-                            before = server.scrape()
-                            cpu0 = server.cpu_seconds()
-                            result = asyncio.run(
-                                run_closed_loop(
-                                    host=server.host,
-                                    port=server.port,
-                                    path=f"{CLASSIFY_PATH}?{MODE_QUERIES[mode]}",
-                                    bodies=bodies,
-                                    concurrency=concurrency,
-                                    duration_s=settings.duration_s,
-                                    max_requests=settings.max_requests,
-                                    warmup_s=settings.warmup_s,
-                                    client=settings.client,
-                                    start_index=next_start.get((config.name, mode), 0),
-                                )
-                            )
-                            next_start[(config.name, mode)] = result.next_index
-                            _pool(pooled.setdefault((config.name, mode), {}), result, labels)
-                            server_cpu = server.cpu_seconds() - cpu0
-                            after = server.scrape()
-                            cell = _cell_summary(
-                                server=config.name,
-                                mode=mode,
-                                concurrency=concurrency,
-                                round_index=r,
-                                result=result,
-                                labels=labels,
-                                artifact=artifact,
-                                aligned=aligned,
-                                metrics_before=before,
-                                metrics_after=after,
-                                server_cpu_s=server_cpu,
-                            )
-                            cells.append(cell)
-                            advance(
-                                1,
-                                f"{config.name} {mode} c={concurrency}: {cell['req_per_s']:.0f} req/s "
-                                f"p99 {cell['latency_ms']['p99']:.1f} ms",
-                            )
-            finally:
+    # Every server configuration runs at once (an idle server costs nothing), so each round can
+    # interleave the cells of all servers: batching vs no batching is an ABAB comparison too.
+    servers: dict[str, ServerProcess] = {}
+    infos: dict[str, dict[str, str] | None] = {}
+    plan: list[tuple[int, int, ServerConfig, str]] = []
+    for r in range(settings.rounds):
+        for concurrency in sorted({c for s in settings.servers for c in s.concurrencies}):
+            pairs = [(s, m) for s in settings.servers if concurrency in s.concurrencies for m in s.modes]
+            shift = r % max(len(pairs), 1)
+            plan += [(r, concurrency, s, m) for s, m in pairs[shift:] + pairs[:shift]]
+    with progress.task("http", len(plan)) as advance, pinned(settings.client_cpus):
+        try:
+            for config in settings.servers:
+                server = ServerProcess(
+                    artifact.path,
+                    config.env,
+                    cpus=settings.server_cpus,
+                    log_path=logs_dir / f"server-{config.name}.log",
+                )
+                servers[config.name] = server
+                server.start()
+                progress.log(f"server {config.name} ready on port {server.port} in {server.startup_s:.1f} s")
+                info = [dict(labels) for (name, labels) in server.scrape() if name == "boostserve_model_info"]
+                infos[config.name] = info[0] if info else None
+            for r, concurrency, config, mode in plan:
+                server = servers[config.name]
+                before = server.scrape()
+                cpu0 = server.cpu_seconds()
+                result = asyncio.run(
+                    run_closed_loop(
+                        host=server.host,
+                        port=server.port,
+                        path=f"{CLASSIFY_PATH}?{MODE_QUERIES[mode]}",
+                        bodies=bodies,
+                        concurrency=concurrency,
+                        duration_s=settings.duration_s,
+                        max_requests=settings.max_requests,
+                        warmup_s=settings.warmup_s,
+                        client=settings.client,
+                        start_index=next_start.get((config.name, mode), 0),
+                    )
+                )
+                server_cpu = server.cpu_seconds() - cpu0
+                after = server.scrape()
+                next_start[(config.name, mode)] = result.next_index
+                _pool(pooled.setdefault((config.name, mode), {}), result, labels)
+                cell = _cell_summary(
+                    server=config.name,
+                    mode=mode,
+                    concurrency=concurrency,
+                    round_index=r,
+                    result=result,
+                    labels=labels,
+                    artifact=artifact,
+                    aligned=aligned,
+                    metrics_before=before,
+                    metrics_after=after,
+                    server_cpu_s=server_cpu,
+                )
+                cells.append(cell)
+                advance(
+                    1,
+                    f"{config.name} {mode} c={concurrency}: {cell['req_per_s']:.0f} req/s "
+                    f"p99 {cell['latency_ms']['p99']:.1f} ms",
+                )
+        finally:
+            for name, server in servers.items():
                 server.stop()
                 servers_out.append(
                     {
-                        "name": config.name,
+                        "name": name,
                         **server.describe(),
                         "log": str(server.log_path),
-                        "model_info": info[0] if info else None,
+                        "model_info": infos.get(name),
                     }
                 )
     return {

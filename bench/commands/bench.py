@@ -209,6 +209,15 @@ def _default_artifacts() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "embedded_model"
 
 
+def _tidy(path: Path) -> Path:
+    """Relative to the working directory when inside it: results then carry no machine paths."""
+    resolved = path.resolve()
+    try:
+        return resolved.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return resolved
+
+
 def _pick(value: Any, full: Any, quick: Any, is_quick: bool) -> Any:
     return value if value is not None else (quick if is_quick else full)
 
@@ -245,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         logs_dir = out_dir / "logs"
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(enabled=not args.no_progress)
-    artifacts = (args.artifacts or _default_artifacts()).resolve()
+    artifacts = _tidy(args.artifacts or _default_artifacts())
     if not (artifacts / "manifest.json").is_file():
         print(f"no manifest.json in {artifacts}: pass --artifacts DIR", file=sys.stderr)
         return 2
@@ -253,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline.lower() != "none":
         candidate = Path(args.baseline)
         if (candidate / "manifest.json").is_file():
-            baseline = candidate.resolve()
+            baseline = _tidy(candidate)
         elif args.baseline != str(DEFAULT_BASELINE):
             print(f"no manifest.json in --baseline {candidate}", file=sys.stderr)
             return 2
