@@ -27,7 +27,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ class HttpSettings:
     client: str
     server_cpus: list[int] | None
     client_cpus: list[int] | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    client_check: bool = False  # one extra cell with the other client kind, to report client costs
 
 
 def default_servers(
@@ -273,6 +273,7 @@ def run_http(
     # Each (server, mode) continues through the test images where its previous cell stopped, so
     # pooled over cells the served accuracy covers as much of the test split as possible.
     next_start: dict[tuple[str, str], int] = {}
+    client_check: dict[str, Any] | None = None
     pooled: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
     # Every server configuration runs at once (an idle server costs nothing), so each round can
     # interleave the cells of all servers: batching vs no batching is an ABAB comparison too.
@@ -339,6 +340,9 @@ def run_http(
                     f"{config.name} {mode} c={concurrency}: {cell['req_per_s']:.0f} req/s "
                     f"p99 {cell['latency_ms']['p99']:.1f} ms",
                 )
+            if settings.client_check and "batching" in servers:
+                client_check = _client_check(servers["batching"], bodies, settings, cells)
+                advance(0, "client check done")
         finally:
             for name, server in servers.items():
                 server.stop()
@@ -361,11 +365,68 @@ def run_http(
         "paired_with_calibration": aligned is not None,
         "servers": servers_out,
         "cells": cells,
+        "client_check": client_check,
         "aggregate": aggregate_cells(cells),
         "pooled": [
             _pooled_summary(server, mode, parts, labels, aligned) for (server, mode), parts in pooled.items()
         ],
     }
+
+
+def _client_check(
+    server: ServerProcess, bodies: list[bytes], settings: HttpSettings, cells: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Run the target cell once more with the other client kind: what the client itself costs.
+
+    Why: the load generator shares a 2-core machine with the server; this shows how much CPU per
+    request each client implementation needs and whether it would have capped the throughput.
+    """
+    other = "httpx" if settings.client == "raw" else "raw"
+    concurrency = 64 if any(c["concurrency"] == 64 for c in cells) else max(c["concurrency"] for c in cells)
+    result = asyncio.run(
+        run_closed_loop(
+            host=server.host,
+            port=server.port,
+            path=f"{CLASSIFY_PATH}?{MODE_QUERIES['drop_0.01']}",
+            bodies=bodies,
+            concurrency=concurrency,
+            duration_s=settings.duration_s,
+            max_requests=settings.max_requests,
+            warmup_s=settings.warmup_s,
+            client=other,
+        )
+    )
+    same = [
+        c
+        for c in cells
+        if c["server"] == "batching" and c["mode"] == "drop_0.01" and c["concurrency"] == concurrency
+    ]
+
+    def entry(kind: str, rps: float, cpu_ms: float, util: float, p50: float) -> dict[str, Any]:
+        return {"client": kind, "req_per_s": rps, "client_cpu_ms_per_request": cpu_ms,
+                "client_cpu_utilization": util, "p50_ms": p50}  # fmt: skip
+
+    rows = [
+        entry(
+            other,
+            result.count / result.wall_s if result.wall_s > 0 else math.nan,
+            1e3 * safe_ratio(result.client_cpu_s, result.count),
+            safe_ratio(result.client_cpu_s, result.wall_s),
+            summarize_latency(result.latencies_s)["p50"],
+        )
+    ]
+    if same:
+        rows.insert(
+            0,
+            entry(
+                settings.client,
+                float(np.median([c["req_per_s"] for c in same])),
+                float(np.median([c["client_cpu_ms_per_request"] for c in same])),
+                float(np.median([c["client_cpu_utilization"] for c in same])),
+                float(np.median([c["latency_ms"]["p50"] for c in same])),
+            ),
+        )
+    return {"server": "batching", "mode": "drop_0.01", "concurrency": concurrency, "clients": rows}
 
 
 def _pool(parts: dict[str, list[np.ndarray]], result: LoadResult, labels: np.ndarray) -> None:

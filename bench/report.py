@@ -412,6 +412,22 @@ def _http_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
                 f"| {_pct(p['served_accuracy'])} | {_pct(p['all_stages_accuracy_same_images'])} "
                 f"| {_f(p['accuracy_loss_vs_all_stages'], '{:.2f} pp', 100)} |"
             )
+    check = r.get("client_check")
+    if check:
+        lines += [
+            "",
+            f"Load generator cost ({check['mode']}, {check['concurrency']} clients, batching server): "
+            "the CPU the client itself needs per request, on its own pinned core.",
+            "",
+            "| client | req/s | client CPU ms/request | client core utilization | p50 ms |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for row in check["clients"]:
+            lines.append(
+                f"| {row['client']} | {_f(row['req_per_s'], '{:.0f}')} "
+                f"| {_f(row['client_cpu_ms_per_request'], '{:.3f}')} "
+                f"| {_f(row['client_cpu_utilization'], '{:.0f} %', 100)} | {_f(row['p50_ms'])} |"
+            )
     agreements = [c["exit_agreement"] for c in r["aggregate"] if c.get("exit_agreement") is not None]
     agreements = [a for a in agreements if not (isinstance(a, float) and math.isnan(a))]
     if agreements:

@@ -175,6 +175,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="load generator: 'raw' asyncio HTTP/1.1 (cheap, default) or 'httpx'",
     )
     web.add_argument(
+        "--no-client-check",
+        action="store_true",
+        help="skip the extra cell that measures the other client implementation's cost (full mode only)",
+    )
+    web.add_argument(
         "--server-cpus",
         type=_cpus,
         default=None,
@@ -347,6 +352,7 @@ def run(args: argparse.Namespace) -> int:
                 client=args.client,
                 server_cpus=server_cpus,
                 client_cpus=client_cpus,
+                client_check=not args.no_client_check and not quick,
             )
             settings = {
                 "quick": quick,
