@@ -511,7 +511,7 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
                 f"| {_f(row['engine_share'], '{:.0f} %', 100)} | {_f(row['avg_stage1_batch'], '{:.1f}')} "
                 f"| {_f(row['engine_wall_ms'], '{:.3f}')} |"
             )
-        lines += [""] + [f"- {what}: {_f(value)}×" for what, value in bounds]
+        lines += ["", *[f"- {what}: {_f(value)}" for what, value in bounds]]
     lines += ["", "## Exact settings", ""]
     for suite, doc in docs.items():
         lines += [

@@ -285,6 +285,15 @@ def limits_bounds(rows: list[dict[str, Any]], engine: dict[str, Any] | None) -> 
             )
         )
     if engine:
+        for sp in engine.get("speedups", []):
+            if sp["batch_size"] == 32:
+                out.append(
+                    (
+                        "engine only (no HTTP): early exit ÷ all stages at batch 32, fraction of MAC-ideal "
+                        f"{_nan(sp['mac_ideal']):.2f}×",
+                        safe_ratio(sp["early_exit_vs_all_stages"], sp["mac_ideal"]),
+                    )
+                )
         cells = {(c["batch_size"], c["mode"]): c for c in engine["cells"]}
         sizes = sorted({c["batch_size"] for c in engine["cells"]})
         small = [s for s in sizes if s <= 32]
