@@ -20,11 +20,15 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from pydantic import ValidationError
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import (
     ForbiddenError,
     InvalidImageError,
     NotReadyError,
+    PayloadTooLargeError,
+    TooManyImagesError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
     ValidationFailedError,
@@ -146,6 +150,22 @@ def decode_base64(text: str, index: int) -> bytes:
         raise InvalidImageError(f"image {index} is not valid base64: {exc}") from exc
 
 
+async def read_form(request: Request, runtime: Runtime) -> FormData:
+    """Parse multipart with our limits; Starlette's parser errors (a bare 400) become ours."""
+    limit = runtime.settings.max_images_per_request
+    try:
+        return await request.form(
+            max_files=limit, max_fields=64, max_part_size=runtime.settings.max_body_bytes
+        )
+    except StarletteHTTPException as exc:
+        detail = str(exc.detail)
+        if "too many files" in detail.lower():
+            raise TooManyImagesError(f"more than {limit} files in one request, the limit is {limit}") from exc
+        if "maximum size" in detail.lower():
+            raise PayloadTooLargeError(f"a multipart part is over the limit: {detail}") from exc
+        raise ValidationFailedError(f"malformed multipart body: {detail}") from exc
+
+
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
@@ -263,10 +283,7 @@ async def classify(
         early_exit = payload.early_exit if payload.early_exit is not None else early_exit
         deadline_ms = payload.deadline_ms if payload.deadline_ms is not None else deadline_ms
     elif kind == "multipart/form-data":
-        limit = runtime.settings.max_images_per_request
-        form = await request.form(
-            max_files=limit + 1, max_fields=64, max_part_size=runtime.settings.max_body_bytes
-        )
+        form = await read_form(request, runtime)
         try:
             parts = form.getlist("file")
             uploads = [p for p in parts if not isinstance(p, str)]

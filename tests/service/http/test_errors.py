@@ -189,3 +189,20 @@ def test_generous_deadline_answers_normally(client: TestClient) -> None:
     response = post_raw(client, images.png(), "/v1/classify?deadline_ms=10000")
     assert response.status_code == 200
     assert response.json()["results"][0]["deadline_hit"] is False
+
+
+def test_multipart_edge_cases(make_client: ClientFactory) -> None:
+    with make_client(max_images_per_request=2) as client:
+        files = [("file", (f"{i}.png", images.png(seed=i), "image/png")) for i in range(5)]
+        assert_error(client.post("/v1/classify", files=files), 413, "too_many_images", "limit is 2")
+        no_file = client.post(
+            "/v1/classify", data={"other": "x"}, files={"notfile": ("a.png", b"x", "image/png")}
+        )
+        assert_error(no_file, 422, "validation_error", "no image")
+        broken = client.post(
+            "/v1/classify",
+            content=b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc',
+            headers={"content-type": "multipart/form-data"},
+        )
+        assert broken.status_code in (400, 422), broken.text
+        assert broken.json()["error"]["type"] in ("validation_error", "invalid_image")
