@@ -279,7 +279,8 @@ async def classify(
                     "give the budget either in the JSON body or in the query, not both"
                 )
             query_budget = payload.budget.given()
-        top_k = payload.top_k if top_k is None else top_k
+        if "top_k" in payload.model_fields_set or top_k is None:
+            top_k = payload.top_k
         early_exit = payload.early_exit if payload.early_exit is not None else early_exit
         deadline_ms = payload.deadline_ms if payload.deadline_ms is not None else deadline_ms
     elif kind == "multipart/form-data":

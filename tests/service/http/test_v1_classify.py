@@ -152,3 +152,10 @@ def test_request_id_is_echoed_when_sane(client: TestClient) -> None:
     response = client.get("/livez", headers={"x-request-id": "bad id with spaces\x7f"})
     assert response.headers["x-request-id"] != "bad id with spaces\x7f"
     assert len(response.headers["x-request-id"]) == 32
+
+
+def test_json_options_body_wins_over_query(client: TestClient) -> None:
+    one = base64.b64encode(images.png()).decode()
+    assert len(client.post("/v1/classify?top_k=1", json={"image": one}).json()["results"][0]["top_k"]) == 1
+    body = {"image": one, "top_k": 3}
+    assert len(client.post("/v1/classify?top_k=1", json=body).json()["results"][0]["top_k"]) == 3
