@@ -100,3 +100,13 @@ def test_openapi_documents_every_route_and_body(client: TestClient) -> None:
     assert {"multipart/form-data", "application/json", "image/png"} <= set(body)
     assert not any(p["name"] == "version" for p in paths["/v2/models/{name}"]["get"].get("parameters", []))
     assert client.get("/docs").status_code == 200
+
+
+def test_shutdown_flips_readiness_and_stops_the_scheduler(make_client) -> None:  # type: ignore[no-untyped-def]
+    with make_client() as c:
+        app = c.app
+        assert c.get("/readyz").status_code == 200
+        runtime = app.state.runtime  # type: ignore[attr-defined]
+    assert runtime.ready is False and runtime.closing is True
+    assert runtime.scheduler.running is False
+    assert "boostserve_ready 0.0" in app.state.metrics.render().decode()  # type: ignore[attr-defined]
