@@ -505,9 +505,9 @@ def _constrained_sweep(
 
 
 #: Lagrange multipliers (accuracy per unit of full-network cost) swept by the optimiser.
-_LAMBDAS: tuple[float, ...] = (0.0, *np.geomspace(2e-3, 4.0, 20).tolist())
-_POLISH_BUDGETS = 16  # budgets between the first and the last exit's cost (denser at the low end)
-_MAX_SWEEPS = 3
+_LAMBDAS: tuple[float, ...] = (0.0, *np.geomspace(2e-3, 4.0, 12).tolist())
+_POLISH_BUDGETS = 18  # budgets between the first and the last exit's cost (denser at the low end)
+_MAX_SWEEPS = 2
 _GRID = 512  # candidate cuts per exit priced by the optimiser
 
 
