@@ -28,7 +28,6 @@ from torch import Tensor
 
 from export.calibrate import Batch, EngineCrossCheck, SplitResult, make_engine, run_split
 from export.errors import ExportError
-from service.calibration import save_calibration_npz
 from export.onnx_export import DEFAULT_OPSET, Exporter, export_stage
 from export.parity import DEFAULT_TOLERANCE, ParityReport, check_parity
 from export.progress import Progress
@@ -41,6 +40,7 @@ from export.stages import (
     torch_stage_outputs,
 )
 from models.staged import StagedBackbone
+from service.calibration import save_calibration_npz
 from service.manifest import (
     Manifest,
     content_version,

@@ -33,8 +33,8 @@ def results_block(model: Manifest, baseline: Manifest | None, report_dir: Path |
         f"trained with `{json.dumps(model.provenance.config.get('name', model.name))}` "
         f"seed {model.provenance.seed}, commit `{(model.provenance.git_sha or 'unknown')[:10]}`.",
         "",
-        "| exit | cumulative MACs | % of full | test accuracy (BoostNet, t=%s) | test accuracy (baseline, t=0) |"
-        % model.exit_rule.t,
+        f"| exit | cumulative MACs | % of full | test accuracy (BoostNet, t={model.exit_rule.t}) "
+        "| test accuracy (baseline, t=0) |",
         "|---:|---:|---:|---:|---:|",
     ]
     for k, stage in enumerate(model.stages):
