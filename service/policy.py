@@ -672,7 +672,7 @@ def _reference_budget(cal: CalibrationData, macs: float) -> ThresholdResult:
         # Eq. 9 assumes exact exit rates; floor() and ties move the held-out cost. Raise p until
         # it fits (p = 1 sends everything to exit 1, which always fits).
         lo, hi, best = p, 1.0, point(1.0)
-        for _ in range(40):
+        for _ in range(24):  # p to ~6e-8: far below one sample's worth of exits
             mid = 0.5 * (lo + hi)
             candidate = point(mid)
             if _macs(candidate) <= limit:
