@@ -75,9 +75,7 @@ def build_engine(artifact: Artifact, settings: EngineSettings) -> Any:
     return engine
 
 
-def build_full_session(
-    artifact: Artifact, settings: EngineSettings, workdir: Path
-) -> tuple[Any, dict[str, Any]]:
+def build_full_session(artifact: Artifact, settings: EngineSettings, workdir: Path) -> tuple[Any, dict[str, Any]]:
     """(session or None, info): the chained full-network ORT session, or why there is none."""
     import onnxruntime as ort
 
@@ -164,9 +162,7 @@ def run_engine(
                 chunks = [np.ascontiguousarray(np.concatenate([x] * reps)[:batch_size])]
             for fn in modes.values():  # one untimed call per mode and batch shape
                 fn(chunks[0])
-            per_mode: dict[str, dict[str, list[float]]] = {
-                m: {"ips": [], "lat": [], "cpu": []} for m in names
-            }
+            per_mode: dict[str, dict[str, list[float]]] = {m: {"ips": [], "lat": [], "cpu": []} for m in names}
             exit_counts[:] = 0
             start_chunk = 0
             for r in range(settings.rounds):
@@ -178,9 +174,7 @@ def run_engine(
                     cpu0 = time.process_time()
                     deadline = time.perf_counter() + settings.round_seconds
                     calls = 0
-                    while calls < settings.max_calls and (
-                        calls < settings.min_calls or time.perf_counter() < deadline
-                    ):
+                    while calls < settings.max_calls and (calls < settings.min_calls or time.perf_counter() < deadline):
                         batch = chunks[(start_chunk + calls) % len(chunks)]
                         t0 = time.perf_counter()
                         fn(batch)
@@ -209,9 +203,7 @@ def run_engine(
                             "calls": int(lat_ms.size),
                         },
                         "avg_macs": avg_macs if mode == "early_exit" else artifact.full_macs,
-                        "exit_fractions": (exit_counts / ee_images).tolist()
-                        if mode == "early_exit"
-                        else None,
+                        "exit_fractions": (exit_counts / ee_images).tolist() if mode == "early_exit" else None,
                     }
                 )
     speedups = []

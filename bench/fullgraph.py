@@ -46,8 +46,7 @@ def build_full_network(manifest: Manifest, artifacts_dir: Path, out_path: Path) 
             previous = opsets.get(opset.domain)
             if previous is not None and previous != opset.version:
                 raise FullGraphUnavailable(
-                    f"stage graphs use different opsets for domain {opset.domain!r}: "
-                    f"{previous} vs {opset.version}"
+                    f"stage graphs use different opsets for domain {opset.domain!r}: {previous} vs {opset.version}"
                 )
             opsets[opset.domain] = opset.version
 
@@ -73,9 +72,7 @@ def build_full_network(manifest: Manifest, artifacts_dir: Path, out_path: Path) 
                 if k == 0:
                     raise FullGraphUnavailable(f"stage 1 input {spec.name!r} reads a previous stage")
                 source = _prefix(k - 1) + spec.source[len("prev:") :]
-            nodes.append(
-                helper.make_node("Identity", [source], [_prefix(k) + spec.name], name=f"wire_{k}_{spec.name}")
-            )
+            nodes.append(helper.make_node("Identity", [source], [_prefix(k) + spec.name], name=f"wire_{k}_{spec.name}"))
         nodes.extend(graph.node)
         initializers.extend(graph.initializer)
         sparse.extend(graph.sparse_initializer)
@@ -87,9 +84,7 @@ def build_full_network(manifest: Manifest, artifacts_dir: Path, out_path: Path) 
             output.CopyFrom(final)
             output.name = "logits"
             nodes.append(
-                helper.make_node(
-                    "Identity", [_prefix(k) + stage.logits_output], ["logits"], name="final_logits"
-                )
+                helper.make_node("Identity", [_prefix(k) + stage.logits_output], ["logits"], name="final_logits")
             )
     if image_input is None:
         raise FullGraphUnavailable("no stage reads the image")

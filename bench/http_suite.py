@@ -67,6 +67,7 @@ class HttpSettings:
     server_cpus: list[int] | None
     client_cpus: list[int] | None
     client_check: bool = False  # one extra cell with the other client kind, to report client costs
+    profile: bool = False  # py-spy the batching server during extra drop_0.01 cells (1 and 64 clients)
 
 
 def default_servers(
@@ -98,9 +99,7 @@ def default_servers(
                 ("all_stages", "drop_0.005", "drop_0.01"),
                 tuple(c for c in concurrencies if c in (1, 64)) or concurrencies,
             ),
-            ServerConfig(
-                "no_batching", no_batch, ("drop_0.01",), (64,) if 64 in concurrencies else concurrencies[-1:]
-            ),
+            ServerConfig("no_batching", no_batch, ("drop_0.01",), (64,) if 64 in concurrencies else concurrencies[-1:]),
         )
     return (
         ServerConfig("batching", base, ("all_stages", "drop_0.005", "drop_0.01"), concurrencies),
@@ -215,12 +214,12 @@ def _cell_summary(
     stage1_items = metric_sum(metrics_after, "boostserve_stage_batch_size_sum", stage="1") - metric_sum(
         metrics_before, "boostserve_stage_batch_size_sum", stage="1"
     )
-    d_req_s = metric_sum(
-        metrics_after, "boostserve_request_duration_seconds_sum", route=CLASSIFY_PATH
-    ) - metric_sum(metrics_before, "boostserve_request_duration_seconds_sum", route=CLASSIFY_PATH)
-    d_req_n = metric_sum(
-        metrics_after, "boostserve_request_duration_seconds_count", route=CLASSIFY_PATH
-    ) - metric_sum(metrics_before, "boostserve_request_duration_seconds_count", route=CLASSIFY_PATH)
+    d_req_s = metric_sum(metrics_after, "boostserve_request_duration_seconds_sum", route=CLASSIFY_PATH) - metric_sum(
+        metrics_before, "boostserve_request_duration_seconds_sum", route=CLASSIFY_PATH
+    )
+    d_req_n = metric_sum(metrics_after, "boostserve_request_duration_seconds_count", route=CLASSIFY_PATH) - metric_sum(
+        metrics_before, "boostserve_request_duration_seconds_count", route=CLASSIFY_PATH
+    )
 
     latency = summarize_latency(result.latencies_s)
     engine_ms = 1e3 * safe_ratio(d_stage_s, d_images)
@@ -274,6 +273,7 @@ def run_http(
     # pooled over cells the served accuracy covers as much of the test split as possible.
     next_start: dict[tuple[str, str], int] = {}
     client_check: dict[str, Any] | None = None
+    profiles: list[dict[str, Any]] = []
     pooled: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
     # Every server configuration runs at once (an idle server costs nothing), so each round can
     # interleave the cells of all servers: batching vs no batching is an ABAB comparison too.
@@ -343,6 +343,10 @@ def run_http(
             if settings.client_check and "batching" in servers:
                 client_check = _client_check(servers["batching"], bodies, settings, cells)
                 advance(0, "client check done")
+            if settings.profile and "batching" in servers:
+                for concurrency in sorted({1, 64} & {c["concurrency"] for c in cells}):
+                    profiles.append(_profile_cell(servers["batching"], bodies, settings, concurrency))
+                    progress.log(f"profiled batching drop_0.01 with {concurrency} client(s)")
         finally:
             for name, server in servers.items():
                 server.stop()
@@ -366,10 +370,9 @@ def run_http(
         "servers": servers_out,
         "cells": cells,
         "client_check": client_check,
+        "profiles": profiles,
         "aggregate": aggregate_cells(cells),
-        "pooled": [
-            _pooled_summary(server, mode, parts, labels, aligned) for (server, mode), parts in pooled.items()
-        ],
+        "pooled": [_pooled_summary(server, mode, parts, labels, aligned) for (server, mode), parts in pooled.items()],
     }
 
 
@@ -397,9 +400,7 @@ def _client_check(
         )
     )
     same = [
-        c
-        for c in cells
-        if c["server"] == "batching" and c["mode"] == "drop_0.01" and c["concurrency"] == concurrency
+        c for c in cells if c["server"] == "batching" and c["mode"] == "drop_0.01" and c["concurrency"] == concurrency
     ]
 
     def entry(kind: str, rps: float, cpu_ms: float, util: float, p50: float) -> dict[str, Any]:
@@ -427,6 +428,36 @@ def _client_check(
             ),
         )
     return {"server": "batching", "mode": "drop_0.01", "concurrency": concurrency, "clients": rows}
+
+
+def _profile_cell(
+    server: ServerProcess, bodies: list[bytes], settings: HttpSettings, concurrency: int
+) -> dict[str, Any]:
+    """The target mode once more with py-spy attached to the server (not counted in the results)."""
+    from bench.profiling import ServerProfile
+
+    assert server.proc is not None
+    with ServerProfile(server.proc.pid, settings.duration_s) as prof:
+        result = asyncio.run(
+            run_closed_loop(
+                host=server.host,
+                port=server.port,
+                path=f"{CLASSIFY_PATH}?{MODE_QUERIES['drop_0.01']}",
+                bodies=bodies,
+                concurrency=concurrency,
+                duration_s=settings.duration_s,
+                max_requests=settings.max_requests,
+                warmup_s=0.0,
+                client=settings.client,
+            )
+        )
+    return {
+        "server": "batching",
+        "mode": "drop_0.01",
+        "concurrency": concurrency,
+        "req_per_s_while_profiled": result.count / result.wall_s if result.wall_s > 0 else math.nan,
+        **prof.summary(),
+    }
 
 
 def _pool(parts: dict[str, list[np.ndarray]], result: LoadResult, labels: np.ndarray) -> None:
@@ -505,9 +536,7 @@ def aggregate_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 else math.nan,
                 "accuracy_loss_vs_all_stages": float(np.mean(losses)) if losses else math.nan,
                 "exit_agreement": float(np.mean(agreement)) if agreement else math.nan,
-                "avg_macs": float(sum(c["avg_macs"] * c["ok"] for c in group if c["ok"]) / ok)
-                if ok
-                else math.nan,
+                "avg_macs": float(sum(c["avg_macs"] * c["ok"] for c in group if c["ok"]) / ok) if ok else math.nan,
                 "exit_histogram": exit_hist,
                 "engine_ms_per_image": med("engine_ms_per_image"),
                 "server_request_ms_mean": med("server_request_ms_mean"),

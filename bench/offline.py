@@ -68,9 +68,7 @@ def _point(artifact: Artifact, result: Any, policy_name: str, budget: float) -> 
     assert artifact.test is not None
     thresholds = [float(t) for t in result.thresholds]
     served = policy.evaluate_thresholds(artifact.test, thresholds)
-    check = simulate_exits(
-        artifact.test.confidence, artifact.test.correct, thresholds, artifact.cumulative_macs
-    )
+    check = simulate_exits(artifact.test.confidence, artifact.test.correct, thresholds, artifact.cumulative_macs)
     mismatch = max(
         abs(float(served.expected_accuracy) - check["accuracy"]),
         abs(float(served.expected_macs) - check["macs"]) / max(artifact.full_macs, 1.0),
@@ -97,9 +95,7 @@ def analyse(artifact: Artifact, budget_points: int, progress: Progress) -> dict[
     from service.errors import BoostServeError
 
     if artifact.heldout is None or artifact.test is None:
-        raise ValueError(
-            f"{artifact.path}: the offline suite needs heldout_* and test_* arrays in calibration.npz"
-        )
+        raise ValueError(f"{artifact.path}: the offline suite needs heldout_* and test_* arrays in calibration.npz")
     manifest = artifact.manifest
     macs = artifact.cumulative_macs
     num_exits = manifest.num_stages
@@ -145,9 +141,7 @@ def analyse(artifact: Artifact, budget_points: int, progress: Progress) -> dict[
     ]
     # The knob as the server applies it: the default policy of service.policy.max_accuracy_drop.
     served_knob = curves.get(f"max_accuracy_drop/{SERVED_POLICY}", [])
-    headline = {
-        f"{d:g}": next((p for p in served_knob if math.isclose(p["budget"], d)), None) for d in HEADLINE_DROPS
-    }
+    headline = {f"{d:g}": next((p for p in served_knob if math.isclose(p["budget"], d)), None) for d in HEADLINE_DROPS}
     orc = oracle(test.correct, macs)
     return {
         "artifacts": str(artifact.path),
@@ -165,15 +159,11 @@ def analyse(artifact: Artifact, budget_points: int, progress: Progress) -> dict[
         "curves": curves,
         "headline": headline,
         "skipped_budgets": skipped,
-        "max_crosscheck_diff": max(
-            (p["crosscheck_max_abs_diff"] for pts in curves.values() for p in pts), default=0.0
-        ),
+        "max_crosscheck_diff": max((p["crosscheck_max_abs_diff"] for pts in curves.values() for p in pts), default=0.0),
     }
 
 
-def run_offline(
-    artifacts: Path, baseline: Path | None, *, budget_points: int, progress: Progress
-) -> dict[str, Any]:
+def run_offline(artifacts: Path, baseline: Path | None, *, budget_points: int, progress: Progress) -> dict[str, Any]:
     """The suite's JSON body (machine info and settings are added by the caller)."""
     models: dict[str, Any] = {"boostnet": analyse(load_artifact(artifacts), budget_points, progress)}
     if baseline is not None:

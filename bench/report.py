@@ -172,9 +172,7 @@ def plot_http(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     keys = sorted({(c["server"], c["mode"]) for c in agg})
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     for server, mode in keys:
-        cs = sorted(
-            (c for c in agg if c["server"] == server and c["mode"] == mode), key=lambda c: c["concurrency"]
-        )
+        cs = sorted((c for c in agg if c["server"] == server and c["mode"] == mode), key=lambda c: c["concurrency"])
         xs = [c["concurrency"] for c in cs]
         style = "-" if server == "batching" else "--"
         ax.plot(xs, [_num(c["req_per_s"]) for c in cs], style, marker="o", label=f"{mode} ({server})")
@@ -291,8 +289,7 @@ def _offline_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
     lines += ["", "Accuracy-drop knob (policy `optimal`, as served), BoostNet:", ""]
     bn = models["boostnet"]
     lines += [
-        "| max drop | held-out acc. | test acc. | test loss vs all stages | avg MACs | % of full "
-        "| exit fractions |",
+        "| max drop | held-out acc. | test acc. | test loss vs all stages | avg MACs | % of full | exit fractions |",
         "|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in bn["curves"].get("max_accuracy_drop/optimal", []):
@@ -401,8 +398,7 @@ def _http_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
             "Served accuracy pooled over every cell of a server and mode (each cell continues through the "
             "test images where the previous one stopped):",
             "",
-            "| server | mode | answers | distinct test images | served acc. | all stages, same images "
-            "| loss |",
+            "| server | mode | answers | distinct test images | served acc. | all stages, same images | loss |",
             "|---|---|---:|---:|---:|---:|---:|",
         ]
         for p in r["pooled"]:
@@ -428,6 +424,20 @@ def _http_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
                 f"| {_f(row['client_cpu_ms_per_request'], '{:.3f}')} "
                 f"| {_f(row['client_cpu_utilization'], '{:.0f} %', 100)} | {_f(row['p50_ms'])} |"
             )
+    for prof in r.get("profiles") or []:
+        lines += ["", f"Server profile, {prof['mode']} with {prof['concurrency']} client(s) (batching server):", ""]
+        if not prof.get("available"):
+            lines.append(f"not available: {prof.get('reason')}")
+            continue
+        lines += [
+            f"py-spy `--gil` samples at {prof['rate_hz']} Hz ({prof['samples']} samples, "
+            f"{_f(prof['req_per_s_while_profiled'], '{:.0f}')} req/s while profiled): share of the server's "
+            "Python time by component.",
+            "",
+            "| component | share |",
+            "|---|---:|",
+            *[f"| {c['component']} | {_f(c['share'], '{:.1f} %', 100)} |" for c in prof["components"]],
+        ]
     agreements = [c["exit_agreement"] for c in r["aggregate"] if c.get("exit_agreement") is not None]
     agreements = [a for a in agreements if not (isinstance(a, float) and math.isnan(a))]
     if agreements:
@@ -460,9 +470,7 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
     offline = docs["offline"]["result"] if "offline" in docs else None
     http = docs["http"]["result"] if "http" in docs else None
     targets = evaluate(offline, http)
-    (out_dir / "targets.json").write_text(
-        json.dumps([t.as_dict() for t in targets], indent=2, default=str) + "\n"
-    )
+    (out_dir / "targets.json").write_text(json.dumps([t.as_dict() for t in targets], indent=2, default=str) + "\n")
 
     lines = [
         "# boostserve benchmarks",

@@ -55,9 +55,7 @@ def parse_prometheus(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], 
     return out
 
 
-def metric_sum(
-    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
+def metric_sum(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
     """Sum of every series `name` whose labels include `labels` (0.0 when absent)."""
     want = set(labels.items())
     return sum(v for (n, lab), v in metrics.items() if n == name and want <= lab)

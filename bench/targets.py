@@ -44,9 +44,7 @@ class Target:
         }
 
 
-def _row(
-    key: str, description: str, limit: str, value: float, fmt: str, ok: bool | None, source: str
-) -> Target:
+def _row(key: str, description: str, limit: str, value: float, fmt: str, ok: bool | None, source: str) -> Target:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return Target(key, description, limit, math.nan, "not measured", None, source)
     return Target(key, description, limit, float(value), fmt.format(value), ok, source)
@@ -128,9 +126,7 @@ def evaluate(offline: dict[str, Any] | None, http: dict[str, Any] | None) -> lis
         if pooled
         else src_http
     )
-    served_frac = (
-        safe_ratio(ee["avg_macs"], http["full_macs"]) if ee and http and "full_macs" in http else math.nan
-    )
+    served_frac = safe_ratio(ee["avg_macs"], http["full_macs"]) if ee and http and "full_macs" in http else math.nan
     speedup = safe_ratio(ee["req_per_s"], allst["req_per_s"]) if ee and allst else math.nan
     ideal = safe_ratio(http["full_macs"], ee["avg_macs"]) if ee and http and "full_macs" in http else math.nan
     of_ideal = safe_ratio(speedup, ideal)
@@ -301,8 +297,7 @@ def limits_bounds(rows: list[dict[str, Any]], engine: dict[str, Any] | None) -> 
             big = max(small)
             out.append(
                 (
-                    f"engine early exit images/s at batch {big} ÷ batch {sizes[0]} "
-                    "(the most batching can give)",
+                    f"engine early exit images/s at batch {big} ÷ batch {sizes[0]} (the most batching can give)",
                     safe_ratio(
                         cells[(big, "early_exit")]["images_per_s"]["median"],
                         cells[(sizes[0], "early_exit")]["images_per_s"]["median"],

@@ -53,9 +53,7 @@ def _suites(text: str) -> tuple[str, ...]:
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [s for s in names if s not in ("offline", "engine", "http")]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown suite(s) {unknown or text!r}: choose from offline, engine, http"
-        )
+        raise argparse.ArgumentTypeError(f"unknown suite(s) {unknown or text!r}: choose from offline, engine, http")
     return names
 
 
@@ -130,9 +128,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     eng = parser.add_argument_group("engine suite")
     eng.add_argument("--batch-sizes", type=_ints, default=None, help="default 1,8,32,128 (quick: 1,32)")
-    eng.add_argument(
-        "--engine-rounds", type=int, default=None, help="interleaved rounds (default 5, quick 2)"
-    )
+    eng.add_argument("--engine-rounds", type=int, default=None, help="interleaved rounds (default 5, quick 2)")
     eng.add_argument(
         "--engine-round-seconds",
         type=float,
@@ -155,24 +151,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     web = parser.add_argument_group("http suite")
     web.add_argument("--concurrency", type=_ints, default=None, help="client counts (default 1,8,64,256)")
-    web.add_argument(
-        "--duration", type=float, default=None, help="measured seconds per cell (default 10, quick 4)"
-    )
-    web.add_argument(
-        "--max-requests", type=int, default=None, help="request cap per cell (default 30000, quick 4000)"
-    )
-    web.add_argument(
-        "--warmup", type=float, default=None, help="warm-up seconds per cell (default 2, quick 1)"
-    )
+    web.add_argument("--duration", type=float, default=None, help="measured seconds per cell (default 10, quick 4)")
+    web.add_argument("--max-requests", type=int, default=None, help="request cap per cell (default 30000, quick 4000)")
+    web.add_argument("--warmup", type=float, default=None, help="warm-up seconds per cell (default 2, quick 1)")
     web.add_argument("--http-rounds", type=int, default=None, help="interleaved rounds (default 2, quick 1)")
-    web.add_argument(
-        "--http-images", type=int, default=None, help="distinct test images posted (default 10000)"
-    )
+    web.add_argument("--http-images", type=int, default=None, help="distinct test images posted (default 10000)")
     web.add_argument(
         "--client",
         choices=("raw", "httpx"),
         default="raw",
         help="load generator: 'raw' asyncio HTTP/1.1 (cheap, default) or 'httpx'",
+    )
+    web.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the server during extra drop_0.01 cells (1 and 64 clients) and report where its "
+        "Python time goes (needs py-spy: pip install py-spy)",
     )
     web.add_argument(
         "--no-client-check",
@@ -285,9 +279,7 @@ def run(args: argparse.Namespace) -> int:
         if not test_cache:
             if args.data == "synthetic":
                 pre = artifact.manifest.preprocessing
-                test_cache.append(
-                    synthetic_test_set(2048, pre.height, pre.width, len(artifact.manifest.classes))
-                )
+                test_cache.append(synthetic_test_set(2048, pre.height, pre.width, len(artifact.manifest.classes)))
             else:
                 test_cache.append(load_test_set(Path(args.data)))
         return test_cache[0]
@@ -353,6 +345,7 @@ def run(args: argparse.Namespace) -> int:
                 server_cpus=server_cpus,
                 client_cpus=client_cpus,
                 client_check=not args.no_client_check and not quick,
+                profile=args.profile,
             )
             settings = {
                 "quick": quick,
@@ -365,9 +358,7 @@ def run(args: argparse.Namespace) -> int:
             }
             result = run_http(artifact, test_set(), http_settings, logs_dir, progress)
             infos = [s.get("model_info") or {} for s in result["servers"]]
-            providers = (
-                sorted({p for i in infos for p in str(i.get("providers", "")).split(",") if p}) or None
-            )
+            providers = sorted({p for i in infos for p in str(i.get("providers", "")).split(",") if p}) or None
         duration = time.perf_counter() - t0
         write_json(
             out_dir / f"{suite}.json",
