@@ -161,9 +161,7 @@ def test_raw_load_generator_against_a_stub_server() -> None:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = int(
-                    next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(
-                        b":"
-                    )[1]
+                    next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
                 )
                 await reader.readexactly(length)
                 writer.write(
@@ -219,3 +217,19 @@ def test_http_suite_end_to_end(artifacts: tuple[Path, Path], tmp_path: Path) -> 
     assert all(c["server_cpu_ms_per_request"] > 0 for c in cells)
     text = (out / "README.md").read_text()
     assert "## HTTP" in text and (out / "http_throughput_latency.png").is_file()
+
+
+def test_profile_summary_attributes_innermost_component(tmp_path: Path) -> None:
+    from bench.profiling import summarise_raw
+
+    raw = tmp_path / "p.txt"
+    raw.write_text(
+        "run (uvicorn/server.py:1);app (fastapi/routing.py:2);"
+        "to_tensor (service/preprocess.py:3);load (PIL/Image.py:4) 3\n"
+        "run (uvicorn/server.py:1);app (fastapi/routing.py:2) 1\n"
+    )
+    out = summarise_raw(raw)
+    shares = {c["component"]: c["share"] for c in out["components"]}
+    assert out["samples"] == 4
+    assert shares == {"image decode + preprocess (Pillow)": 0.75, "FastAPI/Starlette": 0.25}
+    assert out["hottest"][0] == {"function": "load (PIL/Image.py)", "share": 0.75}
