@@ -120,9 +120,7 @@ class ThresholdResult:
             "thresholds": thresholds,
             "expected_accuracy": None if self.expected_accuracy is None else round(self.expected_accuracy, 6),
             "expected_macs": None if self.expected_macs is None else round(self.expected_macs, 1),
-            "exit_fractions": None
-            if self.exit_fractions is None
-            else [round(f, 6) for f in self.exit_fractions],
+            "exit_fractions": None if self.exit_fractions is None else [round(f, 6) for f in self.exit_fractions],
             "policy": self.policy,
         }
 
@@ -161,9 +159,7 @@ def _result_from_exits(
     )
 
 
-def evaluate_thresholds(
-    cal: CalibrationData, thresholds: Sequence[float], policy: str = "explicit"
-) -> ThresholdResult:
+def evaluate_thresholds(cal: CalibrationData, thresholds: Sequence[float], policy: str = "explicit") -> ThresholdResult:
     """Held-out accuracy, expected MACs and exit fractions of a threshold vector.
 
     Each sample exits at the first k with ``conf[k] >= T[k]`` (the last exit always answers,
@@ -387,6 +383,9 @@ class _Frontier:
     results: dict[int, ThresholdResult] = field(default_factory=dict)
 
 
+_Point = tuple[float, float, np.ndarray]  # (correct count, total MACs, cuts)
+
+
 def _pareto(points: list[tuple[float, float, np.ndarray]]) -> list[tuple[float, float, np.ndarray]]:
     """Keep points not dominated: sort by (MACs asc, correct desc), keep strictly rising accuracy."""
     points = sorted(points, key=lambda p: (p[1], -p[0]))
@@ -480,9 +479,7 @@ def _constrained_sweep(
             top = masked.max()
             candidates = np.flatnonzero(masked >= top - 0.5)
             best = int(candidates[np.argmin(cost_j[candidates])])
-            better = acc_j[best] > state[0] + 0.5 or (
-                acc_j[best] > state[0] - 0.5 and cost_j[best] < state[1] - slack
-            )
+            better = acc_j[best] > state[0] + 0.5 or (acc_j[best] > state[0] - 0.5 and cost_j[best] < state[1] - slack)
         else:
             assert target is not None
             masked = np.where(acc_j >= target - 0.5, cost_j, np.inf)
@@ -490,8 +487,7 @@ def _constrained_sweep(
             candidates = np.flatnonzero(masked <= low + slack)
             best = int(candidates[np.argmax(acc_j[candidates])])
             better = bool(np.isfinite(low)) and (
-                cost_j[best] < state[1] - slack
-                or (cost_j[best] <= state[1] + slack and acc_j[best] > state[0] + 0.5)
+                cost_j[best] < state[1] - slack or (cost_j[best] <= state[1] + slack and acc_j[best] > state[0] + 0.5)
             )
         if better:
             cuts[k] = bounds[best]
@@ -504,11 +500,56 @@ def _constrained_sweep(
     return changed
 
 
+def _single_moves(prep: _Prepared, cuts: np.ndarray, acc0: float, cost0: float, keep: int) -> list[_Point]:
+    """Every one-exit change of ``cuts`` that is more accurate, Pareto-filtered (at most ``keep`` per exit).
+
+    Same pricing as the constrained sweep, but nothing is accepted: each exit's whole curve of
+    (accuracy, MACs) over its grid cuts becomes candidates. Used to fill the gaps between frontier
+    points with points that spend a budget more completely.
+    """
+    reach = _reach_masks(prep, cuts)
+    val_acc = prep.correct[-1]
+    val_cost = np.full(prep.n, prep.macs[-1])
+    out: list[_Point] = []
+    for k in range(prep.num_exits - 2, -1, -1):
+        bounds = prep.bounds[k]
+        size = len(bounds) - 1
+        d_acc = (prep.correct[k] - val_acc) * reach[k]
+        d_cost = (prep.macs[k] - val_cost) * reach[k]
+        acc_j = np.concatenate([[0.0], np.bincount(prep.bins[k], d_acc, size).cumsum()])
+        cost_j = np.concatenate([[0.0], np.bincount(prep.bins[k], d_cost, size).cumsum()])
+        cur = int(np.searchsorted(bounds, cuts[k]))
+        passing = prep.ranks[k] < cuts[k]
+        if bounds[cur] == cuts[k]:
+            cur_acc, cur_cost = acc_j[cur], cost_j[cur]
+        else:
+            cur_acc, cur_cost = float(d_acc[passing].sum()), float(d_cost[passing].sum())
+        acc_j += acc0 - cur_acc
+        cost_j += cost0 - cur_cost
+        better = np.flatnonzero(acc_j > acc0 + 0.5)
+        if better.size:
+            order = better[np.lexsort((-acc_j[better], cost_j[better]))]
+            running = np.maximum.accumulate(acc_j[order])
+            strict = np.concatenate([[True], acc_j[order][1:] > running[:-1]])
+            chosen = order[strict]
+            if chosen.size > keep:
+                chosen = chosen[np.linspace(0, chosen.size - 1, keep).round().astype(np.intp)]
+            for j in chosen:
+                moved = cuts.copy()
+                moved[k] = bounds[j]
+                out.append((float(acc_j[j]), float(cost_j[j]), moved))
+        if cuts[k]:
+            val_acc = np.where(passing, prep.correct[k], val_acc)
+            val_cost = np.where(passing, prep.macs[k], val_cost)
+    return out
+
+
 #: Lagrange multipliers (accuracy per unit of full-network cost) swept by the optimiser.
 _LAMBDAS: tuple[float, ...] = (0.0, *np.geomspace(2e-3, 4.0, 12).tolist())
-_POLISH_BUDGETS = 18  # budgets between the first and the last exit's cost (denser at the low end)
+_POLISH_BUDGETS = 6  # budgets between the first and the last exit's cost (denser at the low end)
 _MAX_SWEEPS = 2
 _GRID = 512  # candidate cuts per exit priced by the optimiser
+_FILL_PER_EXIT = 8  # gap-filling one-exit moves kept per frontier point and exit
 
 
 def _build_frontier(prep: _Prepared) -> _Frontier:
@@ -520,6 +561,8 @@ def _build_frontier(prep: _Prepared) -> _Frontier:
        correct - lam * MACs, warm-started from the previous multiplier (convex-hull points).
     3. Constrained polish: for a ladder of budgets, start from the best frontier point that fits
        and run budget-constrained coordinate descent (fills the non-convex gaps between hull points).
+    4. Gap fill: from every frontier point, every one-exit change that is more accurate (a few per
+       exit, Pareto-filtered) -- points that spend budgets between frontier points more completely.
     Answers are read off the frontier, so more budget never means less held-out accuracy.
     """
     num_exits = prep.num_exits
@@ -564,6 +607,10 @@ def _build_frontier(prep: _Prepared) -> _Frontier:
         if state[0] > start[0]:
             polished.append((state[0], state[1], cuts.copy()))
     frontier = _pareto(frontier + polished)
+    filled: list[_Point] = []
+    for acc, cost, cuts in frontier:
+        filled += _single_moves(prep, cuts, acc, cost, _FILL_PER_EXIT)
+    frontier = _pareto(frontier + filled)
     return _Frontier(
         cuts=[p[2] for p in frontier],
         correct=np.array([p[0] for p in frontier]),
@@ -661,9 +708,7 @@ def _reference_budget(cal: CalibrationData, macs: float) -> ThresholdResult:
     num_exits = cal.num_exits
 
     def point(p: float) -> ThresholdResult:
-        return evaluate_thresholds(
-            cal, reference_thresholds(cal, geometric_exit_probs(p, num_exits)), "reference"
-        )
+        return evaluate_thresholds(cal, reference_thresholds(cal, geometric_exit_probs(p, num_exits)), "reference")
 
     p = eq9_exit_probability(cal.cumulative_macs, macs)
     eq9 = point(p)
