@@ -274,6 +274,95 @@ def corpus() -> list[BadCase]:
             frozenset({422}),
             "validation_error",
         ),
+        # -- hostile fields (parser limits, non-finite numbers, huge integers) ------------------------
+        *[
+            BadCase(case_id, raw(body, ctype, path), frozenset({422}), "validation_error")
+            for case_id, body, ctype, path in _hostile_fields(b64(png))
+        ],
+    ]
+
+
+V2 = "/v2/models/{model}/infer"
+
+
+def _hostile_fields(png_b64: str) -> list[tuple[str, bytes, str, str]]:
+    """(id, body, content type, path) that must all be refused with 422 validation_error."""
+    tiny = '"inputs":[{"name":"image","datatype":"UINT8","shape":[1,2,2,1],"data":[1,2,3,4]}]'
+    nest = 5000
+    return [
+        (
+            "json-deep-nesting-v1",
+            ('{"image":' + "[" * nest + "]" * nest + "}").encode(),
+            "application/json",
+            "/v1/classify",
+        ),
+        (
+            "json-deep-nesting-v2",
+            (
+                '{"inputs":[{"name":"image","datatype":"UINT8","shape":[1],"data":'
+                + "[" * nest
+                + "1"
+                + "]" * nest
+                + "}]}"
+            ).encode(),
+            "application/json",
+            V2,
+        ),
+        (
+            "json-5000-digit-top-k",
+            f'{{"image":"{png_b64}","top_k":{"9" * 5000}}}'.encode(),
+            "application/json",
+            "/v1/classify",
+        ),
+        (
+            "v2-5000-digit-shape",
+            ('{"inputs":[{"name":"image","datatype":"UINT8","shape":[' + "9" * 5000 + '],"data":[1]}]}').encode(),
+            "application/json",
+            V2,
+        ),
+        (
+            "v2-max-exit-1e30",
+            ('{"parameters":{"max_exit":' + "1" + "0" * 30 + "}," + tiny + "}").encode(),
+            "application/json",
+            V2,
+        ),
+        ("v2-budget-macs-inf", ('{"parameters":{"budget_macs":1e400},' + tiny + "}").encode(), "application/json", V2),
+        (
+            "v2-accuracy-drop-nan",
+            ('{"parameters":{"max_accuracy_drop":NaN},' + tiny + "}").encode(),
+            "application/json",
+            V2,
+        ),
+        (
+            "v2-thresholds-nan-string",
+            ('{"parameters":{"thresholds":"nan,nan,nan"},' + tiny + "}").encode(),
+            "application/json",
+            V2,
+        ),
+        (
+            "v1-json-thresholds-non-finite",
+            f'{{"image":"{png_b64}","budget":{{"thresholds":[Infinity,-Infinity,NaN]}}}}'.encode(),
+            "application/json",
+            "/v1/classify",
+        ),
+        (
+            "v1-json-deadline-nan",
+            f'{{"image":"{png_b64}","deadline_ms":NaN}}'.encode(),
+            "application/json",
+            "/v1/classify",
+        ),
+        ("v1-query-thresholds-3000", b"", "image/png", "/v1/classify?thresholds=" + ",".join(["0.5"] * 3000)),
+        ("v1-query-thresholds-1e999", b"", "image/png", "/v1/classify?thresholds=1e999,0,0"),
+        ("v1-query-policy-path", b"", "image/png", "/v1/classify?budget_macs=10000&policy=../../etc/passwd"),
+        (
+            "multipart-string-field",
+            b'--X\r\nContent-Disposition: form-data; name="file"\r\n\r\nhello\r\n--X--\r\n',
+            "multipart/form-data; boundary=X",
+            "/v1/classify",
+        ),
+        ("multipart-no-boundary", b"garbage", "multipart/form-data", "/v1/classify"),
+        ("multipart-truncated", b"--X\r\ngarbage", "multipart/form-data; boundary=X", "/v1/classify"),
+        ("json-utf16", json.dumps({"image": png_b64}).encode("utf-16"), "application/json", "/v1/classify"),
     ]
 
 
