@@ -87,7 +87,8 @@ def source_from_checkpoint(
         costs=costs,
         config=config.to_dict(),
         checkpoint_sha256=sha256_file(path),
-        seed=meta.get("seed"),
+        # the training seed: top level in older checkpoints, under "results" as `boostserve train` writes it
+        seed=meta.get("seed", (meta.get("results") or {}).get("seed")),
         reference=model.forward,
     )
     return source, meta

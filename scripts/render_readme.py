@@ -16,6 +16,7 @@ from pathlib import Path
 from service.manifest import Manifest, load_manifest
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+CONFIG_START, CONFIG_END = "<!-- config:start -->", "<!-- config:end -->"
 
 
 def _pct(value: float | None) -> str:
@@ -30,8 +31,8 @@ def results_block(model: Manifest, baseline: Manifest | None, report_dir: Path |
         START,
         f"Embedded model `{model.name}` (version `{model.version}`), {model.num_stages} exits, "
         f"t = {model.exit_rule.t}; "
-        f"trained with `{json.dumps(model.provenance.config.get('name', model.name))}` "
-        f"seed {model.provenance.seed}, commit `{(model.provenance.git_sha or 'unknown')[:10]}`.",
+        f"preset `{model.provenance.config.get('name', model.name)}`, "
+        f"training seed {model.provenance.seed}, exported at commit `{(model.provenance.git_sha or 'unknown')[:10]}`.",
         "",
         f"| exit | cumulative MACs | % of full | test accuracy (BoostNet, t={model.exit_rule.t}) "
         "| test accuracy (baseline, t=0) |",
@@ -47,10 +48,40 @@ def results_block(model: Manifest, baseline: Manifest | None, report_dir: Path |
     if report_dir is not None and (report_dir / "report.md").is_file():
         rel = report_dir.as_posix()
         lines += ["", f"Full tables: [{rel}/report.md]({rel}/report.md)."]
-        for png in sorted(report_dir.glob("*.png")):
-            lines += ["", f"![{png.stem}]({rel}/{png.name})"]
+        for name in ("budgeted.png", "anytime.png"):
+            if (report_dir / name).is_file():
+                lines += ["", f"![{name[:-4]}]({rel}/{name})"]
     lines.append(END)
     return "\n".join(lines)
+
+
+def config_block() -> str:
+    """The settings table, straight from the pydantic-settings model (names, defaults, descriptions)."""
+    from service.settings import Settings
+
+    lines = [CONFIG_START, "| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if name == "artifacts_dir":
+            shown = "the embedded model"
+        elif default is None or default == []:
+            shown = "unset"
+        elif isinstance(default, dict):
+            shown = "`" + json.dumps(default) + "`"
+        else:
+            shown = f"`{default}`"
+        description = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `BOOSTSERVE_{name.upper()}` | {shown} | {description} |")
+    lines.append(CONFIG_END)
+    return "\n".join(lines)
+
+
+def replace_block(text: str, start: str, end: str, block: str) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"README has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return head + block + tail
 
 
 def main() -> int:
@@ -65,11 +96,8 @@ def main() -> int:
     baseline = load_manifest(args.baseline, verify=False) if (args.baseline / "manifest.json").is_file() else None
     report = args.report if args.report.is_dir() else None
     text = args.readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{args.readme} has no {START} ... {END} block")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    updated = head + results_block(model, baseline, report) + tail
+    updated = replace_block(text, START, END, results_block(model, baseline, report))
+    updated = replace_block(updated, CONFIG_START, CONFIG_END, config_block())
     if args.check:
         return 0 if updated == text else 1
     args.readme.write_text(updated)
