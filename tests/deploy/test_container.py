@@ -2,7 +2,7 @@
 
 Marked `container` (not in the default suite): `pytest -m container tests/deploy`. Needs root (rootful
 podman, debootstrap); the script installs podman, runc and debootstrap with apt-get when missing. First
-run: debootstrap of the base image + build, about 4-5 minutes on a 2-core machine; later runs reuse the
+run: debootstrap of the base image + build, 2-3.5 minutes on a 2-core machine; later runs reuse the
 base image and the layer cache (see docs/deploy.md for measured durations).
 """
 
