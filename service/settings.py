@@ -99,7 +99,8 @@ class Settings(BaseSettings):
     )
     early_exit: bool = Field(default=True, description="false: every request runs every stage (A/B)")
     admin_token: SecretStr | None = Field(
-        default=None, description="bearer token for PUT /v1/budget; unset -> the endpoint answers 403"
+        default=None,
+        description="bearer token for PUT /v1/budget; unset or empty -> the endpoint answers 403",
     )
 
     # -- operations ------------------------------------------------------------------------------
@@ -136,6 +137,13 @@ class Settings(BaseSettings):
             if full not in out:
                 out.append(full)
         return out
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: Any) -> Any:
+        """An empty or blank token (e.g. `BOOSTSERVE_ADMIN_TOKEN=` from a template) must not be a valid key."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if isinstance(raw, str) and not raw.strip() else value
 
     @field_validator("log_level", mode="before")
     @classmethod

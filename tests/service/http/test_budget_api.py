@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.service.http import images
@@ -27,6 +28,14 @@ def test_get_budget(client: TestClient) -> None:
 def test_put_without_configured_token_is_403(make_client: ClientFactory) -> None:
     with make_client() as client:
         response = client.put("/v1/budget", json={"max_exit": 1}, headers=AUTH)
+        assert_error(response, 403, "forbidden", "BOOSTSERVE_ADMIN_TOKEN")
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_put_with_blank_configured_token_is_403(make_client: ClientFactory, blank: str) -> None:
+    """A blank BOOSTSERVE_ADMIN_TOKEN counts as unset: `Bearer ` must never unlock the budget."""
+    with make_client(admin_token=blank) as client:
+        response = client.put("/v1/budget", json={"max_exit": 1}, headers={"authorization": "Bearer "})
         assert_error(response, 403, "forbidden", "BOOSTSERVE_ADMIN_TOKEN")
 
 
