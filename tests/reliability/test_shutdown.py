@@ -166,17 +166,28 @@ def _tally(records: list[dict[str, Any]]) -> dict[str, int]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT (service/middleware.py + uvicorn graceful timeout, reported 11:30 UTC): requests still "
-    "running when shutdown_grace_s ends are cancelled by uvicorn and answered with its plain-text "
-    "'Internal Server Error' 500, not the documented 503 not_ready envelope",
+OVER_GRACE_DEFECTS = {
+    1.0: "DEFECT (service/middleware.py, reported 11:30 UTC): requests still running when the graceful "
+    "timeout ends are cancelled by uvicorn and answered with its plain-text 'Internal Server Error' 500, "
+    "not the documented 503 not_ready envelope",
+    0.4: "DEFECT (service/commands/serve.py, reported 11:40 UTC): timeout_graceful_shutdown="
+    "round(shutdown_grace_s) or None turns a grace under 0.5 s into *no* timeout (exit after 4 s here); "
+    "plus the bare-500 defect above",
+}
+
+
+@pytest.mark.parametrize(
+    "grace",
+    [
+        pytest.param(g, id=f"grace-{g}s", marks=pytest.mark.xfail(strict=True, reason=r))
+        for g, r in OVER_GRACE_DEFECTS.items()
+    ],
 )
-def test_sigterm_with_work_longer_than_grace(tmp_path: Path, live_server: Any) -> None:
-    """Grace 1 s, four 64-image requests (~0.7 s each alone) in flight: exit in time, no bare 500s."""
+def test_sigterm_with_work_longer_than_grace(tmp_path: Path, live_server: Any, grace: float) -> None:
+    """Six 64-image requests (~0.7 s each alone) in flight at SIGTERM: exit within grace + 1 s, and
+    every request gets 200 or the 503 not_ready envelope (none a bare 500, none dropped)."""
     artifact = build_heavy_artifact(tmp_path / "heavier", depth=600, hidden=512)
     body = json.dumps({"images": [base64.b64encode(img.valid_png(seed=i)).decode() for i in range(64)]})
-    grace = 1.0
     server = live_server(artifact, shutdown_grace_s=grace, max_queue=1024, max_batch_size=8, log_level="info")
 
     async def scenario() -> tuple[list[tuple[Any, str]], float]:
@@ -189,7 +200,7 @@ def test_sigterm_with_work_longer_than_grace(tmp_path: Path, live_server: Any) -
                     return type(exc).__name__, ""
                 return r.status_code, r.text
 
-            tasks = [asyncio.create_task(one()) for _ in range(4)]
+            tasks = [asyncio.create_task(one()) for _ in range(6)]
             await asyncio.sleep(0.5)
             sigterm_at = time.monotonic()
             server.signal(signal.SIGTERM)
@@ -200,7 +211,7 @@ def test_sigterm_with_work_longer_than_grace(tmp_path: Path, live_server: Any) -
 
     outcomes, exit_after = asyncio.run(scenario())
     record(
-        "shutdown_over_grace",
+        f"shutdown_over_grace_{grace}s",
         {
             "grace_s": grace,
             "exit_code": server.proc.returncode if server.proc else None,
