@@ -13,6 +13,7 @@ per-call latency percentiles.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -206,6 +207,7 @@ def run_engine(
                         "exit_fractions": (exit_counts / ee_images).tolist() if mode == "early_exit" else None,
                     }
                 )
+    stage_costs = _stage_costs(engine, artifact, x, settings)
     speedups = []
     for batch_size in settings.batch_sizes:
         by_mode = {c["mode"]: c for c in cells if c["batch_size"] == batch_size}
@@ -236,4 +238,39 @@ def run_engine(
         "parity": parity,
         "cells": cells,
         "speedups": speedups,
+        "stage_costs": stage_costs,
     }
+
+
+def _stage_costs(engine: Any, artifact: Artifact, x: np.ndarray, settings: EngineSettings) -> list[dict[str, Any]]:
+    """Per-stage wall time per image (all stages, every batch size) next to the stage's MACs.
+
+    Why: the MAC-ideal speedup assumes time ∝ MACs; per-stage µs per MMAC shows where that breaks
+    (fixed per-run costs of small stages, cache effects of large batches).
+    """
+    stats_of = getattr(engine, "stage_stats", None)
+    reset = getattr(engine, "reset_stats", None)
+    if not callable(stats_of) or not callable(reset):
+        return []
+    out = []
+    for batch_size in settings.batch_sizes:
+        batch = x[:batch_size] if len(x) >= batch_size else np.resize(x, (batch_size, *x.shape[1:]))
+        engine.run_all_stages(batch)  # warm this shape
+        reset()
+        deadline = time.perf_counter() + max(0.2, settings.round_seconds / 2)
+        calls = 0
+        while calls < 3 or time.perf_counter() < deadline:
+            engine.run_all_stages(batch)
+            calls += 1
+        for stage, counters in zip(artifact.manifest.stages, stats_of(), strict=True):
+            ms = 1e3 * counters.seconds / max(counters.items, 1)
+            out.append(
+                {
+                    "batch_size": batch_size,
+                    "stage": stage.index + 1,
+                    "ms_per_image": ms,
+                    "macs": stage.macs,
+                    "us_per_mmac": 1e3 * ms / (stage.macs / 1e6) if stage.macs else math.nan,
+                }
+            )
+    return out

@@ -349,6 +349,25 @@ def _engine_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
             f"| {_f(sp['early_exit_vs_full_onnx'])}× "
             f"| {_f(sp['all_stages_vs_full_onnx'])}× | {_f(sp['mac_ideal'])}× |"
         )
+    costs = r.get("stage_costs") or []
+    if costs:
+        sizes = sorted({c["batch_size"] for c in costs})
+        stages = sorted({c["stage"] for c in costs})
+        by = {(c["batch_size"], c["stage"]): c for c in costs}
+        lines += [
+            "",
+            "Per-stage cost, all stages run (engine stage timers): ms per image and µs per million MACs. "
+            "Time proportional to MACs would give equal µs/MMAC everywhere.",
+            "",
+            "| stage | MACs | " + " | ".join(f"batch {b}: ms/img (µs/MMAC)" for b in sizes) + " |",
+            "|---:|---:|" + "---:|" * len(sizes),
+        ]
+        for k in stages:
+            row = by[(sizes[0], k)]
+            cells = " | ".join(
+                f"{_f(by[(b, k)]['ms_per_image'], '{:.3f}')} ({_f(by[(b, k)]['us_per_mmac'], '{:.1f}')})" for b in sizes
+            )
+            lines.append(f"| {k} | {_m(row['macs'])} | {cells} |")
     if "engine" in images:
         lines += ["", f"![engine throughput]({images['engine']})"]
     return lines
