@@ -36,7 +36,7 @@ def gradient_rescale(x: Tensor, scale: float) -> Tensor:
 
     Callers apply it only when `self.training`, so it never reaches an exported graph.
     """
-    return _GradRescale.apply(x, scale)  # type: ignore[no-any-return]
+    return _GradRescale.apply(x, scale)
 
 
 class BoostedNet(nn.Module):
@@ -54,7 +54,7 @@ class BoostedNet(nn.Module):
         self.stop_grad = bool(boosting.stop_grad)
         # Only backbones that define the knob (MSDNet) rescale gradients.
         if hasattr(self.backbone, "grad_rescale"):
-            self.backbone.grad_rescale = bool(boosting.grad_rescale)
+            setattr(self.backbone, "grad_rescale", bool(boosting.grad_rescale))  # noqa: B010 (nn.Module attr typing)
 
     @property
     def num_stages(self) -> int:

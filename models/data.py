@@ -217,7 +217,7 @@ def _unpickle(path: Path) -> dict[bytes, Any]:
         obj = pickle.load(f, encoding="bytes")
     if not isinstance(obj, dict) or (b"data" not in obj and path.name not in ("meta", "batches.meta")):
         raise DataError(f"{path} is not a CIFAR python pickle. {_HOW_TO_GET}")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def _cifar_arrays(batches: list[dict[bytes, Any]], label_key: bytes) -> tuple[Tensor, Tensor]:
@@ -259,12 +259,12 @@ def _load_imagefolder(
             for f in sorted(cls_dir.iterdir()):
                 if f.suffix.lower() not in _IMAGE_EXTS:
                     continue
-                with Image.open(f) as im:
+                with Image.open(f) as opened:
                     if mode is None:  # the first image decides grayscale vs RGB
-                        mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
-                    im = im.convert(mode)
+                        mode = "L" if opened.mode in ("L", "1", "I;16", "I") else "RGB"
+                    im = opened.convert(mode)
                     if image_size is not None and im.size != (image_size, image_size):
-                        im = im.resize((image_size, image_size), Image.BILINEAR)
+                        im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
                     arr = np.asarray(im, dtype=np.uint8)
                 images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
                 labels.append(index[cls_dir.name])
