@@ -207,7 +207,8 @@ def _tensor(runtime: Runtime, request: InferenceRequest) -> np.ndarray:
             raw = np.asarray(tensor.data, dtype=np.int64)
         else:
             raw = np.asarray(tensor.data, dtype=np.float64)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
+        # OverflowError: UINT8 data holding integers beyond int64 or +-inf (JSON 1e400) -> 422, not 500.
         raise ValidationFailedError(
             f"input {tensor.name!r}: data must be numbers, flat or nested to the shape: {exc}"
         ) from exc

@@ -382,10 +382,7 @@ CORPUS = corpus()
 #: Cases that currently fail because of a service defect (reported; see docs/reliability.md). They
 #: run as strict xfails in process (so the fix flips them and the marker must go) and are reported,
 #: not asserted, in the live-server run.
-KNOWN_DEFECTS: dict[str, str] = {
-    "v2-uint8-huge-int": "DEFECT api_v2._tensor: np.asarray(data, int64) OverflowError on ints > int64 -> 500",
-    "v2-uint8-float-inf": "DEFECT api_v2._tensor: np.asarray([1e400], int64) OverflowError on inf -> 500",
-}
+KNOWN_DEFECTS: dict[str, str] = {}
 
 
 def _param(case: BadCase) -> Any:
