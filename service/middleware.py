@@ -17,6 +17,8 @@ the header and in the log).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -26,7 +28,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.http_errors import INTERNAL_MESSAGE, error_body
+from service.http_errors import INTERNAL_MESSAGE, NOT_READY_RETRY_AFTER_S, error_body
 from service.metrics import Metrics
 
 log = logging.getLogger("boostserve.http")
@@ -123,6 +125,20 @@ class RequestMiddleware:
                     "payload_too_large",
                     f"request body is over the limit of {limit} bytes",
                 )
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when its graceful-shutdown timeout
+            # (shutdown_grace_s) ends; unanswered, they would get uvicorn's plain-text 500. They get
+            # the documented 503 not_ready envelope (Retry-After) instead; the cancellation goes on.
+            if not started[0]:
+                with contextlib.suppress(Exception):
+                    await self._reply_error(
+                        send_wrapper_raw,
+                        503,
+                        "not_ready",
+                        "the server is shutting down and could not finish this request in time; retry",
+                        headers=[(b"retry-after", str(NOT_READY_RETRY_AFTER_S).encode())],
+                    )
+            raise
         except Exception:
             log.exception(
                 "unhandled error (request id %s) on %s %s", request_id, scope["method"], scope["path"]
@@ -134,7 +150,14 @@ class RequestMiddleware:
         finally:
             self._finish(scope, start, status_holder[0], request_id)
 
-    async def _reply_error(self, send: Send, status: int, error_type: str, message: str) -> None:
+    async def _reply_error(
+        self,
+        send: Send,
+        status: int,
+        error_type: str,
+        message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         self.metrics.count_error(error_type)
         body = json.dumps(error_body(error_type, message)).encode()
         await send(
@@ -144,6 +167,7 @@ class RequestMiddleware:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    *(headers or []),
                 ],
             }
         )
