@@ -228,6 +228,47 @@ def shutdown_section(runs: dict[str, dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def shutdown_over_grace_section(runs: dict[str, dict[str, Any]]) -> list[str]:
+    keys = sorted(k for k in runs if k.startswith("shutdown_over_grace_"))
+    if not keys:
+        return []
+    lines = [
+        "SIGTERM while six 64-image requests are in flight (work longer than the grace):",
+        "",
+        "| grace s | exit code | exit after SIGTERM s | answers |",
+        "|---:|---:|---:|---|",
+    ]
+    for key in keys:
+        run = runs[key]
+        answers: dict[str, int] = {}
+        for status, _text in run["outcomes"]:
+            answers[str(status)] = answers.get(str(status), 0) + 1
+        lines.append(row(run["grace_s"], run["exit_code"], run["exit_after_sigterm_s"], answers))
+    return [*lines, ""]
+
+
+def security_section(runs: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["## Security runs", ""]
+    paths = runs.get("security_file_paths")
+    if paths:
+        statuses = sorted({str(v) for v in paths["statuses"].values()})
+        lines.append(
+            f"- Client-named files: {paths['requests']} requests naming /etc/passwd or a temp file (JSON, raw, "
+            f"multipart filename, query, v2 BYTES/parameters, path traversal): statuses {', '.join(statuses)}; "
+            f"files opened by the service: {len(paths['opened'])}; file content in a response: {len(paths['leaks'])}."
+        )
+    logs = runs.get("security_logs")
+    if logs:
+        n = sum(len(v) for v in logs["statuses"].values())
+        lines.append(
+            f"- Logs at level debug (json and text formats, real process): {n} requests carrying a canary "
+            f"in the image bytes / base64 / fields; canary forms searched: {logs['canary_forms_checked']}; found: 0."
+        )
+    if len(lines) == 2:
+        lines.append("not run")
+    return [*lines, ""]
+
+
 def faults_section(runs: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["## Faults", "", "| start-up fault | exit code | message (last line) |", "|---|---:|---|"]
     keys = sorted(k for k in runs if k.startswith("fault_startup_"))
@@ -268,9 +309,7 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="where the tests wrote their JSON")
     parser.add_argument("--json", action="store_true", help="print one merged JSON document instead")
     args = parser.parse_args(argv)

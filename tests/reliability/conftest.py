@@ -24,6 +24,7 @@ from tests.reliability._server import LiveServer
 
 IMAGE_SIDE = 28
 HEAVY_DEPTH = 150
+LOAD_DEPTH = 1200
 
 #: Tiny settings for in-process apps: one ORT thread, small limits so limit tests are cheap.
 BASE_SETTINGS: dict[str, Any] = {
@@ -52,6 +53,13 @@ def rel_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def heavy_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Compute-bound stages (see _heavy.py): ~5-10 ms of ORT time per image at batch 8."""
     return build_heavy_artifact(tmp_path_factory.mktemp("heavy_artifact"), depth=HEAVY_DEPTH, hidden=512)
+
+
+@pytest.fixture(scope="session")
+def load_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """For overload/soak: ~20 ms of single-threaded ORT time per image at batch 8 (all stages), so
+    capacity is ~40-50 req/s and 4x of it stays within reach of the Python load generator."""
+    return build_heavy_artifact(tmp_path_factory.mktemp("load_artifact"), depth=LOAD_DEPTH, hidden=512)
 
 
 def make_settings(artifacts: Path, **overrides: Any) -> Any:
