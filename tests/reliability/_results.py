@@ -45,6 +45,7 @@ def record(name: str, data: dict[str, Any]) -> Path:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "loadavg_1_5_15_at_record": [round(x, 2) for x in os.getloadavg()],
         },
         **data,
     }
