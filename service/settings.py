@@ -75,7 +75,13 @@ class Settings(BaseSettings):
     # -- batching / admission ----------------------------------------------------------------------
     batching: bool = Field(default=True, description="batch images of concurrent requests per stage")
     max_batch_size: int = Field(default=32, ge=1, le=4096)
-    max_batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    max_batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1000.0,
+        description="how long stage 1 waits for more images before running a partial batch; 0 = run "
+        "as soon as the worker is free (batches still form while it is busy)",
+    )
     max_queue: int = Field(
         default=1024, ge=1, description="images admitted and not yet answered; more -> 429"
     )
