@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -202,7 +203,7 @@ class Sampler:
         t0 = time.perf_counter()
         with httpx.Client(base_url=self.base_url, timeout=5.0) as client:
             while not self._stop.is_set():
-                sample: dict[str, Any] = {"t": time.perf_counter() - t0}
+                sample: dict[str, Any] = {"t": time.perf_counter() - t0, "loadavg": round(os.getloadavg()[0], 2)}
                 try:
                     sample["rss"] = rss_bytes(self.pid)
                 except (OSError, RuntimeError):
