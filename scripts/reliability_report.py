@@ -44,8 +44,10 @@ def _fmt(value: Any) -> str:
 
 
 def _stamp(run: dict[str, Any]) -> str:
-    cpus = run.get("machine", {}).get("cpus", "?")
-    return f"{run.get('recorded_at', '?')}, commit {run.get('git') or '?'}, {cpus} CPUs"
+    machine = run.get("machine", {})
+    load = machine.get("loadavg_1_5_15_at_record")
+    load_text = f", load average {'/'.join(str(x) for x in load)} (1/5/15 min) when recorded" if load else ""
+    return f"{run.get('recorded_at', '?')}, commit {run.get('git') or '?'}, {machine.get('cpus', '?')} CPUs{load_text}"
 
 
 def row(*cells: Any) -> str:
