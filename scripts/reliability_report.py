@@ -303,7 +303,9 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
         overload_section,
         soak_section,
         shutdown_section,
+        shutdown_over_grace_section,
         faults_section,
+        security_section,
     )
     for section in sections:
         parts += section(runs)
