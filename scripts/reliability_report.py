@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -278,8 +279,10 @@ def faults_section(runs: dict[str, dict[str, Any]]) -> list[str]:
         run = runs[key]
         text = (run.get("stderr_tail") or "").strip().splitlines()
         fallback = text[-1] if text else ""
-        message = next((t for t in reversed(text) if "boostserve" in t or "Error" in t), fallback)
-        lines.append(row(key.removeprefix("fault_startup_"), run["exit_code"], f"`{message[:160]}`"))
+        message = next((t for t in reversed(text) if "ArtifactError:" in t or "boostserve serve:" in t), fallback)
+        message = message.replace("`", "'")
+        message = re.sub(r"/\S*?/artifact\b", "<artifact>", message)  # temp dirs say nothing
+        lines.append(row(key.removeprefix("fault_startup_"), run["exit_code"], f"`{message[:200]}`"))
     if not keys:
         lines.append("| not run | | |")
     run = runs.get("fault_runtime_stage")
