@@ -80,7 +80,7 @@ def load_calibration(artifacts_dir: str | Path, manifest: Manifest, split: str =
             correct = np.asarray(data[f"{split}_correct"], dtype=bool)
     except KeyError as exc:
         raise ArtifactError(f"calibration file {path} has no {split!r} split") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # BadZipFile: not an npz at all
         raise ArtifactError(f"cannot read calibration file {path}: {exc}") from exc
     if confidence.shape[0] != manifest.num_stages:
         raise ArtifactError(f"calibration file {path} has {confidence.shape[0]} exits, manifest {manifest.num_stages}")

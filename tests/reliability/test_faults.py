@@ -126,7 +126,7 @@ STARTUP_FAULTS = [
     ("manifest-missing", _manifest_missing, [("manifest.json",)]),
     ("manifest-path-escape", _path_escape, [("escapes", "outside")]),
     ("calibration-missing", _calibration_missing, [("calibration",), ("missing",)]),
-    ("calibration-corrupt-rehashed", _calibration_corrupt_rehashed, [("calibration",)]),
+    ("calibration-corrupt-rehashed", _calibration_corrupt_rehashed, [("cannot read calibration",)]),
     ("calibration-wrong-exits-rehashed", _calibration_wrong_exits_rehashed, [("calibration",), ("exit",)]),
 ]
 
