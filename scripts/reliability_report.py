@@ -123,17 +123,18 @@ def overload_section(runs: dict[str, dict[str, Any]]) -> list[str]:
             "offered req/s (x capacity)",
             "seconds",
             "answers",
-            "admitted p50 / p99 / max ms",
+            "admitted p50 / p99 / max ms (client)",
+            "admitted p99 (server, bucket <=)",
             "refused p99 ms",
             "max queue depth",
             "RSS MB before / max / end",
         )
     )
-    lines.append("|---|---:|---:|---:|---|---|---:|---:|---|")
+    lines.append("|---|---:|---:|---:|---|---|---:|---:|---:|---|")
     for key in ("overload_short", "overload_long"):
         run = runs.get(key)
         if run is None:
-            lines.append(row(key, "not run", "", "", "", "", "", "", ""))
+            lines.append(row(key, "not run", "", "", "", "", "", "", "", ""))
             continue
         adm = run["admitted_latency"]
         lines.append(
@@ -144,6 +145,7 @@ def overload_section(runs: dict[str, dict[str, Any]]) -> list[str]:
                 run["duration_s"],
                 run["statuses"],
                 f"{adm['p50_ms']} / {adm['p99_ms']} / {adm['max_ms']}",
+                f"{run.get('server_admitted_p99_le_s')} s",
                 run["refused_latency"]["p99_ms"],
                 f"{run['max_queue_depth_seen']} (limit {run['max_queue']})",
                 f"{run['rss_mb_before_overload']} / {run['rss_mb_max']} / {run['rss_mb_end']}",
