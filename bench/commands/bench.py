@@ -31,8 +31,10 @@ Suites (--suite, comma-separated; default all):
            at max_accuracy_drop=0.005 and 0.01, cross-request batching on vs off. Every label is
            checked; reports req/s, p50/p95/p99, served accuracy, MACs, exits, client/server CPU.
 
-Durations on a 2-core machine: --quick about 1.5-2.5 min for all suites; full about 12-15 min.
---publish writes the results to docs/benchmarks/ and the summary to docs/benchmarks.md.
+Measured durations on the 2-core dev machine with the embedded model: --quick about 1 min for all
+suites (offline <1 s, engine ~5 s, http ~40 s); full about 10 min (offline <1 s, engine ~65 s,
+http ~520 s). --publish writes the results to docs/benchmarks/ and the summary to docs/benchmarks.md;
+--report-only regenerates the summary and plots from the JSON already in --out.
 """
 
 DEFAULT_DATA = Path("/usr/share/datasets/fashion-mnist")
@@ -117,6 +119,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="shorthand for --out docs/benchmarks --markdown docs/benchmarks.md",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run no suite: regenerate the markdown and plots from the suite JSONs already in --out",
+    )
 
     off = parser.add_argument_group("offline suite")
     off.add_argument(
@@ -285,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         return test_cache[0]
 
     t_all = time.perf_counter()
-    for suite in args.suite:
+    for suite in () if args.report_only else args.suite:
         started = datetime.now(UTC).isoformat(timespec="seconds")
         t0 = time.perf_counter()
         progress.log(f"suite {suite}: {artifacts.name} ({'quick' if quick else 'full'} mode)")
