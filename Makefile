@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help venv serve test test-all lint model report bench bench-quick clean
+.PHONY: help venv serve test test-all lint model bench bench-quick clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -46,6 +46,12 @@ lint: $(VENV)/.dev-installed  ## ruff, mypy on service/ and export/, import cont
 
 model: $(VENV)/.dev-installed  ## retrain, export and calibrate the embedded Fashion-MNIST model from scratch
 	bash scripts/make_embedded_model.sh
+
+bench: $(VENV)/.dev-installed  ## full benchmarks on the embedded model, published to docs/benchmarks (~10 min)
+	$(VENV)/bin/boostserve bench --publish --profile
+
+bench-quick: $(VENV)/.dev-installed  ## quick benchmarks (< 3 min) into results/
+	$(VENV)/bin/boostserve bench --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
