@@ -21,11 +21,11 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.server import free_port
 from service.budget import Budget, BudgetResolver
 from service.calibration import load_calibration
 from service.manifest import load_manifest
 from service.settings import EMBEDDED_MODEL_DIR, Settings
-from tests.service.http.test_serve_smoke import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "examples" / "images"

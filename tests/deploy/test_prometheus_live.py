@@ -18,7 +18,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.server import free_port as _free_port
 from tests.deploy.conftest import REPO, load_deploy_module, require_tool
 
 RULES_FILE = REPO / "deploy" / "prometheus" / "alerts.yml"
@@ -66,12 +66,6 @@ NAN_OK = {
     # quantile of stages that answered no image in the window is NaN; other stages have values
     "Exit confidence p50 by stage [exit {{stage}}]": "stages without exits",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait(what: str, check: Any, timeout: float, interval: float = 0.2) -> Any:

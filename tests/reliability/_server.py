@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,13 @@ from typing import Any
 
 import httpx
 
+from bench.server import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 BOOSTSERVE = REPO / ".venv" / "bin" / "boostserve"
 
 #: Readiness endpoint (503 until the engine is loaded and warmed up); fallbacks tried in order.
 READY_PATHS = ("/ready", "/readyz", "/v1/ready", "/v2/health/ready", "/health/ready")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def boostserve_command() -> list[str]:
