@@ -10,8 +10,8 @@ Outputs: `probabilities` FP32 [B, classes], `label` INT64 [B], `exit` INT64 [B] 
 (`budget_macs`, `max_accuracy_drop`, `max_exit`, `thresholds` as list or "0.9,0.8,0", `policy`),
 `early_exit` and `deadline_ms`; response `parameters` echo what was used (scalars only, per spec).
 
-Errors use the service's single envelope `{"error": {"type", "message"}}`, not the spec's
-`{"error": "<message>"}`: OIP clients read the status code and show the body. Tensor problems
+Errors use the protocol's shape `{"error": "<message>"}` plus our `"error_type"` (see
+service.http_errors; tritonclient needs `error` to be a string). Tensor problems
 (unknown input, wrong datatype, shape/length mismatch, NaN/Inf) are 422 validation_error;
 unknown model names are 404. The binary-data extension is not supported (JSON only).
 """
@@ -32,8 +32,7 @@ from service.api_v1 import RuntimeDep, parse_thresholds, runtime_of
 from service.errors import NotFoundError, NotReadyError, UnsupportedMediaTypeError, ValidationFailedError
 from service.runtime import Runtime
 from service.schemas import (
-    ERROR_RESPONSES,
-    ErrorResponse,
+    OIP_ERROR_RESPONSES,
     InferenceRequest,
     InferenceResponse,
     InferOutput,
@@ -41,6 +40,7 @@ from service.schemas import (
     MetadataTensor,
     ModelMetadata,
     ModelReadiness,
+    OipErrorResponse,
     Readiness,
     ServerMetadata,
 )
@@ -52,8 +52,8 @@ UINT8_INPUT = "image"
 OUTPUTS = ("probabilities", "label", "exit", "macs")
 _DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
 _V2_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "unknown model name or version"},
-    **ERROR_RESPONSES,
+    404: {"model": OipErrorResponse, "description": "unknown model name or version"},
+    **OIP_ERROR_RESPONSES,
 }
 
 
@@ -93,7 +93,7 @@ async def live() -> Liveness:
 
 
 @router.get(
-    "/health/ready", response_model=Readiness, responses={503: ERROR_RESPONSES[503]}, summary="Server ready"
+    "/health/ready", response_model=Readiness, responses={503: OIP_ERROR_RESPONSES[503]}, summary="Server ready"
 )
 async def ready(request: Request) -> Readiness:
     runtime = runtime_of(request)
@@ -154,9 +154,7 @@ async def _model_ready(runtime: Runtime) -> ModelReadiness:
     return ModelReadiness(name=runtime.manifest.name, ready=True)
 
 
-@router.get(
-    "/models/{name}/ready", response_model=ModelReadiness, responses=_V2_ERRORS, summary="Model ready"
-)
+@router.get("/models/{name}/ready", response_model=ModelReadiness, responses=_V2_ERRORS, summary="Model ready")
 async def model_ready(runtime: ModelDep) -> ModelReadiness:
     return await _model_ready(runtime)
 
@@ -180,8 +178,7 @@ def _tensor(runtime: Runtime, request: InferenceRequest) -> np.ndarray:
     """The one input tensor -> float32 (B, C, H, W), validated."""
     if len(request.inputs) != 1:
         raise ValidationFailedError(
-            f"send exactly one input ({FP32_INPUT!r} FP32 NCHW or {UINT8_INPUT!r} UINT8 HWC), "
-            f"got {len(request.inputs)}"
+            f"send exactly one input ({FP32_INPUT!r} FP32 NCHW or {UINT8_INPUT!r} UINT8 HWC), got {len(request.inputs)}"
         )
     tensor = request.inputs[0]
     expected = {FP32_INPUT: "FP32", UINT8_INPUT: "UINT8"}
@@ -213,13 +210,9 @@ def _tensor(runtime: Runtime, request: InferenceRequest) -> np.ndarray:
             f"input {tensor.name!r}: data must be numbers, flat or nested to the shape: {exc}"
         ) from exc
     if raw.size != count:
-        raise ValidationFailedError(
-            f"input {tensor.name!r}: shape {shape} needs {count} values, data has {raw.size}"
-        )
+        raise ValidationFailedError(f"input {tensor.name!r}: shape {shape} needs {count} values, data has {raw.size}")
     if raw.ndim != 1 and list(raw.shape) != shape:
-        raise ValidationFailedError(
-            f"input {tensor.name!r}: nested data has shape {list(raw.shape)}, declared {shape}"
-        )
+        raise ValidationFailedError(f"input {tensor.name!r}: nested data has shape {list(raw.shape)}, declared {shape}")
     array = raw.reshape(shape)
     if tensor.datatype == "UINT8":
         if array.size and (array.min() < 0 or array.max() > 255):
@@ -280,9 +273,7 @@ async def _infer(request: Request, runtime: Runtime) -> InferenceResponse:
     if request.headers.get("inference-header-content-length") is not None:
         raise UnsupportedMediaTypeError("the binary data extension is not supported; send JSON `data`")
     if kind not in ("application/json", "") and not kind.endswith("+json"):
-        raise UnsupportedMediaTypeError(
-            f"unsupported Content-Type {kind!r}: the v2 API takes application/json"
-        )
+        raise UnsupportedMediaTypeError(f"unsupported Content-Type {kind!r}: the v2 API takes application/json")
     body = await request.body()
     try:
         payload = InferenceRequest.model_validate_json(body)

@@ -2,13 +2,16 @@
 
 Why one table: the engine, scheduler, preprocessing and budget code raise transport-free errors
 (`service.errors`); this module is the only place that knows about HTTP status codes, so v1, v2,
-FastAPI's own validation errors and routing 404/405 all answer with the same envelope
+FastAPI's own validation errors and routing 404/405 all answer with the same status for the same
+`error_type` (which also labels `boostserve_errors_total`). The body has one of two shapes:
 
-    {"error": {"type": "<error_type>", "message": "<human readable>"}}
+    v1 and everything else:  {"error": {"type": "<error_type>", "message": "<human readable>"}}
+    /v2/... (OIP routes):    {"error": "<human readable>", "error_type": "<error_type>"}
 
-and the same `error_type` labels `boostserve_errors_total`. The Open Inference Protocol suggests
-`{"error": "<message>"}`; we deliberately keep our envelope on the v2 routes too: OIP clients
-(tritonclient included) only look at the status code and surface the body as the message.
+Why two: the Open Inference Protocol fixes `{"error": "<message>"}` for its routes, and OIP clients
+rely on it — tritonclient formats `body["error"]` as a string and crashes on an object — so the v2
+routes speak the protocol, adding our stable `error_type` as an extra member (OIP clients ignore
+it, our dashboards and scripts can still branch on it). Everywhere else keeps the richer envelope.
 
 Choices documented here:
   - too many images in one request -> 413 (it is a size limit, like the body limit)
@@ -82,11 +85,16 @@ def status_for(error_type: str) -> int:
     return STATUS_BY_ERROR_TYPE.get(error_type, 500)
 
 
-def error_body(error_type: str, message: str, **extra: Any) -> dict[str, Any]:
-    """The single error envelope."""
-    inner: dict[str, Any] = {"type": error_type, "message": message}
-    inner.update(extra)
-    return {"error": inner}
+def is_oip_path(path: str) -> bool:
+    """True for the Open Inference Protocol routes, which answer errors in the protocol's shape."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_body(error_type: str, message: str, path: str = "") -> dict[str, Any]:
+    """The error body for a request to `path`: the OIP shape under /v2, our envelope elsewhere."""
+    if is_oip_path(path):
+        return {"error": message, "error_type": error_type}
+    return {"error": {"type": error_type, "message": message}}
 
 
 def request_id_of(request: Request) -> str:
@@ -115,7 +123,7 @@ def error_response(request: Request, exc: BoostServeError) -> JSONResponse:
         log.error("internal error (request id %s): %s", request_id_of(request), exc.message, exc_info=exc)
         message = INTERNAL_MESSAGE.format(request_id=request_id_of(request))
     _count(request, error_type)
-    return JSONResponse(error_body(error_type, message), status_code=status, headers=headers)
+    return JSONResponse(error_body(error_type, message, request.url.path), status_code=status, headers=headers)
 
 
 async def _domain_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -135,7 +143,8 @@ def _format_validation(exc: RequestValidationError) -> str:
 async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     _count(request, "validation_error")
-    return JSONResponse(error_body("validation_error", _format_validation(exc)), status_code=422)
+    body = error_body("validation_error", _format_validation(exc), request.url.path)
+    return JSONResponse(body, status_code=422)
 
 
 async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -149,7 +158,8 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
         message = str(exc.detail)
     _count(request, error_type)
     headers = dict(exc.headers or {})
-    return JSONResponse(error_body(error_type, message), status_code=exc.status_code, headers=headers)
+    body = error_body(error_type, message, request.url.path)
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

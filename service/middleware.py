@@ -77,6 +77,7 @@ class RequestMiddleware:
                 replaced[0] = True
                 await self._reply_error(
                     send_wrapper_raw,
+                    scope,
                     413,
                     "payload_too_large",
                     f"request body is over the limit of {limit} bytes",
@@ -97,6 +98,7 @@ class RequestMiddleware:
         if declared is not None and declared > limit:
             await self._reply_error(
                 send_wrapper_raw,
+                scope,
                 413,
                 "payload_too_large",
                 f"request body is {declared} bytes, over the limit of {limit}",
@@ -121,6 +123,7 @@ class RequestMiddleware:
             if not started[0]:
                 await self._reply_error(
                     send_wrapper_raw,
+                    scope,
                     413,
                     "payload_too_large",
                     f"request body is over the limit of {limit} bytes",
@@ -133,6 +136,7 @@ class RequestMiddleware:
                 with contextlib.suppress(Exception):
                     await self._reply_error(
                         send_wrapper_raw,
+                        scope,
                         503,
                         "not_ready",
                         "the server is shutting down and could not finish this request in time; retry",
@@ -140,12 +144,10 @@ class RequestMiddleware:
                     )
             raise
         except Exception:
-            log.exception(
-                "unhandled error (request id %s) on %s %s", request_id, scope["method"], scope["path"]
-            )
+            log.exception("unhandled error (request id %s) on %s %s", request_id, scope["method"], scope["path"])
             if not started[0]:
                 await self._reply_error(
-                    send_wrapper, 500, "internal_error", INTERNAL_MESSAGE.format(request_id=request_id)
+                    send_wrapper, scope, 500, "internal_error", INTERNAL_MESSAGE.format(request_id=request_id)
                 )
         finally:
             self._finish(scope, start, status_holder[0], request_id)
@@ -153,13 +155,14 @@ class RequestMiddleware:
     async def _reply_error(
         self,
         send: Send,
+        scope: Scope,
         status: int,
         error_type: str,
         message: str,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.metrics.count_error(error_type)
-        body = json.dumps(error_body(error_type, message)).encode()
+        body = json.dumps(error_body(error_type, message, scope.get("path", ""))).encode()
         await send(
             {
                 "type": "http.response.start",

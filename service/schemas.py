@@ -18,16 +18,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
-    type: str = Field(
-        description="stable error_type (closed set, see service.errors)", examples=["invalid_image"]
-    )
+    type: str = Field(description="stable error_type (closed set, see service.errors)", examples=["invalid_image"])
     message: str = Field(examples=["not an image Pillow can decode (PNG, JPEG, WebP, GIF, BMP, TIFF...)"])
 
 
 class ErrorResponse(BaseModel):
-    """The one error envelope of every route (v1, v2, routing and validation errors)."""
+    """The error envelope of every route outside /v2 (v1, health, metrics, routing and validation errors)."""
 
     error: ErrorDetail
+
+
+class OipErrorResponse(BaseModel):
+    """The error body of the /v2 routes: the Open Inference Protocol's shape plus our error_type."""
+
+    error: str = Field(description="human-readable message (the OIP `error` member)", examples=["unknown model 'x'"])
+    error_type: str = Field(description="stable error_type (closed set, see service.errors)", examples=["not_found"])
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -38,6 +43,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse, "description": "over capacity; retry after the Retry-After header"},
     503: {"model": ErrorResponse, "description": "not ready (loading, warming up or shutting down)"},
     504: {"model": ErrorResponse, "description": "deadline passed before any exit answered"},
+}
+
+#: The same statuses documented with the OIP error body, for the /v2 routes.
+OIP_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {**spec, "model": OipErrorResponse} for status, spec in ERROR_RESPONSES.items()
 }
 
 
@@ -59,8 +69,7 @@ class BudgetFields(BaseModel):
     max_exit: int | None = Field(default=None, ge=1, description="1-based last exit allowed", examples=[2])
     thresholds: list[float | None] | None = Field(
         default=None,
-        description="one confidence threshold per exit; null = never exit there; "
-        "the last exit always answers",
+        description="one confidence threshold per exit; null = never exit there; the last exit always answers",
         examples=[[0.9, 0.8, 0.0]],
     )
     policy: str | None = Field(default=None, description="threshold policy for budget_macs")
@@ -78,13 +87,9 @@ class BudgetInfo(BaseModel):
         examples=[[0.93, 0.81, 0.0]],
     )
     policy: str | None = Field(default=None, examples=["budgeted_batch"])
-    expected_accuracy: float | None = Field(
-        default=None, description="held-out accuracy under these thresholds"
-    )
+    expected_accuracy: float | None = Field(default=None, description="held-out accuracy under these thresholds")
     expected_macs: float | None = Field(default=None, description="expected MACs per image")
-    expected_macs_fraction: float | None = Field(
-        default=None, description="expected_macs / full network MACs"
-    )
+    expected_macs_fraction: float | None = Field(default=None, description="expected_macs / full network MACs")
     exit_fractions: list[float] | None = Field(default=None, description="expected share of images per exit")
     calibrated: bool = Field(description="false: the artifact has no calibration data, expectations unknown")
     early_exit: bool = Field(description="false: every stage runs (A/B mode)")
@@ -108,9 +113,7 @@ class ClassifyJSON(BaseModel):
         },
     )
 
-    image: str | None = Field(
-        default=None, description="one image, base64 (standard or URL-safe, data: URI ok)"
-    )
+    image: str | None = Field(default=None, description="one image, base64 (standard or URL-safe, data: URI ok)")
     images: list[str] | None = Field(default=None, description="several images, base64")
     budget: BudgetFields | None = Field(default=None, description="override of the global budget")
     top_k: int = Field(default=5, ge=1, le=1000)
@@ -205,9 +208,7 @@ class InferenceRequest(BaseModel):
                 {
                     "id": "42",
                     "parameters": {"max_exit": 2, "early_exit": True},
-                    "inputs": [
-                        {"name": "image", "shape": [1, 28, 28, 1], "datatype": "UINT8", "data": [0] * 4}
-                    ],
+                    "inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "UINT8", "data": [0] * 4}],
                     "outputs": [{"name": "label"}, {"name": "exit"}],
                 }
             ]

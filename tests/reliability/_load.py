@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from tests.error_bodies import error_problem
 from tests.reliability._server import parse_metrics, rss_bytes
 
 
@@ -87,8 +88,7 @@ def _envelope_ok(response: httpx.Response) -> bool:
         return False
     if response.status_code == 200:
         return isinstance(body, dict)
-    err = body.get("error") if isinstance(body, dict) else None
-    return isinstance(err, dict) and isinstance(err.get("type"), str) and isinstance(err.get("message"), str)
+    return error_problem(response.request.url.path, body) is None
 
 
 async def _one(client: httpx.AsyncClient, make: RequestFactory, t0: float, records: list[Record]) -> None:

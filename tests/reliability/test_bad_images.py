@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.error_bodies import error_type_of
 from tests.reliability import _images as img
 from tests.reliability._results import record
 from tests.reliability.test_fuzz import envelope_problem
@@ -399,13 +400,14 @@ def _resolve(kwargs: dict[str, Any], model_name: str) -> dict[str, Any]:
 
 def _check(case: BadCase, status: int, headers: Any, body: bytes) -> list[str]:
     problems = []
+    path = case.request()["url"]
     if status not in case.statuses:
         problems.append(f"{case.id}: status {status}, expected {sorted(case.statuses)}: {body[:300]!r}")
-    problem = envelope_problem(status, headers, body)
+    problem = envelope_problem(status, headers, body, path)
     if problem:
         problems.append(f"{case.id}: {problem}")
     if status >= 400 and case.error_type is not None and status in case.statuses:
-        got = json.loads(body).get("error", {}).get("type")
+        got = error_type_of(path, body)
         if got != case.error_type:
             problems.append(f"{case.id}: error.type {got!r}, expected {case.error_type!r}")
     return problems

@@ -53,11 +53,11 @@ def _conformance_checks() -> list[Any]:
     return [getattr(oas_checks, name) for name in CONFORMANCE_CHECK_NAMES if hasattr(oas_checks, name)]
 
 
-def envelope_problem(status: int, headers: Any, body: bytes) -> str | None:
-    """None when an error response is in our envelope; else what is wrong."""
+def envelope_problem(status: int, headers: Any, body: bytes, path: str) -> str | None:
+    """None when an error response has the exact error body of `path`'s route family; else what is wrong."""
     import json
 
-    from service.errors import ERROR_TYPES
+    from tests.error_bodies import error_problem
 
     if status < 400:
         return None
@@ -65,13 +65,9 @@ def envelope_problem(status: int, headers: Any, body: bytes) -> str | None:
         payload = json.loads(body)
     except ValueError:
         return f"{status}: body is not JSON: {body[:120]!r}"
-    err = payload.get("error") if isinstance(payload, dict) else None
-    if not isinstance(err, dict):
-        return f"{status}: no 'error' object: {str(payload)[:160]}"
-    if err.get("type") not in ERROR_TYPES:
-        return f"{status}: error.type {err.get('type')!r} not in ERROR_TYPES"
-    if not isinstance(err.get("message"), str) or not err["message"]:
-        return f"{status}: error.message missing"
+    problem = error_problem(path, payload)
+    if problem is not None:
+        return f"{status}: {problem}"
     if status in (429, 503) and "retry-after" not in {k.lower() for k in headers}:
         return f"{status}: no Retry-After header"
     return None
@@ -81,10 +77,9 @@ def asked_for_deadline(case: Any, body: bytes) -> bool:
     """The request set deadline_ms (query, JSON body or v2 parameters) and got deadline_exceeded."""
     import json
 
-    try:
-        error_type = json.loads(body)["error"]["type"]
-    except (ValueError, KeyError, TypeError):
-        return False
+    from tests.error_bodies import error_type_of
+
+    error_type = error_type_of(case.path, body)
     sent = json.dumps([case.query, case.body if isinstance(case.body, dict | list) else None], default=str)
     return error_type == "deadline_exceeded" and "deadline_ms" in sent
 
@@ -176,7 +171,7 @@ def run_fuzz(artifacts: Path, *, examples_per_mode: int, label: str, time_limit_
                     client_deadline_504 += 1  # documented: a client deadline that passed -> 504
                 elif response.status_code >= 500:
                     server_errors.append(f"{where}: {response.content[:300]!r} (case: {case.as_curl_command()[:600]})")
-                problem = envelope_problem(response.status_code, response.headers, response.content)
+                problem = envelope_problem(response.status_code, response.headers, response.content, case.path)
                 if problem is not None:
                     envelope_failures.append(f"{where}: {problem}")
                 try:

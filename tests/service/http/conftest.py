@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+from tests.error_bodies import error_fields
 from tests.fixtures.synthetic_artifact import build_synthetic_artifact
 
 ADMIN_TOKEN = "test-admin-token"
@@ -62,14 +63,12 @@ def make_client(synthetic_artifact: Path) -> ClientFactory:
 
 
 def assert_error(response: Any, status: int, error_type: str, contains: str | None = None) -> dict[str, Any]:
-    """Exact status, exact envelope shape, the error type, and (optionally) a message fragment."""
+    """Exact status, exact body shape for the route family (v1 envelope / OIP under /v2), type, message."""
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"type", "message"}, body
-    assert body["error"]["type"] == error_type, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    got_type, message = error_fields(response.request.url.path, body)
+    assert got_type == error_type, body
     if contains is not None:
-        assert contains in body["error"]["message"], body
+        assert contains in message, body
     assert response.headers.get("x-request-id")
     return body

@@ -173,3 +173,28 @@ def test_nan_is_422(client: TestClient) -> None:
 )
 def test_bad_requests_are_422(client: TestClient, body: dict[str, Any], contains: str) -> None:
     assert_error(infer(client, body), 422, "validation_error", contains)
+
+
+def test_v2_errors_have_the_oip_body_on_every_path(make_client: Any) -> None:
+    """Domain, routing, validation and middleware errors under /v2: {"error": str, "error_type": str}."""
+    with make_client(max_body_bytes=2048) as c:
+        unknown = c.get("/v2/models/nope")
+        assert unknown.status_code == 404
+        assert unknown.json() == {
+            "error": f"unknown model 'nope'; this server serves '{MODEL}'",
+            "error_type": "not_found",
+        }
+        assert c.get("/v2/no/such/route").json() == {
+            "error": "no route for GET /v2/no/such/route",
+            "error_type": "not_found",
+        }
+        assert_error(
+            c.post(f"/v2/models/{MODEL}/infer", content=b"{not json", headers={"content-type": "application/json"}),
+            422,
+            "validation_error",
+        )
+        too_big = c.post(f"/v2/models/{MODEL}/infer", json={"inputs": [fp32_input(batch=8)]})
+        assert too_big.status_code == 413
+        assert too_big.json()["error_type"] == "payload_too_large" and "2048" in too_big.json()["error"]
+        # v1 keeps the richer envelope
+        assert set(c.get("/v1/nope").json()["error"]) == {"type", "message"}
