@@ -98,9 +98,7 @@ async def require_admin(request: Request, authorization: Annotated[str | None, H
     """
     configured = request.app.state.settings.admin_token
     if configured is None or not configured.get_secret_value():
-        raise ForbiddenError(
-            "changing the budget is disabled: the server has no admin token (BOOSTSERVE_ADMIN_TOKEN)"
-        )
+        raise ForbiddenError("changing the budget is disabled: the server has no admin token (BOOSTSERVE_ADMIN_TOKEN)")
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         exc = UnauthorizedError("missing bearer token: send 'Authorization: Bearer <admin token>'")
@@ -154,9 +152,7 @@ async def read_form(request: Request, runtime: Runtime) -> FormData:
     """Parse multipart with our limits; Starlette's parser errors (a bare 400) become ours."""
     limit = runtime.settings.max_images_per_request
     try:
-        return await request.form(
-            max_files=limit, max_fields=64, max_part_size=runtime.settings.max_body_bytes
-        )
+        return await request.form(max_files=limit, max_fields=64, max_part_size=runtime.settings.max_body_bytes)
     except StarletteHTTPException as exc:
         detail = str(exc.detail)
         if "too many files" in detail.lower():
@@ -167,7 +163,16 @@ async def read_form(request: Request, runtime: Runtime) -> FormData:
 
 
 def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return normalize_media_type(request.headers.get("content-type", ""))
+
+
+def normalize_media_type(header: str) -> str:
+    return header.split(";")[0].strip().lower()
+
+
+def is_raw_image_type(kind: str) -> bool:
+    """A Content-Type that /v1/classify reads as one raw image body."""
+    return kind in RAW_IMAGE_TYPES or kind.startswith("image/")
 
 
 def _results(runtime: Runtime, answers: list[Classified], top_k: int) -> list[ImageResult]:
@@ -210,9 +215,7 @@ _CLASSIFY_BODY: dict[str, Any] = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {
-                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
-                    },
+                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
                     "required": ["file"],
                 }
             },
@@ -241,9 +244,7 @@ async def classify(
     runtime: RuntimeDep,
     max_exit: Annotated[int | None, Query(ge=1, description="1-based last exit allowed")] = None,
     budget_macs: Annotated[float | None, Query(gt=0, description="average MACs per image")] = None,
-    max_accuracy_drop: Annotated[
-        float | None, Query(ge=0, le=1, description="accepted accuracy loss")
-    ] = None,
+    max_accuracy_drop: Annotated[float | None, Query(ge=0, le=1, description="accepted accuracy loss")] = None,
     thresholds: Annotated[
         str | None, Query(description="comma-separated per-exit thresholds, 'inf' = never exit there")
     ] = None,
@@ -275,9 +276,7 @@ async def classify(
         runtime.check_count(len(encoded))
         if payload.budget is not None:
             if any(v is not None for v in query_budget.values()):
-                raise ValidationFailedError(
-                    "give the budget either in the JSON body or in the query, not both"
-                )
+                raise ValidationFailedError("give the budget either in the JSON body or in the query, not both")
             query_budget = payload.budget.given()
         if "top_k" in payload.model_fields_set or top_k is None:
             top_k = payload.top_k
@@ -294,12 +293,11 @@ async def classify(
             blobs = [await upload.read() for upload in uploads]
         finally:
             await form.close()
-    elif kind in RAW_IMAGE_TYPES or kind.startswith("image/"):
+    elif is_raw_image_type(kind):
         blobs = [await request.body()]
     elif not kind:
         raise UnsupportedMediaTypeError(
-            "missing Content-Type: send multipart/form-data, application/json "
-            "or an image type such as image/png"
+            "missing Content-Type: send multipart/form-data, application/json or an image type such as image/png"
         )
     else:
         raise UnsupportedMediaTypeError(
@@ -308,8 +306,27 @@ async def classify(
             "image/bmp, application/octet-stream)"
         )
 
-    # Options before pixels: a bad budget is reported without decoding anything.
-    override = runtime.parse_budget(query_budget)
+    body = await classify_to_json(runtime, blobs, query_budget, top_k, early_exit, deadline_ms, start, encoded=encoded)
+    return Response(content=body, media_type="application/json")
+
+
+async def classify_to_json(
+    runtime: Runtime,
+    blobs: list[bytes],
+    budget_fields: dict[str, Any],
+    top_k: int | None,
+    early_exit: bool | None,
+    deadline_ms: float | None,
+    start: float,
+    encoded: list[str] | None = None,
+) -> bytes:
+    """The classify work after request parsing, shared by this route and `service.fast_path`.
+
+    Options before pixels: a bad budget is reported without decoding anything. Serialised here:
+    the response model was just built and validated, and FastAPI's response_model path would
+    validate it a second time (response_model stays declared for /docs).
+    """
+    override = runtime.parse_budget(budget_fields)
     resolved = runtime.resolve(override, early_exit)
     if encoded is not None:
         blobs = [decode_base64(text, i) for i, text in enumerate(encoded)]
@@ -322,9 +339,7 @@ async def classify(
         model_version=runtime.manifest.version,
         budget=BudgetInfo(**runtime.budget_info(resolved)),
     )
-    # Serialised here: the model was just built and validated, and FastAPI's response_model
-    # path would validate it a second time (response_model stays declared for /docs).
-    return Response(content=response.model_dump_json(), media_type="application/json")
+    return response.model_dump_json().encode()
 
 
 def _pydantic_message(exc: ValidationError) -> str:
@@ -403,9 +418,7 @@ async def livez() -> Status:
 async def readyz(request: Request) -> Status:
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None or not runtime.ready or runtime.closing:
-        raise NotReadyError(
-            "not ready: " + ("shutting down" if runtime and runtime.closing else "loading model")
-        )
+        raise NotReadyError("not ready: " + ("shutting down" if runtime and runtime.closing else "loading model"))
     return Status(status="ready")
 
 

@@ -29,6 +29,7 @@ from service.budget import Budget, BudgetResolver
 from service.calibration import CalibrationData, load_calibration
 from service.engine import Engine
 from service.errors import ValidationFailedError
+from service.fast_path import RawClassifyFastPath
 from service.http_errors import install_error_handlers
 from service.manifest import ArtifactError, Manifest, load_manifest
 from service.metrics import Metrics
@@ -209,6 +210,8 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     app.state.metrics = metrics
     app.state.runtime = None
     install_error_handlers(app)
+    # add_middleware nests outward: the fast path ends up inside RequestMiddleware (ids, limits, metrics).
+    app.add_middleware(RawClassifyFastPath, enabled=settings.fast_path)
     middleware.install(app, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.include_router(api_v1.router, tags=["v1"])
     app.include_router(api_v2.router)

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
         default=None, description="policy used for budget_macs budgets that do not name one"
     )
     early_exit: bool = Field(default=True, description="false: every request runs every stage (A/B)")
+    fast_path: bool = Field(
+        default=True,
+        description="serve raw-image POST /v1/classify without FastAPI routing (same answers, less CPU; "
+        "false: every request goes through FastAPI, for A/B)",
+    )
     admin_token: SecretStr | None = Field(
         default=None,
         description="bearer token for PUT /v1/budget; unset or empty -> the endpoint answers 403",
