@@ -114,6 +114,7 @@ def _startup(app: FastAPI) -> Runtime:
         max_queue=settings.max_queue,
         batching=settings.batching,
         observer=metrics,
+        run_on_loop=settings.runs_stages_on_loop(),
     )
     return Runtime(
         settings=settings,
@@ -151,11 +152,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime.ready = True
     metrics.set_ready(True)
     log.info(
-        "ready: model %s version %s, %d stages, providers %s, default budget %s, early_exit=%s",
+        "ready: model %s version %s, %d stages, providers %s, stages run on the %s, default budget %s, "
+        "early_exit=%s",
         manifest.name,
         manifest.version,
         manifest.num_stages,
         getattr(engine, "providers", None),
+        "event loop" if runtime.scheduler.run_on_loop else "ORT worker thread",
         runtime.global_budget.budget.describe(),
         runtime.global_budget.early_exit,
     )

@@ -28,6 +28,9 @@ Design
   the event loop only does the bookkeeping, so HTTP keeps flowing while a stage runs (2 cores: one
   for ORT, one for the loop; see service.engine for the thread measurement). Requests and queues
   are touched only on the event loop thread, so there are no locks.
+  `run_on_loop=True` runs the batch on the event loop instead (then yields once): with a single
+  CPU there is no parallelism for the thread to buy, only a GIL hand-off and a cross-thread wake-up
+  per batch (measured in docs/benchmarks.md); the server picks it when it may use one CPU.
 * Thresholds travel with each request ((B, E), the per-request budget); `early_exit=False` uses
   +inf for every stage but the last. Exits: conf = max softmax(F_k) >= T[k]; the last always answers.
 * Deadlines (absolute `time.monotonic()`): a loop timer fires at the deadline; rows that have not
@@ -210,6 +213,7 @@ class Scheduler:
         observer: SchedulerObserver | None = None,
         merge_wait_ms: float | None = None,
         log: logging.Logger | None = None,
+        run_on_loop: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
@@ -219,6 +223,7 @@ class Scheduler:
         self.merge_wait = self.max_wait if merge_wait_ms is None else float(merge_wait_ms) / 1000.0
         self.max_queue = int(max_queue)
         self.batching = bool(batching)
+        self.run_on_loop = bool(run_on_loop)
         self.observer = observer
         self.log = log or LOG
         self.num_stages = engine.num_stages
@@ -434,6 +439,8 @@ class Scheduler:
                 continue
             try:
                 await self._execute(k, chunks)
+                if self.run_on_loop:
+                    await asyncio.sleep(0)  # the batch ran on the loop: let HTTP I/O in before the next
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug in the bookkeeping must not kill the dispatcher
@@ -467,9 +474,12 @@ class Scheduler:
         batch_id = next(self._batch_ids)
         st = self.stats.stages[k]
         try:
-            comp = await self._loop.run_in_executor(
-                self._executor, self._compute, k, [c.state for c in chunks], thr
-            )
+            if self.run_on_loop:
+                comp = self._compute(k, [c.state for c in chunks], thr)
+            else:
+                comp = await self._loop.run_in_executor(
+                    self._executor, self._compute, k, [c.state for c in chunks], thr
+                )
         except Exception as exc:
             st.failed_batches += 1
             message = exc.message if isinstance(exc, BoostServeError) else f"{type(exc).__name__}: {exc}"

@@ -11,6 +11,7 @@ JSON (`BOOSTSERVE_DEFAULT_BUDGET='{"max_accuracy_drop": 0.01}'`).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,6 +35,18 @@ PROVIDER_ALIASES: dict[str, str] = {
 }
 
 _BUDGET_KEYS = ("budget_macs", "max_accuracy_drop", "max_exit", "thresholds")
+
+
+def usable_cpus() -> float:
+    """CPUs this process may use: its affinity set, capped by a cgroup v2 CPU quota (containers)."""
+    cpus = float(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else float(os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1.0, float(quota) / float(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def normalize_provider(name: str) -> str:
@@ -67,6 +80,12 @@ class Settings(BaseSettings):
         default=1, ge=0, description="ORT intra-op threads per session (0 = ORT default: all cores)"
     )
     inter_op_threads: int = Field(default=1, ge=0, description="ORT inter-op threads (0 = ORT default)")
+    stage_execution: Literal["auto", "thread", "loop"] = Field(
+        default="auto",
+        description="where stage batches run: 'thread' = one ORT worker thread beside the event loop, "
+        "'loop' = on the event loop (no hand-off; best with one CPU), 'auto' = 'loop' when the process "
+        "may use a single CPU (affinity or cgroup quota), else 'thread'",
+    )
 
     # -- HTTP ------------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="bind address (0.0.0.0 in containers)")
@@ -188,6 +207,12 @@ class Settings(BaseSettings):
         if self.max_image_pixels > 1 << 31:
             raise ValueError("max_image_pixels above 2**31 would let a single image exhaust memory")
         return self
+
+    def runs_stages_on_loop(self) -> bool:
+        """The resolved `stage_execution`."""
+        if self.stage_execution == "auto":
+            return usable_cpus() <= 1
+        return self.stage_execution == "loop"
 
     def budget_dict(self) -> dict[str, Any]:
         """The default budget with the default policy filled in where the budget names none."""

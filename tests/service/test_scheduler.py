@@ -30,6 +30,9 @@ T = TypeVar("T")
 E = 3  # stages of the synthetic artifact
 EXIT_FIRST = np.array([0.0, 0.0, 0.0], dtype=np.float32)
 NEVER = np.array([np.inf, np.inf, np.inf], dtype=np.float32)
+# Stage batches on the ORT worker thread, or on the event loop (the single-CPU mode); deadline tests
+# stay thread-only: on the loop a deadline is honoured between batches, not during a slow one.
+EXECUTION = [pytest.param(False, id="thread"), pytest.param(True, id="loop")]
 
 
 class SlowEngine(Engine):
@@ -95,14 +98,13 @@ class RecordingObserver:
         self.depths.append((stage, depth))
 
 
-def test_concurrent_requests_match_engine_classify(engine: SlowEngine) -> None:
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_concurrent_requests_match_engine_classify(engine: SlowEngine, on_loop: bool) -> None:
     """Batched, merged, compacted serving answers exactly what the synchronous engine answers."""
     rng = np.random.default_rng(0)
-    requests = [
-        (_images(n, seed=n), rng.uniform(0.3, 0.8, size=(n, E)).astype(np.float32)) for n in (1, 5, 3, 8)
-    ]
+    requests = [(_images(n, seed=n), rng.uniform(0.3, 0.8, size=(n, E)).astype(np.float32)) for n in (1, 5, 3, 8)]
     observer = RecordingObserver()
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, observer=observer)
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, observer=observer, run_on_loop=on_loop)
 
     async def body(s: Scheduler) -> list[list[Any]]:
         return list(await asyncio.gather(*(s.submit(x, t) for x, t in requests)))
@@ -123,8 +125,9 @@ def test_concurrent_requests_match_engine_classify(engine: SlowEngine) -> None:
     assert sched.queue_depths() == [0, 0, 0] and sched.pending == 0
 
 
-def test_threshold_zero_exits_at_first_stage_in_one_batch(engine: SlowEngine) -> None:
-    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=20)
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_threshold_zero_exits_at_first_stage_in_one_batch(engine: SlowEngine, on_loop: bool) -> None:
+    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=20, run_on_loop=on_loop)
 
     async def body(s: Scheduler) -> list[list[Any]]:
         return list(await asyncio.gather(*(s.submit(_images(3, seed=i), EXIT_FIRST) for i in range(4))))
@@ -136,8 +139,9 @@ def test_threshold_zero_exits_at_first_stage_in_one_batch(engine: SlowEngine) ->
     assert st[0].merged_batches == 1 and st[0].merged_items == 12
 
 
-def test_early_exit_false_runs_every_stage(engine: SlowEngine) -> None:
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0)
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_early_exit_false_runs_every_stage(engine: SlowEngine, on_loop: bool) -> None:
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, run_on_loop=on_loop)
     x = _images(4)
     answers = run(sched, lambda s: s.submit(x, EXIT_FIRST, early_exit=False))
     assert [r.exit_index for r in answers] == [2] * 4
@@ -145,11 +149,12 @@ def test_early_exit_false_runs_every_stage(engine: SlowEngine) -> None:
     assert [s.items for s in sched.stats.stages] == [4, 4, 4]
 
 
-def test_survivors_of_different_batches_are_merged(engine: SlowEngine) -> None:
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_survivors_of_different_batches_are_merged(engine: SlowEngine, on_loop: bool) -> None:
     """Under load (stage 0 full), survivors of two stage-1 batches share one stage-2 batch."""
     # Rows 0-1 exit at stage 1, rows 2-3 run to the end.
     thr = np.stack([EXIT_FIRST, EXIT_FIRST, NEVER, NEVER])
-    sched = Scheduler(engine, max_batch_size=4, max_wait_ms=0, merge_wait_ms=2000)
+    sched = Scheduler(engine, max_batch_size=4, max_wait_ms=0, merge_wait_ms=2000, run_on_loop=on_loop)
 
     async def body(s: Scheduler) -> list[list[Any]]:
         return list(await asyncio.gather(*(s.submit(_images(4, seed=i), thr) for i in range(3))))
@@ -164,9 +169,10 @@ def test_survivors_of_different_batches_are_merged(engine: SlowEngine) -> None:
     assert all(b.size <= 4 for b in sched.stats.recent_batches)
 
 
-def test_deeper_stages_go_first(engine: SlowEngine) -> None:
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_deeper_stages_go_first(engine: SlowEngine, on_loop: bool) -> None:
     engine.delays = {0: 0.05}
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0)
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, run_on_loop=on_loop)
 
     async def body(s: Scheduler) -> None:
         first = asyncio.create_task(s.submit(_images(1, seed=1), NEVER))
@@ -178,8 +184,9 @@ def test_deeper_stages_go_first(engine: SlowEngine) -> None:
     assert [b.stage for b in sched.stats.recent_batches] == [0, 1, 2, 0, 1, 2]
 
 
-def test_batching_off_serves_each_request_alone(engine: SlowEngine) -> None:
-    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=50, batching=False)
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_batching_off_serves_each_request_alone(engine: SlowEngine, on_loop: bool) -> None:
+    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=50, batching=False, run_on_loop=on_loop)
 
     async def body(s: Scheduler) -> None:
         await asyncio.gather(*(s.submit(_images(n, seed=n), NEVER) for n in (1, 2, 3)))
@@ -226,7 +233,7 @@ def test_deadline_before_first_exit_raises(engine: SlowEngine) -> None:
 
 
 def test_over_capacity_is_immediate(engine: SlowEngine) -> None:
-    engine.delays = {0: 0.1}
+    engine.delays = {0: 0.1}  # a slow stage on the worker thread; on the loop nothing else runs meanwhile
     sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, max_queue=4)
 
     async def body(s: Scheduler) -> None:
@@ -243,9 +250,10 @@ def test_over_capacity_is_immediate(engine: SlowEngine) -> None:
     assert sched.stats.rejected == 1
 
 
-def test_broken_stage_fails_only_its_batch_then_recovers(engine: SlowEngine) -> None:
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_broken_stage_fails_only_its_batch_then_recovers(engine: SlowEngine, on_loop: bool) -> None:
     engine.failures = {1: 1}  # the first stage-2 run raises
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20)
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, run_on_loop=on_loop)
 
     async def body(s: Scheduler) -> None:
         deep = s.submit(_images(2, seed=1), NEVER)  # reaches stage 2 -> that batch fails
@@ -261,9 +269,10 @@ def test_broken_stage_fails_only_its_batch_then_recovers(engine: SlowEngine) -> 
     assert sched.stats.stages[0].multi_request_batches == 1
 
 
-def test_stop_drains_then_refuses(engine: SlowEngine) -> None:
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_stop_drains_then_refuses(engine: SlowEngine, on_loop: bool) -> None:
     engine.delays = {0: 0.05}
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0)
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, run_on_loop=on_loop)
 
     async def main() -> None:
         with pytest.raises(NotReadyError):
@@ -279,9 +288,10 @@ def test_stop_drains_then_refuses(engine: SlowEngine) -> None:
     asyncio.run(main())
 
 
-def test_stop_without_drain_fails_pending(engine: SlowEngine) -> None:
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_stop_without_drain_fails_pending(engine: SlowEngine, on_loop: bool) -> None:
     engine.delays = {0: 0.1}
-    sched = Scheduler(engine, max_batch_size=1, max_wait_ms=0)
+    sched = Scheduler(engine, max_batch_size=1, max_wait_ms=0, run_on_loop=on_loop)
 
     async def main() -> None:
         await sched.start()
@@ -295,9 +305,10 @@ def test_stop_without_drain_fails_pending(engine: SlowEngine) -> None:
     asyncio.run(main())
 
 
-def test_cancelled_request_releases_its_rows(engine: SlowEngine) -> None:
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_cancelled_request_releases_its_rows(engine: SlowEngine, on_loop: bool) -> None:
     engine.delays = {0: 0.05}
-    sched = Scheduler(engine, max_batch_size=1, max_wait_ms=0, max_queue=8)
+    sched = Scheduler(engine, max_batch_size=1, max_wait_ms=0, max_queue=8, run_on_loop=on_loop)
 
     async def body(s: Scheduler) -> None:
         task = asyncio.create_task(s.submit(_images(4), NEVER))
@@ -312,8 +323,9 @@ def test_cancelled_request_releases_its_rows(engine: SlowEngine) -> None:
     assert sched.stats.cancelled == 1
 
 
-def test_validation_errors_are_raised_before_queueing(engine: SlowEngine) -> None:
-    sched = Scheduler(engine)
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_validation_errors_are_raised_before_queueing(engine: SlowEngine, on_loop: bool) -> None:
+    sched = Scheduler(engine, run_on_loop=on_loop)
 
     async def body(s: Scheduler) -> None:
         with pytest.raises(ValidationFailedError):
@@ -326,11 +338,33 @@ def test_validation_errors_are_raised_before_queueing(engine: SlowEngine) -> Non
     run(sched, body)
 
 
-def test_observer_failure_does_not_break_serving(engine: SlowEngine) -> None:
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_observer_failure_does_not_break_serving(engine: SlowEngine, on_loop: bool) -> None:
     class Broken(RecordingObserver):
         def on_exit(self, stage: int, confidence: float, macs: float, deadline_hit: bool) -> None:
             raise RuntimeError("metrics backend down")
 
-    sched = Scheduler(engine, observer=Broken(), max_wait_ms=0)
+    sched = Scheduler(engine, observer=Broken(), max_wait_ms=0, run_on_loop=on_loop)
     answers = run(sched, lambda s: s.submit(_images(2), EXIT_FIRST))
     assert [r.exit_index for r in answers] == [0, 0]
+
+
+def test_on_the_loop_other_tasks_run_between_batches(engine: SlowEngine) -> None:
+    """run_on_loop blocks the loop during a batch, so it must yield after each one (HTTP I/O, timers)."""
+    engine.delays = {0: 0.02, 1: 0.02, 2: 0.02}
+    sched = Scheduler(engine, max_batch_size=1, max_wait_ms=0, run_on_loop=True)
+    ticks: list[int] = []
+
+    async def body(s: Scheduler) -> None:
+        async def ticker() -> None:
+            while True:
+                ticks.append(s.stats.stages[0].batches + s.stats.stages[1].batches + s.stats.stages[2].batches)
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.gather(*(s.submit(_images(1, seed=i), NEVER) for i in range(3)))
+        task.cancel()
+
+    run(sched, body)
+    assert sched.stats.stages[2].batches == 3
+    assert len(set(ticks)) >= 9  # the ticker saw the count after (nearly) every one of the 9 batches

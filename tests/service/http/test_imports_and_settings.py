@@ -103,3 +103,25 @@ def test_serve_fails_fast_on_a_corrupted_artifact(tmp_path: Path, synthetic_arti
     )
     assert out.returncode == 2
     assert "corrupted" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "cpus", "on_loop"),
+    [("auto", 1.0, True), ("auto", 2.0, False), ("thread", 1.0, False), ("loop", 8.0, True)],
+)
+def test_stage_execution_follows_the_usable_cpus(
+    monkeypatch: pytest.MonkeyPatch, setting: str, cpus: float, on_loop: bool
+) -> None:
+    import service.settings as settings_module
+
+    monkeypatch.setattr(settings_module, "usable_cpus", lambda: cpus)
+    assert Settings(stage_execution=setting).runs_stages_on_loop() is on_loop
+
+
+def test_usable_cpus_reads_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from service.settings import usable_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert usable_cpus() == 1.0
