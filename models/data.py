@@ -210,11 +210,40 @@ def _load_fashion_mnist(d: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[
     )
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's python format is a pickle, and pickle.load runs whatever callable a file names; a
+    crafted batch in --data would run code at training time. A CIFAR batch needs only numpy's
+    array reconstruction (plus the containers pickle builds natively), so that is all we allow."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("copy_reg", "_reconstructor"),
+            ("copyreg", "_reconstructor"),
+            ("__builtin__", "object"),
+            ("builtins", "object"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: a CIFAR batch holds only arrays and lists")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict[bytes, Any]:
     if not path.is_file():
         raise DataError(f"missing {path}. {_HOW_TO_GET}")
     with path.open("rb") as f:
-        obj = pickle.load(f, encoding="bytes")
+        try:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+        except pickle.UnpicklingError as exc:
+            raise DataError(f"{path} is not a plain CIFAR python pickle: {exc}") from exc
     if not isinstance(obj, dict) or (b"data" not in obj and path.name not in ("meta", "batches.meta")):
         raise DataError(f"{path} is not a CIFAR python pickle. {_HOW_TO_GET}")
     return obj

@@ -99,7 +99,7 @@ def idx_dir(tmp_path: Path) -> Path:
 
 def _pickle(path: Path, obj: object) -> None:
     with path.open("wb") as f:
-        pickle.dump(obj, f)
+        pickle.dump(obj, f, protocol=2)  # the original batches are protocol-2 pickles
 
 
 @pytest.fixture
