@@ -227,6 +227,7 @@ class _CifarUnpickler(pickle.Unpickler):
             ("copyreg", "_reconstructor"),
             ("__builtin__", "object"),
             ("builtins", "object"),
+            ("_codecs", "encode"),  # how protocol 2 written by Python 3 stores bytes (a pure function)
         }
     )
 
