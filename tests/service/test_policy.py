@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 
 import numpy as np
@@ -291,12 +292,35 @@ def test_timing_sanity_e10_n5000() -> None:
 # max_accuracy_drop
 # ------------------------------------------------------------------------------------------------
 def test_max_accuracy_drop_hand_computed() -> None:
+    """The plain rule (confidence 0.5: no margin) on four samples."""
     # final accuracy 1.0; drop 0 -> must stay at 1.0: cheapest is (17.5, T=0.9)
-    assert P.max_accuracy_drop(TWO, 0.0).thresholds == (f32(0.9), -math.inf)
+    assert P.max_accuracy_drop(TWO, 0.0, confidence=0.5).thresholds == (f32(0.9), -math.inf)
     # drop 0.25 -> 0.75 allowed: cheapest is (12.5, T=0.7)
-    assert P.max_accuracy_drop(TWO, 0.25).expected_macs == pytest.approx(12.5)
+    assert P.max_accuracy_drop(TWO, 0.25, confidence=0.5).expected_macs == pytest.approx(12.5)
     # drop 1 -> anything: the first exit for everyone
-    assert P.max_accuracy_drop(TWO, 1.0).expected_macs == pytest.approx(10.0)
+    assert P.max_accuracy_drop(TWO, 1.0, confidence=0.5).expected_macs == pytest.approx(10.0)
+
+
+def test_max_accuracy_drop_keeps_a_confidence_margin() -> None:
+    """With the default 95 % bound the chosen point is the cheapest whose bound fits, never cheaper
+    than the plain rule's, and the margin is what the paired standard error says."""
+    cal = P.synthetic_calibration(4, 5000, 3)
+    for drop in (0.005, 0.01, 0.03):
+        plain = P.max_accuracy_drop(cal, drop, confidence=0.5)
+        kept = P.max_accuracy_drop(cal, drop)
+        assert kept.expected_macs >= plain.expected_macs
+        prep = P._prepared(cal)
+        z = statistics.NormalDist().inv_cdf(P.DROP_CONFIDENCE)
+        bound = P._drop_upper_bound(prep, prep.cuts_from_thresholds(kept.thresholds), z)
+        assert bound <= drop + 1e-12
+        # the frontier point just before it does not fit (else it would have been chosen)
+        frontier = P.optimal_frontier(cal)
+        i = [r.thresholds for r in frontier].index(kept.thresholds)
+        if i > 0 and frontier[i - 1].expected_macs >= plain.expected_macs:
+            before = prep.cuts_from_thresholds(frontier[i - 1].thresholds)
+            assert P._drop_upper_bound(prep, before, z) > drop
+    with pytest.raises(P.InvalidBudgetError):
+        P.max_accuracy_drop(cal, 0.01, confidence=1.0)
 
 
 @pytest.mark.parametrize("policy", ["optimal", "reference"])
