@@ -6,7 +6,11 @@ POST /v1/classify with a raw image/png body:
   drop_0.005   ?max_accuracy_drop=0.005      early exit, ≤ 0.5 % held-out accuracy loss
   drop_0.01    ?max_accuracy_drop=0.01       early exit, ≤ 1 % held-out accuracy loss
 Server configurations: `batching` (cross-request batching on, the default settings) and
-`no_batching` (BOOSTSERVE_BATCHING=false and BOOSTSERVE_MAX_BATCH_SIZE=1: batch-1 serving).
+`no_batching` (BOOSTSERVE_BATCHING=false and BOOSTSERVE_MAX_BATCH_SIZE=1: batch-1 serving), and two
+ablations of the request path at drop_0.01 with 1 and 64 clients: `fastapi_path`
+(BOOSTSERVE_FAST_PATH=false: raw-image classify through FastAPI routing) and `thread_stages`
+(BOOSTSERVE_STAGE_EXECUTION=thread: stage batches on the ORT worker thread although the server has
+one CPU), each differing from `batching` in that one setting.
 
 Every answer is checked: HTTP status, predicted label vs the Fashion-MNIST ground truth, and —
 when the artifact's test calibration arrays are in the dataset's order — the exit against the one
@@ -91,6 +95,13 @@ def default_servers(
     if max_batch_wait_ms is not None:
         base["BOOSTSERVE_MAX_BATCH_WAIT_MS"] = f"{max_batch_wait_ms:g}"
     no_batch = {**base, "BOOSTSERVE_BATCHING": "false", "BOOSTSERVE_MAX_BATCH_SIZE": "1"}
+    ablation_clients = tuple(c for c in concurrencies if c in (1, 64)) or concurrencies[-1:]
+    ablations = (
+        ServerConfig("fastapi_path", {**base, "BOOSTSERVE_FAST_PATH": "false"}, ("drop_0.01",), ablation_clients),
+        ServerConfig(
+            "thread_stages", {**base, "BOOSTSERVE_STAGE_EXECUTION": "thread"}, ("drop_0.01",), ablation_clients
+        ),
+    )
     if quick:
         return (
             ServerConfig(
@@ -100,10 +111,12 @@ def default_servers(
                 tuple(c for c in concurrencies if c in (1, 64)) or concurrencies,
             ),
             ServerConfig("no_batching", no_batch, ("drop_0.01",), (64,) if 64 in concurrencies else concurrencies[-1:]),
+            *ablations,
         )
     return (
         ServerConfig("batching", base, ("all_stages", "drop_0.005", "drop_0.01"), concurrencies),
         ServerConfig("no_batching", no_batch, ("all_stages", "drop_0.01"), concurrencies),
+        *ablations,
     )
 
 

@@ -411,6 +411,7 @@ def _http_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
             f"({_f(c['client_cpu_utilization'], '{:.0f}', 100)} %) "
             f"| {c['errors']} |"
         )
+    lines += _ablation_lines(r["aggregate"])
     if r.get("pooled"):
         lines += [
             "",
@@ -560,3 +561,40 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
     markdown_path.write_text("\n".join(lines).rstrip() + "\n")
     return markdown_path, targets
+
+
+ABLATIONS = {
+    "batching": "as served (fast path, stages on the event loop)",
+    "fastapi_path": "raw-image classify through FastAPI routing (BOOSTSERVE_FAST_PATH=false)",
+    "thread_stages": "stage batches on the ORT worker thread (BOOSTSERVE_STAGE_EXECUTION=thread)",
+}
+
+
+def _ablation_lines(aggregate: list[dict[str, Any]]) -> list[str]:
+    """Side by side: the served request path vs each one-setting ablation, drop_0.01."""
+    cells = {
+        (c["server"], c["concurrency"]): c for c in aggregate if c["mode"] == "drop_0.01" and c["server"] in ABLATIONS
+    }
+    clients = sorted({k for (name, k) in cells if name != "batching"})
+    if not clients:
+        return []
+    lines = [
+        "",
+        "Request-path ablations (drop_0.01; each server differs from `batching` in one setting, same run):",
+        "",
+        "| server | what differs | clients | req/s (median) | p50 ms | p99 ms | server CPU ms/req | req/s vs served |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, what in ABLATIONS.items():
+        for k in clients:
+            c = cells.get((name, k))
+            base = cells.get(("batching", k))
+            if c is None:
+                continue
+            ratio = c["req_per_s"] / base["req_per_s"] if base and base.get("req_per_s") else None
+            lines.append(
+                f"| {name} | {what} | {k} | {_f(c['req_per_s'], '{:.0f}')} | {_f(c['p50_ms'], '{:.2f}')} "
+                f"| {_f(c['p99_ms'], '{:.2f}')} | {_f(c['server_cpu_ms_per_request'], '{:.3f}')} "
+                f"| {_f(ratio, '{:.2f}')}× |"
+            )
+    return lines

@@ -202,7 +202,7 @@ def test_http_suite_end_to_end(artifacts: tuple[Path, Path], tmp_path: Path) -> 
     assert main(argv) == 0
     doc = json.loads((out / "http.json").read_text())
     r = doc["result"]
-    assert {s["name"] for s in r["servers"]} == {"batching", "no_batching"}
+    assert {s["name"] for s in r["servers"]} == {"batching", "no_batching", "fastapi_path", "thread_stages"}
     cells = r["aggregate"]
     assert {(c["server"], c["mode"]) for c in cells} >= {
         ("batching", "all_stages"),
@@ -217,6 +217,7 @@ def test_http_suite_end_to_end(artifacts: tuple[Path, Path], tmp_path: Path) -> 
     assert all(c["server_cpu_ms_per_request"] > 0 for c in cells)
     text = (out / "README.md").read_text()
     assert "## HTTP" in text and (out / "http_throughput_latency.png").is_file()
+    assert "Request-path ablations" in text and "| fastapi_path | raw-image classify through FastAPI" in text
 
 
 def test_profile_summary_attributes_innermost_component(tmp_path: Path) -> None:
