@@ -186,12 +186,11 @@ class Runtime:
         thresholds = resolved.thresholds.as_array()
         with self.metrics.track_inflight():
             try:
-                results = await asyncio.wait_for(
-                    self.scheduler.submit(
+                # asyncio.timeout, not wait_for: no extra task per request (measured in a profile).
+                async with asyncio.timeout(timeout):
+                    results = await self.scheduler.submit(
                         images, thresholds, early_exit=resolved.early_exit, deadline=deadline
-                    ),
-                    timeout=timeout,
-                )
+                    )
             except TimeoutError as exc:
                 raise DeadlineExceededError(f"no answer within the request timeout of {timeout:g} s") from exc
         cumulative = self.manifest.cumulative_macs

@@ -432,7 +432,8 @@ class Scheduler:
                     return
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=sleep)
+                    async with asyncio.timeout(sleep):  # no extra task, unlike wait_for
+                        await self._wakeup.wait()
                 continue
             chunks = self._take_batch(k)
             if not chunks:

@@ -117,3 +117,16 @@ def test_body_limit_and_request_id_still_apply(make_client: ClientFactory) -> No
     assert response.status_code == 413
     assert response.json()["error"]["type"] == "payload_too_large"
     assert response.headers["x-request-id"] == "abc-1"
+
+
+def test_the_no_escape_query_split_equals_parse_qsl() -> None:
+    """split_query skips parse_qsl when there is nothing to unquote; the pairs must not change."""
+    import random
+    from urllib.parse import parse_qsl
+
+    from service.fast_path import split_query
+
+    rng = random.Random(0)
+    for _ in range(5000):
+        text = "".join(rng.choice("ab=&;1.%+") for _ in range(rng.randint(0, 12)))
+        assert split_query(text) == parse_qsl(text, keep_blank_values=True), text
