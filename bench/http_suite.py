@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -298,6 +299,7 @@ def run_http(
             pairs = [(s, m) for s in settings.servers if concurrency in s.concurrencies for m in s.modes]
             shift = r % max(len(pairs), 1)
             plan += [(r, concurrency, s, m) for s, m in pairs[shift:] + pairs[:shift]]
+    floor: dict[str, Any] | None = None
     with progress.task("http", len(plan)) as advance, pinned(settings.client_cpus):
         try:
             for config in settings.servers:
@@ -360,6 +362,10 @@ def run_http(
                 for concurrency in sorted({1, 64} & {c["concurrency"] for c in cells}):
                     profiles.append(_profile_cell(servers["batching"], bodies, settings, concurrency))
                     progress.log(f"profiled batching drop_0.01 with {concurrency} client(s)")
+            floor = _floor(bodies, settings, cells, logs_dir)
+            progress.log(
+                "floor measured: " + ", ".join(f"{f['name']} {f['req_per_s']:.0f} req/s" for f in floor["variants"])
+            )
         finally:
             for name, server in servers.items():
                 server.stop()
@@ -384,9 +390,66 @@ def run_http(
         "cells": cells,
         "client_check": client_check,
         "profiles": profiles,
+        "floor": floor,
         "aggregate": aggregate_cells(cells),
         "pooled": [_pooled_summary(server, mode, parts, labels, aligned) for (server, mode), parts in pooled.items()],
     }
+
+
+class FloorServerProcess(ServerProcess):
+    """`python -m bench.floor_app` (HTTP stack only, optionally + PNG decode) on the server's CPUs."""
+
+    def __init__(self, decode: bool, *, cpus: list[int] | None, log_path: Path) -> None:
+        super().__init__(Path("."), {}, cpus=cpus, log_path=log_path, startup_timeout_s=30.0)
+        self.decode = decode
+
+    @property
+    def command(self) -> list[str]:
+        extra = ["--decode"] if self.decode else []
+        return [sys.executable, "-m", "bench.floor_app", "--host", self.host, "--port", str(self.port), *extra]
+
+
+def _floor(bodies: list[bytes], settings: HttpSettings, cells: list[dict[str, Any]], logs_dir: Path) -> dict[str, Any]:
+    """The per-request floor of the HTTP stack, under the target cell's load (64 clients).
+
+    Two variants of bench.floor_app on the server CPUs: `http_only` (read the body, answer a fixed
+    classify-sized JSON) and `http_decode` (the same plus the PNG decode every image server does).
+    """
+    concurrency = 64 if any(c["concurrency"] == 64 for c in cells) else max(c["concurrency"] for c in cells)
+    variants = []
+    for name, decode in (("http_only", False), ("http_decode", True)):
+        with FloorServerProcess(decode, cpus=settings.server_cpus, log_path=logs_dir / f"floor-{name}.log") as server:
+
+            def load(duration_s: float, server: ServerProcess = server) -> LoadResult:
+                return asyncio.run(
+                    run_closed_loop(
+                        host=server.host,
+                        port=server.port,
+                        path=f"{CLASSIFY_PATH}?{MODE_QUERIES['drop_0.01']}",
+                        bodies=bodies,
+                        concurrency=concurrency,
+                        duration_s=duration_s,
+                        max_requests=settings.max_requests,
+                        warmup_s=0.0,
+                        client=settings.client,
+                    )
+                )
+
+            load(max(settings.warmup_s, 0.2))  # warm-up, not counted
+            cpu0 = server.cpu_seconds()
+            result = load(settings.duration_s)
+            cpu = server.cpu_seconds() - cpu0
+        variants.append(
+            {
+                "name": name,
+                "decode": decode,
+                "req_per_s": result.count / result.wall_s if result.wall_s > 0 else math.nan,
+                "server_cpu_ms_per_request": 1e3 * safe_ratio(cpu, result.count),
+                "p50_ms": summarize_latency(result.latencies_s)["p50"],
+                "errors": sum(1 for st in result.statuses if st != 200),
+            }
+        )
+    return {"concurrency": concurrency, "variants": variants}
 
 
 def _client_check(

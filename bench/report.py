@@ -412,6 +412,7 @@ def _http_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
             f"| {c['errors']} |"
         )
     lines += _ablation_lines(r["aggregate"])
+    lines += _floor_lines(r.get("floor"), r["aggregate"])
     if r.get("pooled"):
         lines += [
             "",
@@ -597,4 +598,53 @@ def _ablation_lines(aggregate: list[dict[str, Any]]) -> list[str]:
                 f"| {_f(c['p99_ms'], '{:.2f}')} | {_f(c['server_cpu_ms_per_request'], '{:.3f}')} "
                 f"| {_f(ratio, '{:.2f}')}× |"
             )
+    return lines
+
+
+TARGET_SPEEDUP = 2.8  # the issue's req/s target, early exit vs all stages at 64 clients
+
+
+def _floor_lines(floor: dict[str, Any] | None, aggregate: list[dict[str, Any]]) -> list[str]:
+    """What limits the early-exit/all-stages req/s ratio: model time vs the per-request rest.
+
+    With the server CPU-bound on one core, req/s = 1 / (engine ms per image + other ms per request),
+    so the ratio is (e_all + o) / (e_ee + o): the smaller the per-request cost o outside the model,
+    the closer it gets to e_all / e_ee. The floor servers measure o for a server that does nothing.
+    """
+    if not floor or not floor.get("variants"):
+        return []
+    k = floor["concurrency"]
+    cells = {c["mode"]: c for c in aggregate if c["server"] == "batching" and c["concurrency"] == k}
+    allst, ee = cells.get("all_stages"), cells.get("drop_0.01")
+    if allst is None or ee is None:
+        return []
+    e_all, e_ee = allst["engine_ms_per_image"], ee["engine_ms_per_image"]
+    served_other = ee["server_cpu_ms_per_request"] - e_ee
+
+    def ratio(other: float) -> float:
+        return (e_all + other) / (e_ee + other)
+
+    needed = (e_all - TARGET_SPEEDUP * e_ee) / (TARGET_SPEEDUP - 1)
+    rows = [("boostserve as served (drop_0.01)", served_other, ee["req_per_s"])]
+    for v in floor["variants"]:
+        what = "floor: uvicorn + httptools + uvloop, " + ("PNG decode, " if v["decode"] else "") + "fixed answer"
+        rows.append((what, v["server_cpu_ms_per_request"], v["req_per_s"]))
+    lines = [
+        "",
+        f"What limits the early-exit / all-stages ratio ({k} clients, server on one core): "
+        f"req/s ≈ 1 / (engine ms per image + other ms per request), with engine {e_all:.3f} ms/img for all "
+        f"stages and {e_ee:.3f} ms/img for early exit in this run (ceiling {e_all / e_ee:.2f}× with nothing else "
+        f"to do). The floor servers (`bench/floor_app.py`, same load, same core) measure the per-request cost "
+        f"of the HTTP stack alone.",
+        "",
+        "| per-request CPU outside the model | ms/request | req/s | early exit / all stages it allows |",
+        "|---|---:|---:|---:|",
+    ]
+    for what, other, rps in rows:
+        lines.append(f"| {what} | {_f(other, '{:.3f}')} | {_f(rps, '{:.0f}')} | {_f(ratio(other), '{:.2f}')}× |")
+    lines.append(
+        f"| needed for the {TARGET_SPEEDUP:g}× target | {_f(needed, '{:.3f}')} | | {TARGET_SPEEDUP:g}× |"
+        if needed > 0
+        else f"| needed for the {TARGET_SPEEDUP:g}× target | out of reach: the engine ratio itself is below it | | |"
+    )
     return lines

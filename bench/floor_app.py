@@ -1,0 +1,95 @@
+"""A deliberately empty image server: the per-request floor of the HTTP stack boostserve runs on.
+
+Why: the HTTP targets compare early exit with all stages *through the server*, so every request
+also pays for HTTP parsing, the event loop and the response, whatever the model does. This app
+runs on exactly that stack (uvicorn with httptools + uvloop, pure ASGI, no framework) and does
+nothing else — optionally decoding the PNG like any image server must — and answers a fixed JSON
+body the size of a classify answer. Its server CPU per request, measured by the HTTP suite under
+the same load, is the floor that no Python implementation of the service can go below; the
+report turns it into the best early-exit/all-stages ratio this machine allows.
+
+    python -m bench.floor_app --port 8123 [--decode]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from typing import Any
+
+ANSWER = json.dumps(
+    {
+        "results": [
+            {
+                "label": 9,
+                "class_name": "Ankle boot",
+                "confidence": 0.98,
+                "top_k": [{"label": 9, "class_name": "Ankle boot", "probability": 0.98}] * 5,
+                "exit": 1,
+                "exits_total": 4,
+                "macs": 1909248,
+                "macs_fraction": 0.05,
+                "deadline_hit": False,
+            }
+        ],
+        "latency_ms": 1.0,
+        "model_name": "floor",
+        "model_version": "0",
+        "budget": {"max_accuracy_drop": 0.01, "thresholds": [0.9, 0.8, 0.7, 0.0]},
+    }
+).encode()
+
+
+def make_app(decode: bool) -> Any:
+    """The ASGI app: /readyz -> 200; anything else -> read the body, (decode it), fixed JSON."""
+    import numpy as np
+    from PIL import Image
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/readyz":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        chunks = []
+        more = True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        if decode:
+            with Image.open(io.BytesIO(b"".join(chunks))) as image:
+                pixels = np.asarray(image.convert("L"), dtype=np.float32) / 255.0  # (H, W)
+            del pixels
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": ANSWER})
+
+    return app
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--decode", action="store_true", help="decode each body as an image (Pillow)")
+    args = parser.parse_args()
+    import uvicorn
+
+    uvicorn.run(make_app(args.decode), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
