@@ -80,6 +80,10 @@ class TrainingConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of `epochs` for "step"
     augment: str = "crop_flip"  # "crop_flip" | "none"
     crop_padding: int = 4
+    # "fp32" | "bf16": bf16 autocast of forward + loss (weights, optimizer and BN statistics stay fp32).
+    # On a CPU with AVX512-BF16/AMX it is ~1.65x faster for the compact net (495 -> 819 img/s on 2 threads),
+    # which buys the extra epochs the ~15 min budget needs; without native bf16 it is emulated and slower.
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,7 @@ _PAPER_RECIPE = TrainingConfig(
 # Compact nets: SGD + nesterov + OneCycle reaches high accuracy in few epochs (super-convergence),
 # which is what a ~15 min CPU budget needs.
 _COMPACT_RECIPE = TrainingConfig(
-    epochs=6,
+    epochs=12,
     batch_size=128,
     lr=0.2,
     momentum=0.9,
@@ -169,6 +173,7 @@ _COMPACT_RECIPE = TrainingConfig(
     milestones=(),
     augment="crop_flip",
     crop_padding=2,
+    precision="bf16",
 )
 
 

@@ -177,11 +177,13 @@ def train(config: ModelConfig, opts: TrainOptions) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(tc, epoch * steps_per_epoch + i, total_steps)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            outs = model(x)
-            if opts.plain:
-                loss = F.cross_entropy(outs[-1], y)
-            else:
-                loss, _ = boosted_loss(outs, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+                outs = model(x)
+                outs = [o.float() for o in outs]  # (B, classes) each; the loss and accuracies in fp32
+                if opts.plain:
+                    loss = F.cross_entropy(outs[-1], y)
+                else:
+                    loss, _ = boosted_loss(outs, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

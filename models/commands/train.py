@@ -19,6 +19,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float, help="peak / initial learning rate")
     parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="override the preset's precision: bf16 autocasts forward + loss (fast on CPUs with AVX512-BF16)",
+    )
+    parser.add_argument(
         "--t", type=float, help="boosting factor t (0.5 paper default; 0 = joint-training baseline)"
     )
     parser.add_argument("--no-stop-grad", action="store_true", help="let exit k's loss reach earlier heads")
@@ -55,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
         tc,
         **{
             k: v
-            for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
+            for k, v in (
+                ("epochs", args.epochs),
+                ("batch_size", args.batch_size),
+                ("lr", args.lr),
+                ("precision", args.precision),
+            )
             if v is not None
         },
     )

@@ -220,7 +220,9 @@ def test_http_suite_end_to_end(artifacts: tuple[Path, Path], tmp_path: Path) -> 
     assert "Request-path ablations" in text and "| fastapi_path | raw-image classify through FastAPI" in text
     floor = r["floor"]
     assert [v["name"] for v in floor["variants"]] == ["http_only", "http_decode"]
-    assert all(v["req_per_s"] > 0 and v["errors"] == 0 and v["server_cpu_ms_per_request"] > 0 for v in floor["variants"])
+    assert all(
+        v["req_per_s"] > 0 and v["errors"] == 0 and v["server_cpu_ms_per_request"] > 0 for v in floor["variants"]
+    )
     assert "What limits the early-exit / all-stages ratio" in text and "| floor: uvicorn + httptools" in text
 
 
