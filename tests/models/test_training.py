@@ -30,6 +30,21 @@ def test_tiny_training_reduces_the_loss(idx_dir: Path, tmp_path: Path) -> None:
     assert (out / "last.pt").is_file()
 
 
+def test_bf16_training_reduces_the_loss_and_keeps_fp32_weights(idx_dir: Path, tmp_path: Path) -> None:
+    """precision="bf16" autocasts forward + loss only: weights and checkpoints stay float32."""
+    config = replace(tiny_compact(), training=replace(tiny_compact().training, precision="bf16"))
+    out = tmp_path / "bf16"
+    train(config, TrainOptions(str(idx_dir), str(out), heldout_size=40, quiet=True, threads=1))
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    fp32 = tmp_path / "fp32"
+    train(tiny_compact(), TrainOptions(str(idx_dir), str(fp32), heldout_size=40, quiet=True, threads=1))
+    assert history[0]["loss"] != json.loads((fp32 / "history.json").read_text())[0]["loss"]  # bf16 really ran
+    ck = load_checkpoint(out / "checkpoint.pt")
+    assert ck.config.training.precision == "bf16"
+    assert all(t.dtype == torch.float32 for t in ck.model.state_dict().values() if t.is_floating_point())
+
+
 def test_same_seed_same_weights_and_resume(idx_dir: Path, tmp_path: Path) -> None:
     config = replace(tiny_compact(), training=replace(tiny_compact().training, epochs=2))
     a = train(config, TrainOptions(str(idx_dir), str(tmp_path / "a"), heldout_size=40, quiet=True))
