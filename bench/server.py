@@ -28,6 +28,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until_ready(url: str, proc: subprocess.Popen[Any], timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Poll `url` until it answers 200 (True), the process exits or `timeout_s` passes (False).
+
+    The one readiness loop shared by the bench and the tests that start `boostserve serve`.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(poll_s)
+    return False
+
+
 def parse_prometheus(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Minimal text-format parser: {(series name, labels): value}; enough for sums and counts."""
     out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
@@ -115,20 +132,11 @@ class ServerProcess:
             # Pinned right after fork, while the child is still starting Python: every thread it
             # creates later (uvicorn, ORT, anyio workers) inherits this affinity.
             os.sched_setaffinity(self.proc.pid, self.cpus)
-        deadline = t0 + self.startup_timeout_s
-        while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode} during start-up; log:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.url("/readyz"), timeout=2) as response:
-                    if response.status == 200:
-                        self.startup_s = time.perf_counter() - t0
-                        return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.1)
+        if wait_until_ready(self.url("/readyz"), self.proc, self.startup_timeout_s):
+            self.startup_s = time.perf_counter() - t0
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {self.proc.returncode} during start-up; log:\n{self.log_tail()}")
         self.stop()
         raise RuntimeError(f"server not ready after {self.startup_timeout_s:.0f} s; log:\n{self.log_tail()}")
 

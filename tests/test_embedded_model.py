@@ -14,14 +14,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.server import free_port
+from bench.server import free_port, wait_until_ready
 from service.budget import Budget, BudgetResolver
 from service.calibration import load_calibration
 from service.manifest import load_manifest
@@ -64,16 +63,7 @@ def test_embedded_model_serves_the_samples_like_the_report() -> None:
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError("server did not become ready")
+        assert wait_until_ready(f"{base}/readyz", proc, 60), "server did not become ready"
         served: dict[str, dict[str, object]] = {}
         for name in sorted(answers):
             response = httpx.post(

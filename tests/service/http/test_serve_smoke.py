@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from bench.server import free_port
+from bench.server import free_port, wait_until_ready
 from tests.service.http import images
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -34,17 +33,7 @@ def test_serve_classify_and_sigterm(synthetic_artifact: Path) -> None:
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        ready = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    ready = True
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        assert ready, "server did not become ready"
+        assert wait_until_ready(f"{base}/readyz", proc, 30), "server did not become ready"
         response = httpx.post(
             f"{base}/v1/classify?max_exit=2",
             files={"file": ("a.png", images.png(), "image/png")},
