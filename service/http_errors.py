@@ -134,6 +134,10 @@ async def _domain_handler(request: Request, exc: Exception) -> JSONResponse:
 def _format_validation(exc: RequestValidationError) -> str:
     parts: list[str] = []
     for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":  # loc is (body, byte offset): say what it means
+            detail = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"the request body is not valid JSON{f' ({detail})' if detail else ''}")
+            continue
         loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or "request"
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
     more = len(exc.errors()) - len(parts)

@@ -97,3 +97,16 @@ def test_uncalibrated_artifact(make_client: ClientFactory, uncalibrated_artifact
             response = client.post(f"/v1/classify?{query}", content=images.png(), headers=raw)
             assert response.status_code == 200, response.text
             assert response.json()["results"][0]["exit"] == exit_
+
+
+def test_put_budget_with_a_broken_body_says_what_is_wrong(client: TestClient) -> None:
+    headers = {**AUTH, "content-type": "application/json"}
+    assert_error(
+        client.put("/v1/budget", content=b"{not json", headers=headers), 422, "validation_error", "not valid JSON"
+    )
+    assert_error(
+        client.put("/v1/budget", content=b"max_exit=1", headers={**AUTH, "content-type": "text/plain"}),
+        422,
+        "validation_error",
+        "valid dictionary",
+    )
