@@ -133,7 +133,13 @@ def _startup(app: FastAPI) -> Runtime:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
-    runtime = await anyio.to_thread.run_sync(_startup, app)
+    try:
+        runtime = await anyio.to_thread.run_sync(_startup, app)
+    except ArtifactError as exc:
+        # Kept for `boostserve serve`, which turns it into exit code 2 and a one-line message.
+        app.state.startup_error = exc
+        log.error("cannot serve %s: %s", settings.artifacts_dir, exc)
+        raise
     engine = runtime.engine
     await anyio.to_thread.run_sync(engine.warmup, settings.max_batch_size)
     await runtime.scheduler.start()
@@ -212,6 +218,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.runtime = None
+    app.state.startup_error = None
     install_error_handlers(app)
     # add_middleware nests outward: the fast path ends up inside RequestMiddleware (ids, limits, metrics).
     app.add_middleware(RawClassifyFastPath, enabled=settings.fast_path)

@@ -161,7 +161,17 @@ def run(args: argparse.Namespace) -> int:
     except ArtifactError as exc:  # pragma: no cover - checked above, kept for races with the files
         print(f"boostserve serve: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except SystemExit:
+        if server.started:
+            raise
+        # uvicorn exits with its own code 3 when the lifespan startup fails; handled below.
     if not server.started:
-        # Lifespan startup failed (engine, calibration, default budget): uvicorn logged why.
+        # Lifespan startup failed. An artifact uvicorn could not load (ONNX Runtime refusing a
+        # stage file whose hash matches, unreadable calibration data, a default budget the model
+        # cannot meet) is a configuration problem like a missing file: exit 2 and say why.
+        error = getattr(app.state, "startup_error", None)
+        if isinstance(error, ArtifactError):
+            print(f"boostserve serve: {error}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
         return 3
     return 0

@@ -143,7 +143,8 @@ def test_serve_refuses_bad_artifact(
         f"fault_startup_{fault_id}",
         {"exit_code": done.returncode, "stderr_tail": done.stderr[-1500:], "stdout_tail": done.stdout[-500:]},
     )
-    assert done.returncode != 0, f"{fault_id}: boostserve serve exited 0\n{output[-2000:]}"
+    assert done.returncode == 2, f"{fault_id}: exit {done.returncode}, documented 2\n{output[-2000:]}"
+    assert "boostserve serve: " in done.stderr, f"{fault_id}: no one-line reason\n{output[-2000:]}"
     for alternatives in words:
         assert any(w in output for w in alternatives), f"{fault_id}: none of {alternatives} in:\n{output[-2000:]}"
 
