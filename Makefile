@@ -40,7 +40,7 @@ test-all: $(VENV)/.dev-installed  ## run every suite, slow and container ones in
 
 lint: $(VENV)/.dev-installed  ## ruff, mypy on service/ and export/, import contracts
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check . || true
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

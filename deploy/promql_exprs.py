@@ -117,9 +117,7 @@ def undocumented_names(exprs: list[Expr]) -> list[str]:
             base = re.sub(r"_(bucket|sum|count)$", "", name)
             if name in documented or (base in histograms and base != name):
                 continue
-            problems.append(
-                f"{e.source} {e.name!r}: {name} is not in the metrics table of docs/architecture.md"
-            )
+            problems.append(f"{e.source} {e.name!r}: {name} is not in the metrics table of docs/architecture.md")
     return problems
 
 
@@ -199,9 +197,7 @@ def main(argv: list[str]) -> int:
         for e in exprs + dashboard_variable_queries():
             print(f"{e.source:9} {e.name}\n          {' '.join(e.expr.split())}")
         return 0
-    errors = (
-        dashboard_structure_errors() + undocumented_names(exprs) + promtool_syntax_errors(dashboard_exprs())
-    )
+    errors = dashboard_structure_errors() + undocumented_names(exprs) + promtool_syntax_errors(dashboard_exprs())
     for err in errors:
         print(f"ERROR {err}", file=sys.stderr)
     print(

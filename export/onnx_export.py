@@ -163,6 +163,4 @@ def check_stage_graph(path: Path, plan: StagePlan, *, opset: int) -> None:
             raise ExportError(f"{where}: {value.name} has no symbolic batch axis")
         fixed = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
         if fixed != planned[value.name][1:]:
-            raise ExportError(
-                f"{where}: {value.name} has shape [batch, {fixed}], planned {planned[value.name]}"
-            )
+            raise ExportError(f"{where}: {value.name} has shape [batch, {fixed}], planned {planned[value.name]}")

@@ -148,9 +148,7 @@ def compare(
                 feeds[name] = staged[k - 1][0][j].numpy()
         outputs = dict(zip(plan.output_names, session.run(plan.output_names, feeds), strict=True))
         alone_logits.append(_max_abs(outputs[LOGITS_OUT], expected[k]))
-        feature_errors = [
-            _max_abs(outputs[feat_out(j)], staged[k][0][j].numpy()) for j in range(plan.num_feat_out)
-        ]
+        feature_errors = [_max_abs(outputs[feat_out(j)], staged[k][0][j].numpy()) for j in range(plan.num_feat_out)]
         alone_features.append(max(feature_errors, default=0.0))
     chained = run_chained(sessions, plans, image_np)
     chained_errors = [_max_abs(a, b) for a, b in zip(chained, expected, strict=True)]

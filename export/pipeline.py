@@ -216,9 +216,7 @@ def _stage_dict(plan: StagePlan, path: Path, cost: CostLike) -> dict[str, Any]:
         "index": plan.index,
         "file": path.name,
         "sha256": sha256_file(path),
-        "inputs": [
-            {"name": t.name, "shape": list(t.shape), "source": plan.source(t.name)} for t in plan.inputs
-        ],
+        "inputs": [{"name": t.name, "shape": list(t.shape), "source": plan.source(t.name)} for t in plan.inputs],
         "outputs": [{"name": t.name, "shape": list(t.shape)} for t in plan.outputs],
         "logits_output": "logits",
         "macs": int(cost.macs),
@@ -228,9 +226,7 @@ def _stage_dict(plan: StagePlan, path: Path, cost: CostLike) -> dict[str, Any]:
     }
 
 
-def _example_inputs(
-    plan: StagePlan, staged: list[tuple[list[Tensor], Tensor]], image: Tensor
-) -> tuple[Tensor, ...]:
+def _example_inputs(plan: StagePlan, staged: list[tuple[list[Tensor], Tensor]], image: Tensor) -> tuple[Tensor, ...]:
     values: list[Tensor] = []
     for name in plan.input_names:
         if name == "image":
@@ -274,9 +270,7 @@ def export_artifact(
         raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
     backbone = source.backbone
     if backbone.training:
-        raise ExportError(
-            "the model must be in eval mode (gradient rescaling and other training-only parts off)"
-        )
+        raise ExportError("the model must be in eval mode (gradient rescaling and other training-only parts off)")
     n = backbone.num_stages
     if len(source.costs) != n:
         raise ExportError(f"{len(source.costs)} exit costs for {n} stages")
@@ -344,9 +338,7 @@ def export_artifact(
         body: dict[str, Any] = {
             "schema_version": 1,
             "name": source.name,
-            "stages": [
-                _stage_dict(p, path, cost) for p, path, cost in zip(plans, paths, source.costs, strict=True)
-            ],
+            "stages": [_stage_dict(p, path, cost) for p, path, cost in zip(plans, paths, source.costs, strict=True)],
             "preprocessing": {
                 "height": h,
                 "width": w,
@@ -367,9 +359,7 @@ def export_artifact(
         engine_check: EngineCrossCheck | None = None
         if options.calibrate:
             assert data.heldout is not None
-            heldout, test, engine_check, split_info = _calibrate(
-                manifest, temp, source, data, options, progress
-            )
+            heldout, test, engine_check, split_info = _calibrate(manifest, temp, source, data, options, progress)
             dataset_info.update(split_info)
             arrays = heldout.arrays("heldout")
             if test is not None:

@@ -436,9 +436,7 @@ def plot_overlay(budgeted_path: Path, anytime_path: Path, reports: Sequence[Arti
         y = [100 * a for a in r.per_exit_test_accuracy]
         ax.plot(x, y, color=colors[i % len(colors)], marker="o", markersize=4, label=r.label)
         for k, (xx, yy) in enumerate(zip(x, y, strict=True)):
-            ax.annotate(
-                str(k + 1), (xx, yy), textcoords="offset points", xytext=(0, 5), fontsize=7, ha="center"
-            )
+            ax.annotate(str(k + 1), (xx, yy), textcoords="offset points", xytext=(0, 5), fontsize=7, ha="center")
     ax.set_xlabel("cumulative MMACs at the exit")
     ax.set_ylabel("top-1 accuracy on test (%)")
     ax.set_title("Anytime prediction: accuracy of each exit")
@@ -449,9 +447,7 @@ def plot_overlay(budgeted_path: Path, anytime_path: Path, reports: Sequence[Arti
     plt.close(fig)
 
 
-def write_report(
-    out_dir: Path, reports: Sequence[ArtifactReport], extra: dict[str, Any] | None = None
-) -> list[Path]:
+def write_report(out_dir: Path, reports: Sequence[ArtifactReport], extra: dict[str, Any] | None = None) -> list[Path]:
     """report.md, report.json, curves.csv and the PNGs; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

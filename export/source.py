@@ -38,9 +38,7 @@ def checkpoint_split(meta: dict[str, Any]) -> SplitSettings | None:
     return SplitSettings(dataset=str(kind) if kind else None, heldout_size=int(size), seed=int(seed))
 
 
-def resolve_split(
-    meta: dict[str, Any], heldout_size: int | None, seed: int | None, warn: bool = True
-) -> SplitSettings:
+def resolve_split(meta: dict[str, Any], heldout_size: int | None, seed: int | None, warn: bool = True) -> SplitSettings:
     """The checkpoint's split, with CLI overrides; warn when an override departs from training."""
     recorded = checkpoint_split(meta)
     if recorded is None and (heldout_size is None or seed is None):
@@ -60,9 +58,7 @@ def resolve_split(
     return SplitSettings(dataset=recorded.dataset if recorded else None, heldout_size=size, seed=split_seed)
 
 
-def source_from_checkpoint(
-    checkpoint: str | Path, *, name: str | None = None
-) -> tuple[ExportSource, dict[str, Any]]:
+def source_from_checkpoint(checkpoint: str | Path, *, name: str | None = None) -> tuple[ExportSource, dict[str, Any]]:
     """Load a checkpoint (eval mode) and describe it for the exporter; also return its meta."""
     from models.checkpoint import load_checkpoint
     from models.macs import count_exit_costs

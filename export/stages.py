@@ -124,9 +124,7 @@ class StageModule(nn.Module):
         return (*kept, cumulative)
 
 
-def torch_stage_outputs(
-    backbone: StagedBackbone, t: float, image: Tensor
-) -> list[tuple[list[Tensor], Tensor]]:
+def torch_stage_outputs(backbone: StagedBackbone, t: float, image: Tensor) -> list[tuple[list[Tensor], Tensor]]:
     """Run every stage in torch: per stage (features returned, cumulative logits F_k).
 
     This is the reference the ONNX graphs are compared with stage by stage, computed through the

@@ -195,12 +195,8 @@ def _msdnet(name: str, classes: int, n_blocks: int) -> ModelConfig:
 
 # Measured on 2 CPU threads (fwd+bwd, shared machine): 370-620 img/s, 90-150 s per 55k-image epoch; exits at
 # 1.9 / 12.2 / 23.4 / 38.1 M MACs, so the first exit costs 5 % of the full network.
-FMNIST_COMPACT = CompactConfig(
-    stem_channels=16, widths=(24, 64, 128, 256), blocks=(1, 1, 1, 1), strides=(2, 1, 2, 2)
-)
-CIFAR_COMPACT = CompactConfig(
-    stem_channels=16, widths=(16, 64, 128, 256), blocks=(1, 2, 2, 2), strides=(1, 2, 2, 2)
-)
+FMNIST_COMPACT = CompactConfig(stem_channels=16, widths=(24, 64, 128, 256), blocks=(1, 1, 1, 1), strides=(2, 1, 2, 2))
+CIFAR_COMPACT = CompactConfig(stem_channels=16, widths=(16, 64, 128, 256), blocks=(1, 2, 2, 2), strides=(1, 2, 2, 2))
 
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
@@ -244,9 +240,7 @@ PRESETS: dict[str, ModelConfig] = {
             cascade=CascadeConfig(
                 (
                     CompactConfig(stem_channels=8, widths=(16, 32), blocks=(1, 1), strides=(2, 2)),
-                    CompactConfig(
-                        stem_channels=32, widths=(32, 64, 128), blocks=(1, 2, 2), strides=(1, 2, 2)
-                    ),
+                    CompactConfig(stem_channels=32, widths=(32, 64, 128), blocks=(1, 2, 2), strides=(1, 2, 2)),
                 )
             ),
             boosting=BoostingConfig(t=0.5, stop_grad=True, grad_rescale=False),

@@ -79,9 +79,7 @@ class EvalTransform:
 class TrainTransform(EvalTransform):
     """RandomCrop(size, padding, zero fill) + horizontal flip (p=0.5), then normalisation."""
 
-    def __init__(
-        self, mean: tuple[float, ...], std: tuple[float, ...], padding: int = 4, flip: bool = True
-    ) -> None:
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], padding: int = 4, flip: bool = True) -> None:
         super().__init__(mean, std)
         self.padding = padding
         self.flip = flip
@@ -270,9 +268,7 @@ def _load_cifar100(d: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[str, 
     return xtr, ytr, xte, yte, names
 
 
-def _load_imagefolder(
-    d: Path, image_size: int | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[str, ...]]:
+def _load_imagefolder(d: Path, image_size: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[str, ...]]:
     from PIL import Image
 
     classes = sorted(p.name for p in (d / "train").iterdir() if p.is_dir())

@@ -51,9 +51,7 @@ def module_macs(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -
 
 
 @torch.no_grad()
-def count_exit_costs(
-    model: BoostedNet, input_shape: tuple[int, int, int, int] | None = None
-) -> list[ExitCost]:
+def count_exit_costs(model: BoostedNet, input_shape: tuple[int, int, int, int] | None = None) -> list[ExitCost]:
     """Incremental and cumulative MACs/params per exit (paper convention, batch of one zero image)."""
     backbone = model.backbone
     shape = input_shape or model.config.input_shape

@@ -141,13 +141,10 @@ class Stem(nn.Module):
 class Transition(nn.Module):
     """1x1 conv per remaining scale compressing channels (after a scale was dropped)."""
 
-    def __init__(
-        self, n_in: int, n_out: int, gr_factor: tuple[int, ...], offset: int, out_scales: int
-    ) -> None:
+    def __init__(self, n_in: int, n_out: int, gr_factor: tuple[int, ...], offset: int, out_scales: int) -> None:
         super().__init__()
         self.convs = nn.ModuleList(
-            ConvBNReLU(n_in * gr_factor[offset + i], n_out * gr_factor[offset + i], 1)
-            for i in range(out_scales)
+            ConvBNReLU(n_in * gr_factor[offset + i], n_out * gr_factor[offset + i], 1) for i in range(out_scales)
         )
 
     def forward(self, x: list[Tensor]) -> list[Tensor]:
@@ -175,9 +172,7 @@ class CifarHead(nn.Module):
 
     def __init__(self, c_in: int, num_classes: int, inter: int = 128) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            ConvBNReLU(c_in, inter, 3, 2), ConvBNReLU(inter, inter, 3, 2), nn.AvgPool2d(2)
-        )
+        self.features = nn.Sequential(ConvBNReLU(c_in, inter, 3, 2), ConvBNReLU(inter, inter, 3, 2), nn.AvgPool2d(2))
         self.linear = nn.Linear(inter, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -44,9 +44,7 @@ def table(runs: list[Path]) -> str:
         val = " / ".join(f"{a:.2f}" for a in d["val_acc"])
         lines.append(f"| {n} | {d['epochs']} | {d['train_seconds'] / 60:.1f} min | {val} |")
     if len(data) == 2:
-        wins = sum(
-            a["test_acc"] > b["test_acc"] for a, b in zip(data[0]["exits"], data[1]["exits"], strict=True)
-        )
+        wins = sum(a["test_acc"] > b["test_acc"] for a, b in zip(data[0]["exits"], data[1]["exits"], strict=True))
         lines.append("")
         lines.append(f"{names[0]} is better than {names[1]} at {wins} of {len(data[0]['exits'])} exits.")
     return "\n".join(lines)

@@ -66,9 +66,7 @@ def lr_at(tc: TrainingConfig, step: int, total_steps: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(
-    model: BoostedNet, data: ArrayDataset, device: torch.device, batch_size: int = 500
-) -> list[float]:
+def evaluate(model: BoostedNet, data: ArrayDataset, device: torch.device, batch_size: int = 500) -> list[float]:
     """Per-exit top-1 accuracy (%) of the cumulative logits F_k."""
     model.eval()
     correct = torch.zeros(model.num_stages, dtype=torch.long)

@@ -47,9 +47,7 @@ def on_split(data: CalibrationData | None, result: P.ThresholdResult) -> P.Thres
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", type=Path, default=None, help="artifact dir (default: synthetic data)")
     parser.add_argument("--out", type=Path, default=Path("reports/policies"))
     parser.add_argument("--exits", type=int, default=10)
@@ -90,9 +88,7 @@ def write_table(
     path: Path,
     source: str,
     cal: CalibrationData,
-    rows: list[
-        tuple[float, P.ThresholdResult, P.ThresholdResult, P.ThresholdResult | None, P.ThresholdResult | None]
-    ],
+    rows: list[tuple[float, P.ThresholdResult, P.ThresholdResult, P.ThresholdResult | None, P.ThresholdResult | None]],
     has_test: bool,
     cold_ms: float,
 ) -> None:
@@ -109,9 +105,7 @@ def write_table(
         "Accuracy in %, MACs in millions per image (held-out expected values); the budget is an upper bound.",
         "",
     ]
-    header = (
-        "| budget (M) | reference acc | reference MACs | optimal acc | optimal MACs | optimal - reference |"
-    )
+    header = "| budget (M) | reference acc | reference MACs | optimal acc | optimal MACs | optimal - reference |"
     sep = "|---:|---:|---:|---:|---:|---:|"
     if has_test:
         header += " reference test acc | optimal test acc |"
@@ -144,9 +138,7 @@ def plot(
     cal: CalibrationData,
     frontier: list[P.ThresholdResult],
     family: list[P.ThresholdResult],
-    rows: list[
-        tuple[float, P.ThresholdResult, P.ThresholdResult, P.ThresholdResult | None, P.ThresholdResult | None]
-    ],
+    rows: list[tuple[float, P.ThresholdResult, P.ThresholdResult, P.ThresholdResult | None, P.ThresholdResult | None]],
     has_test: bool,
 ) -> None:
     import matplotlib

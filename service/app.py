@@ -61,9 +61,7 @@ TAGS = [
 ]
 
 
-def _default_budget(
-    settings: Settings, manifest: Manifest, calibrated: bool, resolver: BudgetResolver
-) -> Budget:
+def _default_budget(settings: Settings, manifest: Manifest, calibrated: bool, resolver: BudgetResolver) -> Budget:
     raw = settings.budget_dict()
     if not calibrated and any(raw.get(k) is not None for k in NEEDS_CALIBRATION):
         log.warning(
@@ -158,8 +156,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime.ready = True
     metrics.set_ready(True)
     log.info(
-        "ready: model %s version %s, %d stages, providers %s, stages run on the %s, default budget %s, "
-        "early_exit=%s",
+        "ready: model %s version %s, %d stages, providers %s, stages run on the %s, default budget %s, early_exit=%s",
         manifest.name,
         manifest.version,
         manifest.num_stages,

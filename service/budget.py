@@ -186,14 +186,11 @@ class BudgetResolver:
     computed twice at worst (deterministically, so both get equal results).
     """
 
-    def __init__(
-        self, manifest: Manifest, calibration: CalibrationData | None, cache_size: int = 256
-    ) -> None:
+    def __init__(self, manifest: Manifest, calibration: CalibrationData | None, cache_size: int = 256) -> None:
         if calibration is not None:
             if calibration.num_exits != manifest.num_stages:
                 raise ValueError(
-                    f"calibration data has {calibration.num_exits} exits, "
-                    f"the manifest {manifest.num_stages} stages"
+                    f"calibration data has {calibration.num_exits} exits, the manifest {manifest.num_stages} stages"
                 )
             macs = [float(m) for m in calibration.cumulative_macs]
             if macs != [float(m) for m in manifest.cumulative_macs]:

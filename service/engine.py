@@ -305,9 +305,7 @@ class Engine:
             try:
                 session = ort.InferenceSession(str(path), options, providers=requested)
             except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-                raise ArtifactError(
-                    f"ONNX Runtime cannot load stage {stage.index + 1} ({path}): {exc}"
-                ) from exc
+                raise ArtifactError(f"ONNX Runtime cannot load stage {stage.index + 1} ({path}): {exc}") from exc
             self._sessions.append(session)
 
         self._plans = self._build_plans()
@@ -347,17 +345,13 @@ class Engine:
             declared_outputs = [o.name for o in stage.outputs]
             where = f"stage {k + 1} ({stage.file})"
             if sorted(graph_inputs) != sorted(declared_inputs):
-                raise ArtifactError(
-                    f"{where}: graph inputs {graph_inputs} do not match the manifest {declared_inputs}"
-                )
+                raise ArtifactError(f"{where}: graph inputs {graph_inputs} do not match the manifest {declared_inputs}")
             if sorted(graph_outputs) != sorted(declared_outputs):
                 raise ArtifactError(
                     f"{where}: graph outputs {graph_outputs} do not match the manifest {declared_outputs}"
                 )
             if stage.logits_output not in graph_outputs:
-                raise ArtifactError(
-                    f"{where}: logits output {stage.logits_output!r} not among {graph_outputs}"
-                )
+                raise ArtifactError(f"{where}: logits output {stage.logits_output!r} not among {graph_outputs}")
             if "image" in graph_outputs:
                 raise ArtifactError(f"{where}: an output may not be called 'image' (reserved source name)")
             feeds: list[tuple[str, str]] = []
@@ -373,8 +367,7 @@ class Engine:
                 previous = [o.name for o in stages[k - 1].outputs]
                 if source not in previous:
                     raise ArtifactError(
-                        f"{where}: input {spec.name!r} reads {spec.source!r}, "
-                        f"not an output of stage {k} ({previous})"
+                        f"{where}: input {spec.name!r} reads {spec.source!r}, not an output of stage {k} ({previous})"
                     )
                 feeds.append((spec.name, source))
             if k + 1 < len(stages):
@@ -514,9 +507,7 @@ class Engine:
             state = result.state
         return out
 
-    def classify(
-        self, images: Any, thresholds: Any = None, *, deadline: float | None = None
-    ) -> list[ExitResult]:
+    def classify(self, images: Any, thresholds: Any = None, *, deadline: float | None = None) -> list[ExitResult]:
         """Synchronous early exit for one batch; see `classify_with_stats`."""
         return self.classify_with_stats(images, thresholds, deadline=deadline).results
 

@@ -60,16 +60,10 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
-        self.requests = Counter(
-            "boostserve_requests", "HTTP requests", ["route", "method", "status_class"], registry=r
-        )
-        self.errors = Counter(
-            "boostserve_errors", "error responses by error_type", ["error_type"], registry=r
-        )
+        self.requests = Counter("boostserve_requests", "HTTP requests", ["route", "method", "status_class"], registry=r)
+        self.errors = Counter("boostserve_errors", "error responses by error_type", ["error_type"], registry=r)
         self.images = Counter("boostserve_images", "images classified", registry=r)
-        self.exits = Counter(
-            "boostserve_exits", "images answered at each exit (1-based)", ["stage"], registry=r
-        )
+        self.exits = Counter("boostserve_exits", "images answered at each exit (1-based)", ["stage"], registry=r)
         self._image_macs: Histogram | None = None
         self.exit_confidence = Histogram(
             "boostserve_exit_confidence",
@@ -92,12 +86,8 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "boostserve_queue_depth", "images waiting per stage queue", ["stage"], registry=r
-        )
-        self.inflight = Gauge(
-            "boostserve_inflight_requests", "classification requests in progress", registry=r
-        )
+        self.queue_depth = Gauge("boostserve_queue_depth", "images waiting per stage queue", ["stage"], registry=r)
+        self.inflight = Gauge("boostserve_inflight_requests", "classification requests in progress", registry=r)
         self.deadline_hits = Counter(
             "boostserve_deadline_hits", "images answered early because their deadline passed", registry=r
         )
@@ -176,9 +166,7 @@ class Metrics:
     ) -> None:
         """The global budget changed (startup, PUT /v1/budget)."""
         self.budget_expected_macs.set(float("nan") if expected_macs is None else float(expected_macs))
-        self.budget_expected_accuracy.set(
-            float("nan") if expected_accuracy is None else float(expected_accuracy)
-        )
+        self.budget_expected_accuracy.set(float("nan") if expected_accuracy is None else float(expected_accuracy))
         if exit_fractions is not None:
             for k, fraction in enumerate(exit_fractions, start=1):
                 self.calibrated_exit_fraction.labels(stage=str(k)).set(float(fraction))

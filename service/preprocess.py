@@ -82,9 +82,7 @@ class Preprocessor:
                 f"image has too many pixels, over the limit of {self.limits.max_image_pixels}: {exc}"
             ) from exc
         except UnidentifiedImageError as exc:
-            raise InvalidImageError(
-                "not an image Pillow can decode (PNG, JPEG, WebP, GIF, BMP, TIFF...)"
-            ) from exc
+            raise InvalidImageError("not an image Pillow can decode (PNG, JPEG, WebP, GIF, BMP, TIFF...)") from exc
         except (OSError, ValueError, SyntaxError) as exc:
             raise InvalidImageError(f"cannot read image header: {exc}") from exc
         width, height = image.size
@@ -92,8 +90,7 @@ class Preprocessor:
             raise InvalidImageError(f"image has an empty size {width}x{height}")
         if width * height > self.limits.max_image_pixels:
             raise PayloadTooLargeError(
-                f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                f"{self.limits.max_image_pixels}"
+                f"image is {width}x{height} = {width * height} pixels, over the limit of {self.limits.max_image_pixels}"
             )
         return image
 
@@ -170,9 +167,7 @@ class Preprocessor:
         if batch.ndim == 3:
             batch = batch[None]
         if batch.ndim != 4:
-            raise ValidationFailedError(
-                f"uint8 image tensor must be [B,H,W,C] or [H,W,C], got {list(batch.shape)}"
-            )
+            raise ValidationFailedError(f"uint8 image tensor must be [B,H,W,C] or [H,W,C], got {list(batch.shape)}")
         b, h, w, c = batch.shape
         if b == 0 or h == 0 or w == 0:
             raise ValidationFailedError(f"uint8 image tensor has an empty axis: {list(batch.shape)}")

@@ -80,8 +80,7 @@ class Runtime:
         if not any(k in given for k in BUDGET_KEYS):
             if "policy" in given:
                 raise ValidationFailedError(
-                    "a policy needs a budget: give one of "
-                    "budget_macs, max_accuracy_drop, max_exit, thresholds"
+                    "a policy needs a budget: give one of budget_macs, max_accuracy_drop, max_exit, thresholds"
                 )
             return None
         if not self.calibrated:
@@ -98,9 +97,7 @@ class Runtime:
         if budget is None:
             if effective_early_exit == self.global_budget.early_exit:
                 return self.global_budget
-            return ResolvedBudget(
-                self.global_budget.budget, self.global_budget.thresholds, effective_early_exit
-            )
+            return ResolvedBudget(self.global_budget.budget, self.global_budget.thresholds, effective_early_exit)
         return ResolvedBudget(budget, self.resolver.resolve(budget), effective_early_exit)
 
     async def set_global_budget(self, budget: Budget) -> ResolvedBudget:
@@ -136,9 +133,7 @@ class Runtime:
             "policy": info.get("policy"),
             "expected_accuracy": _finite_or_none(info.get("expected_accuracy")),
             "expected_macs": _finite_or_none(expected_macs),
-            "expected_macs_fraction": None
-            if expected_macs is None
-            else _finite_or_none(expected_macs / full),
+            "expected_macs_fraction": None if expected_macs is None else _finite_or_none(expected_macs / full),
             "exit_fractions": info.get("exit_fractions"),
             "calibrated": self.calibrated,
             "early_exit": resolved.early_exit,

@@ -176,9 +176,7 @@ class _Chunk:
 
     __slots__ = ("enqueued", "request", "rows", "source", "state")
 
-    def __init__(
-        self, request: _Request, rows: np.ndarray, state: StageBatch, source: int, enqueued: float
-    ) -> None:
+    def __init__(self, request: _Request, rows: np.ndarray, state: StageBatch, source: int, enqueued: float) -> None:
         self.request = request
         self.rows = rows  # (n,) int64 indices into the request
         self.state = state  # n rows
@@ -504,9 +502,7 @@ class Scheduler:
             st.merged_batches += 1
             st.merged_items += size
         # Worker seconds (all stages) per image admitted at stage 0: the drain-time estimate.
-        self._seconds_per_image = sum(s.seconds for s in self.stats.stages) / max(
-            1, self.stats.stages[0].items
-        )
+        self._seconds_per_image = sum(s.seconds for s in self.stats.stages) / max(1, self.stats.stages[0].items)
         exits = int(comp.leave.sum())
         self.stats.recent_batches.append(BatchRecord(batch_id, k, size, requests, sources, exits))
         if self.observer is not None:
@@ -525,9 +521,7 @@ class Scheduler:
             seg_leave = comp.leave[start:end]
             for i in np.flatnonzero(seg_leave).tolist():
                 j = start + i
-                req.results[int(chunk.rows[i])] = make_result(
-                    k, comp.logits[j], comp.probs[j], comp.conf[j], macs
-                )
+                req.results[int(chunk.rows[i])] = make_result(k, comp.logits[j], comp.probs[j], comp.conf[j], macs)
                 if self.observer is not None:
                     self._safe(self.observer.on_exit, k, float(comp.conf[j]), float(macs), False)
             n_exit = int(seg_leave.sum())

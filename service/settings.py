@@ -101,9 +101,7 @@ class Settings(BaseSettings):
         description="how long stage 1 waits for more images before running a partial batch; 0 = run "
         "as soon as the worker is free (batches still form while it is busy)",
     )
-    max_queue: int = Field(
-        default=1024, ge=1, description="images admitted and not yet answered; more -> 429"
-    )
+    max_queue: int = Field(default=1024, ge=1, description="images admitted and not yet answered; more -> 429")
 
     # -- input limits ------------------------------------------------------------------------------
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="request body limit (413)")
@@ -197,9 +195,7 @@ class Settings(BaseSettings):
     def _one_budget_key(cls, value: dict[str, Any]) -> dict[str, Any]:
         given = [k for k in _BUDGET_KEYS if value.get(k) is not None]
         if len(given) != 1:
-            raise ValueError(
-                f"default_budget needs exactly one of {', '.join(_BUDGET_KEYS)}; got {given or 'none'}"
-            )
+            raise ValueError(f"default_budget needs exactly one of {', '.join(_BUDGET_KEYS)}; got {given or 'none'}")
         return value
 
     @model_validator(mode="after")

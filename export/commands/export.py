@@ -28,9 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip calibration (only explicit thresholds / max_exit budgets will work)",
     )
-    parser.add_argument(
-        "--no-test", dest="include_test", action="store_false", help="do not store test-split arrays"
-    )
+    parser.add_argument("--no-test", dest="include_test", action="store_false", help="do not store test-split arrays")
     parser.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="parity tolerance (max abs, logits)")
     parser.add_argument(

@@ -12,9 +12,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="/usr/share/datasets/fashion-mnist",
         help="dataset directory (Fashion-MNIST IDX, CIFAR python, or train/+test/ image folders)",
     )
-    parser.add_argument(
-        "--out", required=True, help="run directory (checkpoint.pt, last.pt, history.json, ...)"
-    )
+    parser.add_argument("--out", required=True, help="run directory (checkpoint.pt, last.pt, history.json, ...)")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float, help="peak / initial learning rate")
@@ -23,15 +21,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=["fp32", "bf16"],
         help="override the preset's precision: bf16 autocasts forward + loss (fast on CPUs with AVX512-BF16)",
     )
-    parser.add_argument(
-        "--t", type=float, help="boosting factor t (0.5 paper default; 0 = joint-training baseline)"
-    )
+    parser.add_argument("--t", type=float, help="boosting factor t (0.5 paper default; 0 = joint-training baseline)")
     parser.add_argument("--no-stop-grad", action="store_true", help="let exit k's loss reach earlier heads")
     parser.add_argument("--no-grad-rescale", action="store_true", help="disable MSDNet gradient rescaling")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--heldout-size", type=int, default=5000, help="seeded validation split carved from train"
-    )
+    parser.add_argument("--heldout-size", type=int, default=5000, help="seeded validation split carved from train")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument(
         "--freeze-backbone",

@@ -80,9 +80,7 @@ def build_settings(args: argparse.Namespace) -> Any:
     from service.settings import Settings
 
     overrides = {
-        field: getattr(args, flag)
-        for flag, field in _FLAG_TO_FIELD.items()
-        if getattr(args, flag, None) is not None
+        field: getattr(args, flag) for flag, field in _FLAG_TO_FIELD.items() if getattr(args, flag, None) is not None
     }
     return Settings(**overrides)
 

@@ -75,9 +75,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "  boostserve thresholds --artifacts ART --thresholds 0.9,0.8,none,0\n"
         "see docs/policies.md for what each knob and policy does"
     )
-    parser.add_argument(
-        "--artifacts", required=True, metavar="ART_DIR", help="artifact directory (manifest.json)"
-    )
+    parser.add_argument("--artifacts", required=True, metavar="ART_DIR", help="artifact directory (manifest.json)")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument(
         "--budget-macs", type=parse_macs, metavar="MACS", help="average MACs per image: 30M, 3e7, 500k, 1.2G"
@@ -88,9 +86,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="DROP",
         help="accuracy loss allowed vs the final exit: 0.01 or 1%%",
     )
-    group.add_argument(
-        "--max-exit", type=int, metavar="K", help="anytime mode: every image answers at exit K"
-    )
+    group.add_argument("--max-exit", type=int, metavar="K", help="anytime mode: every image answers at exit K")
     group.add_argument(
         "--thresholds",
         type=parse_thresholds,
@@ -153,10 +149,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model      {manifest.name} (version {manifest.version}, {manifest.num_stages} exits)")
     print(f"budget     {budget.describe()}  ->  policy {result.policy}")
     if result.expected_accuracy is not None and result.expected_macs is not None and calibration is not None:
-        print(
-            f"expected   accuracy {result.expected_accuracy * 100:.2f}% "
-            f"(held-out, n={calibration.num_samples})"
-        )
+        print(f"expected   accuracy {result.expected_accuracy * 100:.2f}% (held-out, n={calibration.num_samples})")
         print(
             f"           MACs {format_macs(result.expected_macs)} per image "
             f"({result.expected_macs / full * 100:.1f}% of the full network, {format_macs(full)})"
@@ -182,8 +175,6 @@ def run(args: argparse.Namespace) -> int:
         macs = format_macs(float(manifest.cumulative_macs[k]))
         print(f"{k + 1:>4}  {shown:>10}  {macs:>10}  {fraction:>8}  {accuracy:>9}")
     print()
-    print(
-        "threshold: exit when max softmax >= it; never/always: +inf/-inf; exiting: share of held-out images"
-    )
+    print("threshold: exit when max softmax >= it; never/always: +inf/-inf; exiting: share of held-out images")
     print("exit acc.: that exit's own held-out accuracy on all images (anytime)")
     return 0

@@ -32,7 +32,5 @@ def test_container_builds_runs_and_classifies() -> None:
     )
     took = time.monotonic() - started
     print(out.stdout[-6000:])
-    assert out.returncode == 0, (
-        f"verify_container.sh failed after {took:.0f} s:\n{out.stdout[-6000:]}\n{out.stderr}"
-    )
+    assert out.returncode == 0, f"verify_container.sh failed after {took:.0f} s:\n{out.stdout[-6000:]}\n{out.stderr}"
     assert "OK: image" in out.stdout

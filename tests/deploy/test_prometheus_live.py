@@ -96,11 +96,7 @@ def _png(seed: int) -> bytes:
     from PIL import Image
 
     # Pixel patterns from flat to high-contrast, so images leave at different exits.
-    values = [
-        ((x * (seed % 7 + 1) * 37 + y * (seed % 5) * 53 + seed * 11) % 256)
-        for y in range(8)
-        for x in range(8)
-    ]
+    values = [((x * (seed % 7 + 1) * 37 + y * (seed % 5) * 53 + seed * 11) % 256) for y in range(8) for x in range(8)]
     img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE))
     img.putdata(values)
     buf = io.BytesIO()
@@ -186,9 +182,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             r = httpx.post(f"{service_url}/v1/classify", content=b"not a png %d" % i,
                            headers={"content-type": "image/png"}, timeout=10)  # fmt: skip
             assert 400 <= r.status_code < 500, r.status_code
-        r = httpx.post(
-            f"{service_url}/v1/classify", content=b"x", headers={"content-type": "text/plain"}, timeout=10
-        )
+        r = httpx.post(f"{service_url}/v1/classify", content=b"x", headers={"content-type": "text/plain"}, timeout=10)
         assert r.status_code in (400, 415), r.status_code
 
         # Prometheus has scraped the final counters and evaluated the rules on them.

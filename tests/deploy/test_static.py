@@ -139,9 +139,7 @@ def test_dashboard_structure_and_panels() -> None:
         assert wanted in titles, wanted
     exprs = " ".join(e.expr for e in promql.dashboard_exprs())
     for q in ("0.50", "0.95", "0.99"):
-        assert (
-            f"histogram_quantile({q}, sum by (le) (rate(boostserve_request_duration_seconds_bucket" in exprs
-        )
+        assert f"histogram_quantile({q}, sum by (le) (rate(boostserve_request_duration_seconds_bucket" in exprs
 
 
 def test_grafana_provisioning_points_at_the_dashboard() -> None:

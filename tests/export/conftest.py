@@ -30,9 +30,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_checkpoints")
     return {
-        kind: save_tiny_checkpoint(
-            root / f"{kind}.pt", kind=kind, seed=0, data_dir=tiny_data, heldout_size=40
-        )
+        kind: save_tiny_checkpoint(root / f"{kind}.pt", kind=kind, seed=0, data_dir=tiny_data, heldout_size=40)
         for kind in KINDS
     }
 

@@ -80,10 +80,7 @@ class TwoScaleNet(StagedBackbone):
 
 
 def costs(n: int) -> list[Cost]:
-    return [
-        Cost(macs=100, cumulative_macs=100 * (k + 1), params=10, cumulative_params=10 * (k + 1))
-        for k in range(n)
-    ]
+    return [Cost(macs=100, cumulative_macs=100 * (k + 1), params=10, cumulative_params=10 * (k + 1)) for k in range(n)]
 
 
 def make_double(seed: int = 0, **kwargs: object) -> TwoScaleNet:

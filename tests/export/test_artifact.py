@@ -23,9 +23,7 @@ from tests.export.conftest import KINDS
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_manifest_contract(
-    kind: str, tiny_artifacts: dict[str, Path], tiny_checkpoints: dict[str, Path]
-) -> None:
+def test_manifest_contract(kind: str, tiny_artifacts: dict[str, Path], tiny_checkpoints: dict[str, Path]) -> None:
     """Recompute what the manifest claims: file hashes, MACs/params, preprocessing, provenance."""
     art = tiny_artifacts[kind]
     manifest = load_manifest(art, verify=True)
@@ -43,9 +41,7 @@ def test_manifest_contract(
     assert manifest.calibration.sha256 == sha256_file(art / manifest.calibration.file)
     pre = manifest.preprocessing
     assert (pre.channels, pre.height, pre.width, pre.color_mode) == (1, 28, 28, "L")
-    assert pre.mean == pytest.approx(list(loaded.config.mean)) and pre.std == pytest.approx(
-        list(loaded.config.std)
-    )
+    assert pre.mean == pytest.approx(list(loaded.config.mean)) and pre.std == pytest.approx(list(loaded.config.std))
     assert manifest.exit_rule.t == pytest.approx(loaded.config.boosting.t)
     assert len(manifest.classes) == 10
     prov = manifest.provenance
@@ -71,9 +67,7 @@ def test_stage_wiring_per_kind(tiny_artifacts: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("kind", ["compact", "cascade"])
-def test_calibration_matches_engine_softmax(
-    kind: str, tiny_artifacts: dict[str, Path], tiny_data: Path
-) -> None:
+def test_calibration_matches_engine_softmax(kind: str, tiny_artifacts: dict[str, Path], tiny_data: Path) -> None:
     art = tiny_artifacts[kind]
     manifest = load_manifest(art)
     splits = load_splits(

@@ -60,9 +60,7 @@ def test_report_two_artifacts(
         np.testing.assert_allclose([p["test_accuracy"] for p in anytime], entry["per_exit_test_accuracy"])
         for p in entry["points"]:
             if p["curve"] in ("optimal", "reference"):
-                assert p["heldout_macs"] <= p["knob"] * (
-                    1 + 1e-6
-                )  # thresholds respect the budget on held-out
+                assert p["heldout_macs"] <= p["knob"] * (1 + 1e-6)  # thresholds respect the budget on held-out
         oracle = next(p for p in entry["points"] if p["curve"] == "oracle")
         assert oracle["test_accuracy"] >= max(entry["per_exit_test_accuracy"])
         assert {p["curve"] for p in entry["points"]} == {

@@ -147,8 +147,6 @@ def test_existing_output_is_not_replaced_without_overwrite(tmp_path: Path) -> No
     with pytest.raises(ExportError, match="already exists"):
         _export(tmp_path, net)
     assert (art / "manifest.json").read_text() == before
-    result = export_artifact(
-        _source(net), art, options=ExportOptions(calibrate=False, progress=False, overwrite=True)
-    )
+    result = export_artifact(_source(net), art, options=ExportOptions(calibrate=False, progress=False, overwrite=True))
     assert result.path == art and (art / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]

@@ -71,9 +71,7 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def separable_images(
-    n: int, classes: int, size: int, channels: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def separable_images(n: int, classes: int, size: int, channels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Images whose class decides which horizontal band is bright: learnable in a few steps."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, n)
@@ -113,9 +111,7 @@ def cifar10_dir(tmp_path: Path) -> Path:
             d / f"data_batch_{i}",
             {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [i % 10, 1, 2, 3]},
         )
-    _pickle(
-        d / "test_batch", {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [0, 1, 9]}
-    )
+    _pickle(d / "test_batch", {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [0, 1, 9]})
     _pickle(d / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
     return root
 

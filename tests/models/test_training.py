@@ -16,9 +16,7 @@ from .conftest import tiny_compact
 
 def test_tiny_training_reduces_the_loss(idx_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    results = train(
-        tiny_compact(), TrainOptions(str(idx_dir), str(out), heldout_size=40, quiet=True, threads=1)
-    )
+    results = train(tiny_compact(), TrainOptions(str(idx_dir), str(out), heldout_size=40, quiet=True, threads=1))
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 4
     assert history[-1]["loss"] < 0.7 * history[0]["loss"]
@@ -60,9 +58,7 @@ def test_same_seed_same_weights_and_resume(idx_dir: Path, tmp_path: Path) -> Non
 
 def test_frozen_backbone_trains_only_the_heads(idx_dir: Path, tmp_path: Path) -> None:
     config = replace(tiny_compact(), training=replace(tiny_compact().training, epochs=1))
-    train(
-        config, TrainOptions(str(idx_dir), str(tmp_path / "plain"), heldout_size=40, quiet=True, plain=True)
-    )
+    train(config, TrainOptions(str(idx_dir), str(tmp_path / "plain"), heldout_size=40, quiet=True, plain=True))
     base = load_checkpoint(tmp_path / "plain" / "checkpoint.pt").model.state_dict()
     train(
         config,

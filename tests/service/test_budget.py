@@ -94,9 +94,7 @@ def test_openapi_schema_has_descriptions() -> None:
 # ------------------------------------------------------------------------------------------------
 def test_resolve_each_knob(resolver: BudgetResolver) -> None:
     assert resolver.resolve(Budget(budget_macs=25e6)) == P.budget_macs(CAL, 25e6)
-    assert resolver.resolve({"budget_macs": 25e6, "policy": "reference"}) == P.budget_macs(
-        CAL, 25e6, "reference"
-    )
+    assert resolver.resolve({"budget_macs": 25e6, "policy": "reference"}) == P.budget_macs(CAL, 25e6, "reference")
     assert resolver.resolve(Budget(max_accuracy_drop=0.02)) == P.max_accuracy_drop(CAL, 0.02)
     assert resolver.resolve(Budget(max_exit=4)) == P.max_exit(CAL, 4, 5)
     explicit = resolver.resolve(Budget(thresholds=[0.9, None, 0.8, 0.7, 0.0]))
@@ -166,9 +164,7 @@ def test_curves(resolver: BudgetResolver) -> None:
 
 def test_concurrent_resolves_agree() -> None:
     shared = BudgetResolver(MANIFEST, CAL)
-    budgets = [Budget(budget_macs=m) for m in (12e6, 18e6, 27e6, 35e6, 49e6)] + [
-        Budget(max_accuracy_drop=0.01)
-    ]
+    budgets = [Budget(budget_macs=m) for m in (12e6, 18e6, 27e6, 35e6, 49e6)] + [Budget(max_accuracy_drop=0.01)]
     results: list[list[P.ThresholdResult]] = []
     lock = threading.Lock()
 

@@ -60,9 +60,7 @@ def test_threshold_zero_everything_exits_at_first_stage(engine: Engine) -> None:
     np.testing.assert_allclose(np.stack([r.logits for r in out.results]), first, rtol=1e-6)
 
 
-def test_thresholds_above_one_run_every_stage_like_the_full_model(
-    engine: Engine, synthetic_artifact: Path
-) -> None:
+def test_thresholds_above_one_run_every_stage_like_the_full_model(engine: Engine, synthetic_artifact: Path) -> None:
     x = _images(13)
     for thresholds in (np.full(3, 1.5, dtype=np.float32), None):
         out = engine.classify_with_stats(x, thresholds)
@@ -207,9 +205,7 @@ def test_default_providers_prefer_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_providers() == [CPU]
 
 
-def _renamed(
-    manifest: Manifest, stage: int, *, input_name: str | None = None, output: str | None = None
-) -> Manifest:
+def _renamed(manifest: Manifest, stage: int, *, input_name: str | None = None, output: str | None = None) -> Manifest:
     spec = manifest.stages[stage]
     if input_name is not None:
         spec = spec.model_copy(update={"inputs": [spec.inputs[0].model_copy(update={"name": input_name})]})

@@ -223,9 +223,7 @@ def test_optimal_monotone_within_budget_and_beats_reference_family(seed: int) ->
         assert result.expected_accuracy >= previous  # more budget never hurts
         previous = result.expected_accuracy
         # the reference family at this budget, flat-curve rule: best point that fits
-        fitting = [
-            r.expected_accuracy for r in family if r.expected_macs is not None and r.expected_macs <= budget
-        ]
+        fitting = [r.expected_accuracy for r in family if r.expected_macs is not None and r.expected_macs <= budget]
         best_reference = max((a for a in fitting if a is not None), default=0.0)
         assert result.expected_accuracy >= best_reference
         gains.append(result.expected_accuracy - best_reference)

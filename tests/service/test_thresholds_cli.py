@@ -100,9 +100,7 @@ def write_artifact(root: Path, cal: CalibrationData, *, with_calibration: bool =
     return root
 
 
-CAL = P.synthetic_calibration(
-    5, 600, 3, cumulative_macs=[10_000_000, 20_000_000, 30_000_000, 40_000_000, 50_000_000]
-)
+CAL = P.synthetic_calibration(5, 600, 3, cumulative_macs=[10_000_000, 20_000_000, 30_000_000, 40_000_000, 50_000_000])
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +169,7 @@ def test_human_output(artifact: Path, capsys: pytest.CaptureFixture[str]) -> Non
         (["--thresholds=-0.5,0.5,0.5,0.5,0.5"], "threshold 1"),
     ],
 )
-def test_errors_exit_2(
-    artifact: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str
-) -> None:
+def test_errors_exit_2(artifact: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
     assert main(["thresholds", "--artifacts", str(artifact), *argv, "--json"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""

@@ -46,9 +46,7 @@ def test_bad_image_in_multipart_names_its_index(client: TestClient) -> None:
 
 
 def test_bad_base64_is_400(client: TestClient) -> None:
-    assert_error(
-        client.post("/v1/classify", json={"image": "%%%not base64%%%"}), 400, "invalid_image", "base64"
-    )
+    assert_error(client.post("/v1/classify", json={"image": "%%%not base64%%%"}), 400, "invalid_image", "base64")
 
 
 def test_unknown_content_type_is_415(client: TestClient) -> None:
@@ -195,9 +193,7 @@ def test_multipart_edge_cases(make_client: ClientFactory) -> None:
     with make_client(max_images_per_request=2) as client:
         files = [("file", (f"{i}.png", images.png(seed=i), "image/png")) for i in range(5)]
         assert_error(client.post("/v1/classify", files=files), 413, "too_many_images", "limit is 2")
-        no_file = client.post(
-            "/v1/classify", data={"other": "x"}, files={"notfile": ("a.png", b"x", "image/png")}
-        )
+        no_file = client.post("/v1/classify", data={"other": "x"}, files={"notfile": ("a.png", b"x", "image/png")})
         assert_error(no_file, 422, "validation_error", "no image")
         broken = client.post(
             "/v1/classify",

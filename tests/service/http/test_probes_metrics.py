@@ -54,19 +54,14 @@ def test_metrics_after_traffic(client: TestClient) -> None:
 
     def value(name: str, sample_name: str | None = None, **labels: str) -> float:
         for sample in families[name].samples:
-            if sample.name == (sample_name or name) and all(
-                sample.labels.get(k) == v for k, v in labels.items()
-            ):
+            if sample.name == (sample_name or name) and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
         raise AssertionError(f"no {name} {labels}")
 
     routes = {s.labels["route"] for s in families["boostserve_requests"].samples}
     assert "/v1/classify" in routes and "other" in routes
     assert not any("12345" in r for r in routes)
-    assert (
-        value("boostserve_requests", "boostserve_requests_total", route="/v1/classify", status_class="2xx")
-        >= 2
-    )
+    assert value("boostserve_requests", "boostserve_requests_total", route="/v1/classify", status_class="2xx") >= 2
     assert value("boostserve_errors", "boostserve_errors_total", error_type="invalid_image") >= 1
     assert value("boostserve_errors", "boostserve_errors_total", error_type="not_found") >= 1
     assert value("boostserve_images", "boostserve_images_total") >= 4
@@ -93,9 +88,7 @@ def test_openapi_documents_every_route_and_body(client: TestClient) -> None:
     for path in ("/v1/classify", "/v1/budget", "/v2/models/{name}/infer", "/livez", "/readyz", "/metrics"):
         assert path in paths
     schemas = spec["components"]["schemas"]
-    assert {"ClassifyJSON", "BudgetFields", "InferenceRequest", "ClassifyResponse", "ErrorResponse"} <= set(
-        schemas
-    )
+    assert {"ClassifyJSON", "BudgetFields", "InferenceRequest", "ClassifyResponse", "ErrorResponse"} <= set(schemas)
     body = paths["/v1/classify"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json", "image/png"} <= set(body)
     assert not any(p["name"] == "version" for p in paths["/v2/models/{name}"]["get"].get("parameters", []))

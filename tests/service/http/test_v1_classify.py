@@ -104,9 +104,7 @@ def test_thresholds_above_one_run_to_the_last_exit(client: TestClient) -> None:
 
 
 def test_thresholds_zero_exit_at_1(client: TestClient) -> None:
-    response = client.post(
-        "/v1/classify?thresholds=0,0,0", content=images.png(), headers={"content-type": "image/png"}
-    )
+    response = client.post("/v1/classify?thresholds=0,0,0", content=images.png(), headers={"content-type": "image/png"})
     assert response.json()["results"][0]["exit"] == 1
 
 
@@ -138,9 +136,7 @@ def test_json_budget(client: TestClient) -> None:
 
 def test_calibrated_budgets(client: TestClient) -> None:
     for query in ("max_accuracy_drop=0.05", "budget_macs=1e12", "budget_macs=1e12&policy=reference"):
-        response = client.post(
-            f"/v1/classify?{query}", content=images.png(), headers={"content-type": "image/png"}
-        )
+        response = client.post(f"/v1/classify?{query}", content=images.png(), headers={"content-type": "image/png"})
         assert response.status_code == 200, (query, response.text)
         info = response.json()["budget"]
         assert info["calibrated"] is True and info["expected_accuracy"] is not None
