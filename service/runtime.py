@@ -72,6 +72,8 @@ class Runtime:
     ready: bool = False
     closing: bool = False  # SIGTERM received: readiness probes say 503, admitted work still answered
     _budget_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # (request budget fields, early_exit) -> (global budget it was resolved against, resolved, info)
+    _resolve_cache: dict[Any, tuple[ResolvedBudget, ResolvedBudget, dict[str, Any]]] = field(default_factory=dict)
 
     # -- budget --------------------------------------------------------------------------------
     def parse_budget(self, fields: Mapping[str, Any]) -> Budget | None:
@@ -99,6 +101,33 @@ class Runtime:
                 return self.global_budget
             return ResolvedBudget(self.global_budget.budget, self.global_budget.thresholds, effective_early_exit)
         return ResolvedBudget(budget, self.resolver.resolve(budget), effective_early_exit)
+
+    def resolve_fields(
+        self, fields: Mapping[str, Any], early_exit: bool | None
+    ) -> tuple[ResolvedBudget, dict[str, Any]]:
+        """`parse_budget` + `resolve` + `budget_info`, memoised per distinct request budget.
+
+        Why: most traffic repeats a handful of budgets (the global one, a few knobs), and parsing,
+        resolving and describing them was ~13 % of the server's Python time per request. An entry
+        is used only while the global budget it was resolved against is still in force (PUT
+        /v1/budget replaces that object), and errors are never cached.
+        """
+        try:
+            key: Any = (tuple(sorted((k, _frozen(v)) for k, v in fields.items() if v is not None)), early_exit)
+            hash(key)
+        except TypeError:
+            key = None
+        if key is not None:
+            hit = self._resolve_cache.get(key)
+            if hit is not None and hit[0] is self.global_budget:
+                return hit[1], hit[2]
+        resolved = self.resolve(self.parse_budget(fields), early_exit)
+        info = self.budget_info(resolved)
+        if key is not None:
+            if len(self._resolve_cache) >= 256:
+                self._resolve_cache.clear()
+            self._resolve_cache[key] = (self.global_budget, resolved, info)
+        return resolved, info
 
     async def set_global_budget(self, budget: Budget) -> ResolvedBudget:
         async with self._budget_lock:
@@ -212,6 +241,10 @@ def budget_json(budget: Budget) -> dict[str, Any]:
     if not budget.uses_policy:
         raw.pop("policy", None)
     return raw
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _opt_float(value: Any) -> float | None:

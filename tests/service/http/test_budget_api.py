@@ -54,6 +54,9 @@ def test_put_auth(client: TestClient) -> None:
 
 def test_put_changes_the_global_budget(client: TestClient) -> None:
     before = client.get("/v1/budget").json()
+    # answered (and memoised by Runtime.resolve_fields) under the old budget first
+    out = client.post("/v1/classify", content=images.png(), headers={"content-type": "image/png"}).json()
+    assert out["budget"]["budget"] == before["budget"]
     try:
         response = client.put("/v1/budget", json={"max_exit": 1}, headers=AUTH)
         assert response.status_code == 200, response.text
