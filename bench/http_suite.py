@@ -318,19 +318,13 @@ def run_http(
                 server = servers[config.name]
                 before = server.scrape()
                 cpu0 = server.cpu_seconds()
-                result = asyncio.run(
-                    run_closed_loop(
-                        host=server.host,
-                        port=server.port,
-                        path=f"{CLASSIFY_PATH}?{MODE_QUERIES[mode]}",
-                        bodies=bodies,
-                        concurrency=concurrency,
-                        duration_s=settings.duration_s,
-                        max_requests=settings.max_requests,
-                        warmup_s=settings.warmup_s,
-                        client=settings.client,
-                        start_index=next_start.get((config.name, mode), 0),
-                    )
+                result = _load(
+                    server,
+                    bodies,
+                    settings,
+                    mode=mode,
+                    concurrency=concurrency,
+                    start_index=next_start.get((config.name, mode), 0),
                 )
                 server_cpu = server.cpu_seconds() - cpu0
                 after = server.scrape()
@@ -419,25 +413,10 @@ def _floor(bodies: list[bytes], settings: HttpSettings, cells: list[dict[str, An
     variants = []
     for name, decode in (("http_only", False), ("http_decode", True)):
         with FloorServerProcess(decode, cpus=settings.server_cpus, log_path=logs_dir / f"floor-{name}.log") as server:
-
-            def load(duration_s: float, server: ServerProcess = server) -> LoadResult:
-                return asyncio.run(
-                    run_closed_loop(
-                        host=server.host,
-                        port=server.port,
-                        path=f"{CLASSIFY_PATH}?{MODE_QUERIES['drop_0.01']}",
-                        bodies=bodies,
-                        concurrency=concurrency,
-                        duration_s=duration_s,
-                        max_requests=settings.max_requests,
-                        warmup_s=0.0,
-                        client=settings.client,
-                    )
-                )
-
-            load(max(settings.warmup_s, 0.2))  # warm-up, not counted
+            # warm-up, not counted
+            _load(server, bodies, settings, concurrency=concurrency, duration_s=max(settings.warmup_s, 0.2), warmup_s=0)
             cpu0 = server.cpu_seconds()
-            result = load(settings.duration_s)
+            result = _load(server, bodies, settings, concurrency=concurrency, warmup_s=0)
             cpu = server.cpu_seconds() - cpu0
         variants.append(
             {
@@ -452,6 +431,35 @@ def _floor(bodies: list[bytes], settings: HttpSettings, cells: list[dict[str, An
     return {"concurrency": concurrency, "variants": variants}
 
 
+def _load(
+    server: ServerProcess,
+    bodies: list[bytes],
+    settings: HttpSettings,
+    *,
+    mode: str = "drop_0.01",
+    concurrency: int,
+    duration_s: float | None = None,
+    warmup_s: float | None = None,
+    client: str | None = None,
+    start_index: int = 0,
+) -> LoadResult:
+    """One closed-loop run of `mode` against `server` with the suite's bounds (overridable)."""
+    return asyncio.run(
+        run_closed_loop(
+            host=server.host,
+            port=server.port,
+            path=f"{CLASSIFY_PATH}?{MODE_QUERIES[mode]}",
+            bodies=bodies,
+            concurrency=concurrency,
+            duration_s=settings.duration_s if duration_s is None else duration_s,
+            max_requests=settings.max_requests,
+            warmup_s=settings.warmup_s if warmup_s is None else warmup_s,
+            client=settings.client if client is None else client,
+            start_index=start_index,
+        )
+    )
+
+
 def _client_check(
     server: ServerProcess, bodies: list[bytes], settings: HttpSettings, cells: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -462,19 +470,7 @@ def _client_check(
     """
     other = "httpx" if settings.client == "raw" else "raw"
     concurrency = 64 if any(c["concurrency"] == 64 for c in cells) else max(c["concurrency"] for c in cells)
-    result = asyncio.run(
-        run_closed_loop(
-            host=server.host,
-            port=server.port,
-            path=f"{CLASSIFY_PATH}?{MODE_QUERIES['drop_0.01']}",
-            bodies=bodies,
-            concurrency=concurrency,
-            duration_s=settings.duration_s,
-            max_requests=settings.max_requests,
-            warmup_s=settings.warmup_s,
-            client=other,
-        )
-    )
+    result = _load(server, bodies, settings, concurrency=concurrency, client=other)
     same = [
         c for c in cells if c["server"] == "batching" and c["mode"] == "drop_0.01" and c["concurrency"] == concurrency
     ]
@@ -514,19 +510,7 @@ def _profile_cell(
 
     assert server.proc is not None
     with ServerProfile(server.proc.pid, settings.duration_s) as prof:
-        result = asyncio.run(
-            run_closed_loop(
-                host=server.host,
-                port=server.port,
-                path=f"{CLASSIFY_PATH}?{MODE_QUERIES['drop_0.01']}",
-                bodies=bodies,
-                concurrency=concurrency,
-                duration_s=settings.duration_s,
-                max_requests=settings.max_requests,
-                warmup_s=0.0,
-                client=settings.client,
-            )
-        )
+        result = _load(server, bodies, settings, concurrency=concurrency, warmup_s=0.0)
     return {
         "server": "batching",
         "mode": "drop_0.01",
