@@ -38,7 +38,7 @@ test: $(VENV)/.dev-installed  ## run the default test suite (what CI runs)
 test-all: $(VENV)/.dev-installed  ## run every suite, slow and container ones included
 	$(PY) -m pytest -q -m ""
 
-lint: $(VENV)/.dev-installed  ## ruff, mypy on service/ and export/, import contracts
+lint: $(VENV)/.dev-installed  ## ruff, mypy on service/, export/ and bench/, import contracts
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

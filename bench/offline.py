@@ -68,6 +68,10 @@ def _point(artifact: Artifact, result: Any, policy_name: str, budget: float) -> 
     assert artifact.test is not None
     thresholds = [float(t) for t in result.thresholds]
     served = policy.evaluate_thresholds(artifact.test, thresholds)
+    # Both come from calibration data, so every expectation is filled in.
+    assert served.expected_accuracy is not None and served.expected_macs is not None
+    assert served.exit_fractions is not None
+    assert result.expected_accuracy is not None and result.expected_macs is not None
     check = simulate_exits(artifact.test.confidence, artifact.test.correct, thresholds, artifact.cumulative_macs)
     mismatch = max(
         abs(float(served.expected_accuracy) - check["accuracy"]),
