@@ -28,12 +28,15 @@ Suites (--suite, comma-separated; default all):
   http     closed-loop load (N clients each looping request -> response) against a real
            `python -m boostserve serve` subprocess on 127.0.0.1 with 1, 8, 64, 256 clients,
            posting PNGs of Fashion-MNIST test images: all stages (early_exit=false), early exit
-           at max_accuracy_drop=0.005 and 0.01, cross-request batching on vs off. Every label is
-           checked; reports req/s, p50/p95/p99, served accuracy, MACs, exits, client/server CPU.
+           at max_accuracy_drop=0.005 and 0.01, cross-request batching on vs off; request-path
+           ablations (fast path off, stages on the worker thread) and a floor server (the HTTP
+           stack alone, with and without the PNG decode) that bounds what the server can reach.
+           Every label is checked; reports req/s, p50/p95/p99, served accuracy, MACs, exits,
+           client/server CPU.
 
-Measured durations on the 2-core dev machine with the embedded model: --quick about 1 min for all
-suites (offline <1 s, engine ~5 s, http ~40 s); full about 10 min (offline <1 s, engine ~65 s,
-http ~520 s). --publish writes the results to docs/benchmarks/ and the summary to docs/benchmarks.md;
+Measured durations on the 2-core dev machine with the embedded model: --quick about 70 s for all suites
+(offline <1 s, engine ~5 s, http ~63 s); full
+about 11.5 min (offline <1 s, engine ~64 s, http ~630 s). --publish writes the results to docs/benchmarks/ and the summary to docs/benchmarks.md;
 --report-only regenerates the summary and plots from the JSON already in --out.
 """
 
