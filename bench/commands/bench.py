@@ -34,9 +34,9 @@ Suites (--suite, comma-separated; default all):
            Every label is checked; reports req/s, p50/p95/p99, served accuracy, MACs, exits,
            client/server CPU.
 
-Measured durations on the 2-core dev machine with the embedded model: --quick about 70 s for all suites
-(offline <1 s, engine ~5 s, http ~63 s); full
-about 11.5 min (offline <1 s, engine ~64 s, http ~630 s). --publish writes the results to docs/benchmarks/ and the summary to docs/benchmarks.md;
+Measured durations on the 2-core dev machine with the embedded model: --quick about 70 s for all
+suites (offline <1 s, engine ~5 s, http ~63 s); full about 11.5 min (offline <1 s, engine ~64 s,
+http ~630 s). --publish writes the results to docs/benchmarks/ and the summary to docs/benchmarks.md;
 --report-only regenerates the summary and plots from the JSON already in --out.
 """
 
