@@ -10,8 +10,7 @@ Server configurations: `batching` (cross-request batching on, the default settin
 ablations of the request path at drop_0.01 with 1 and 64 clients: `fastapi_path`
 (BOOSTSERVE_FAST_PATH=false: raw-image classify through FastAPI routing) and `thread_stages`
 (BOOSTSERVE_STAGE_EXECUTION=thread: stage batches on the ORT worker thread although the server has
-one CPU) and `default_gc` (BOOSTSERVE_GC_GEN0_THRESHOLD=0: Python's GC defaults), each differing
-from `batching` in that one setting.
+one CPU), each differing from `batching` in that one setting.
 
 Every answer is checked: HTTP status, predicted label vs the Fashion-MNIST ground truth, and —
 when the artifact's test calibration arrays are in the dataset's order — the exit against the one
@@ -103,7 +102,6 @@ def default_servers(
         ServerConfig(
             "thread_stages", {**base, "BOOSTSERVE_STAGE_EXECUTION": "thread"}, ("drop_0.01",), ablation_clients
         ),
-        ServerConfig("default_gc", {**base, "BOOSTSERVE_GC_GEN0_THRESHOLD": "0"}, ("drop_0.01",), ablation_clients),
     )
     if quick:
         return (

@@ -565,10 +565,9 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
 
 
 ABLATIONS = {
-    "batching": "as served (fast path, stages on the event loop, GC tuned)",
+    "batching": "as served (fast path, stages on the event loop)",
     "fastapi_path": "raw-image classify through FastAPI routing (BOOSTSERVE_FAST_PATH=false)",
     "thread_stages": "stage batches on the ORT worker thread (BOOSTSERVE_STAGE_EXECUTION=thread)",
-    "default_gc": "Python's default GC thresholds, no freeze (BOOSTSERVE_GC_GEN0_THRESHOLD=0)",
 }
 
 

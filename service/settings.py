@@ -80,12 +80,6 @@ class Settings(BaseSettings):
         default=1, ge=0, description="ORT intra-op threads per session (0 = ORT default: all cores)"
     )
     inter_op_threads: int = Field(default=1, ge=0, description="ORT inter-op threads (0 = ORT default)")
-    gc_gen0_threshold: int = Field(
-        default=20_000,
-        ge=0,
-        description="`boostserve serve` freezes start-up objects and sets Python's gen-0 GC threshold to "
-        "this once ready (fewer collections per request); 0 = Python's defaults",
-    )
     stage_execution: Literal["auto", "thread", "loop"] = Field(
         default="auto",
         description="where stage batches run: 'thread' = one ORT worker thread beside the event loop, "

@@ -96,11 +96,6 @@ def _server_class() -> Any:
         finish what was already admitted.
         """
 
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets=sockets)
-            app: Any = self.config.app
-            tune_gc(app.state.settings.gc_gen0_threshold)
-
         def handle_exit(self, sig: int, frame: Any) -> None:
             app: Any = self.config.app
             runtime = getattr(getattr(app, "state", None), "runtime", None)
@@ -111,25 +106,6 @@ def _server_class() -> Any:
             super().handle_exit(sig, frame)
 
     return Server
-
-
-def tune_gc(gen0_threshold: int) -> None:
-    """After start-up (model loaded, warmed up): freeze what exists and collect young objects less often.
-
-    Why: each request allocates a few hundred short-lived containers, so with Python's default
-    gen-0 threshold (700) the cyclic collector runs every few requests and rescans the objects
-    that survived start-up. Freezing moves those out of its sight, and a larger gen-0 threshold
-    cuts the number of collections; measured ~12 % less CPU per request in process (docs/
-    benchmarks.md has the served effect). 0 leaves Python's defaults alone.
-    """
-    import gc
-
-    if gen0_threshold <= 0:
-        return
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(gen0_threshold, gen1, gen2)
 
 
 def _graceful_exit(signum: int, frame: object) -> None:

@@ -125,20 +125,3 @@ def test_usable_cpus_reads_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     assert usable_cpus() == 1.0
-
-
-def test_tune_gc_freezes_and_raises_the_gen0_threshold() -> None:
-    import gc
-
-    from service.commands.serve import tune_gc
-
-    before = gc.get_threshold()
-    try:
-        tune_gc(0)
-        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
-        tune_gc(20_000)
-        assert gc.get_threshold() == (20_000, *before[1:])
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*before)
