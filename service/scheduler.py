@@ -248,12 +248,14 @@ class Scheduler:
         return self._accepting
 
     async def start(self) -> None:
-        """Start the dispatcher task and the ORT worker thread (call from the serving event loop)."""
+        """Start the dispatcher task and, unless batches run on the loop, the ORT worker thread
+        (call from the serving event loop)."""
         if self._task is not None:
             return
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boostserve-ort")
+        if not self.run_on_loop:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boostserve-ort")
         self._closing = False
         self._accepting = True
         self._task = asyncio.create_task(self._dispatch(), name="boostserve-scheduler")
@@ -466,14 +468,14 @@ class Scheduler:
         return _Computed(logits, probs, conf, leave, stay, next_state, out.seconds)
 
     async def _execute(self, k: int, chunks: list[_Chunk]) -> None:
-        assert self._loop is not None and self._executor is not None
+        assert self._loop is not None
         last = k == self.num_stages - 1
         thr = None if last else np.concatenate([c.request.thresholds[c.rows, k] for c in chunks])  # (n,)
         size = sum(len(c.rows) for c in chunks)
         batch_id = next(self._batch_ids)
         st = self.stats.stages[k]
         try:
-            if self.run_on_loop:
+            if self._executor is None:  # run_on_loop: no worker thread was started
                 comp = self._compute(k, [c.state for c in chunks], thr)
             else:
                 comp = await self._loop.run_in_executor(
