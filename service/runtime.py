@@ -112,15 +112,13 @@ class Runtime:
         is used only while the global budget it was resolved against is still in force (PUT
         /v1/budget replaces that object), and errors are never cached.
         """
+        key: Any = (tuple(sorted((k, _frozen(v)) for k, v in fields.items() if v is not None)), early_exit)
         try:
-            key: Any = (tuple(sorted((k, _frozen(v)) for k, v in fields.items() if v is not None)), early_exit)
-            hash(key)
-        except TypeError:
-            key = None
-        if key is not None:
             hit = self._resolve_cache.get(key)
-            if hit is not None and hit[0] is self.global_budget:
-                return hit[1], hit[2]
+        except TypeError:  # a value that cannot be a key (not one our parsers produce): not memoised
+            key, hit = None, None
+        if hit is not None and hit[0] is self.global_budget:
+            return hit[1], hit[2]
         resolved = self.resolve(self.parse_budget(fields), early_exit)
         info = self.budget_info(resolved)
         if key is not None:
