@@ -10,10 +10,7 @@ import json
 from typing import Any
 
 from service.errors import ERROR_TYPES
-
-
-def is_oip(path: str) -> bool:
-    return path == "/v2" or path.startswith("/v2/")
+from service.http_errors import is_oip_path as is_oip  # which routes speak OIP: the service's own rule
 
 
 def error_problem(path: str, payload: Any) -> str | None:
