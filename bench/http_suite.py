@@ -43,6 +43,7 @@ from bench.data import TestSet, encode_png
 from bench.loadgen import LoadResult, run_closed_loop, summarize_latency
 from bench.server import ServerProcess, metric_sum
 from bench.stats import safe_ratio
+from bench.targets import TARGET_CONCURRENCY
 
 MODE_QUERIES: dict[str, str] = {
     "all_stages": "early_exit=false",
@@ -403,13 +404,19 @@ class FloorServerProcess(ServerProcess):
         return [sys.executable, "-m", "bench.floor_app", "--host", self.host, "--port", str(self.port), *extra]
 
 
+def _target_concurrency(cells: list[dict[str, Any]]) -> int:
+    """The targets' client count (64) when the run has it, else the largest one it has."""
+    counts = {c["concurrency"] for c in cells}
+    return TARGET_CONCURRENCY if TARGET_CONCURRENCY in counts else max(counts)
+
+
 def _floor(bodies: list[bytes], settings: HttpSettings, cells: list[dict[str, Any]], logs_dir: Path) -> dict[str, Any]:
     """The per-request floor of the HTTP stack, under the target cell's load (64 clients).
 
     Two variants of bench.floor_app on the server CPUs: `http_only` (read the body, answer a fixed
     classify-sized JSON) and `http_decode` (the same plus the PNG decode every image server does).
     """
-    concurrency = 64 if any(c["concurrency"] == 64 for c in cells) else max(c["concurrency"] for c in cells)
+    concurrency = _target_concurrency(cells)
     variants = []
     for name, decode in (("http_only", False), ("http_decode", True)):
         with FloorServerProcess(decode, cpus=settings.server_cpus, log_path=logs_dir / f"floor-{name}.log") as server:
@@ -469,7 +476,7 @@ def _client_check(
     request each client implementation needs and whether it would have capped the throughput.
     """
     other = "httpx" if settings.client == "raw" else "raw"
-    concurrency = 64 if any(c["concurrency"] == 64 for c in cells) else max(c["concurrency"] for c in cells)
+    concurrency = _target_concurrency(cells)
     result = _load(server, bodies, settings, concurrency=concurrency, client=other)
     same = [
         c for c in cells if c["server"] == "batching" and c["mode"] == "drop_0.01" and c["concurrency"] == concurrency
