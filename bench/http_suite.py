@@ -30,6 +30,7 @@ import asyncio
 import math
 import os
 import sys
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -397,6 +398,11 @@ class FloorServerProcess(ServerProcess):
     def __init__(self, decode: bool, *, cpus: list[int] | None, log_path: Path) -> None:
         super().__init__(Path("."), {}, cpus=cpus, log_path=log_path, startup_timeout_s=30.0)
         self.decode = decode
+
+    def cpu_seconds(self) -> float:
+        """The floor process's own CPU clock (GET /cpu): ns resolution, unlike /proc ticks."""
+        with urllib.request.urlopen(self.url("/cpu"), timeout=5) as response:
+            return float(response.read())
 
     @property
     def command(self) -> list[str]:

@@ -222,7 +222,7 @@ def test_http_suite_end_to_end(artifacts: tuple[Path, Path], tmp_path: Path) -> 
     assert [v["name"] for v in floor["variants"]] == ["http_only", "http_decode"]
     assert all(
         v["req_per_s"] > 0 and v["errors"] == 0 and v["server_cpu_ms_per_request"] > 0 for v in floor["variants"]
-    )
+    ), floor["variants"]
     assert "What limits the early-exit / all-stages ratio" in text and "| floor: uvicorn + httptools" in text
 
 
