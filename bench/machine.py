@@ -88,6 +88,7 @@ def machine_info(providers_in_use: list[str] | None = None) -> dict[str, Any]:
         "numpy": _version("numpy"),
         "onnx": _version("onnx"),
         "pillow": _version("PIL"),
+        "pyspng": _version("pyspng"),
         "httpx": _version("httpx"),
         "git_sha": _git_sha(),
     }

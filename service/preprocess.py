@@ -16,6 +16,12 @@ Documented conversions:
     replicates the channel.
 Limits (size and pixel count) are checked from the header *before* any pixel is decoded, so a
 decompression bomb costs nothing. Every failure is a domain error (4xx), never a 500.
+
+Small plain PNGs (8-bit, already in the model's colour mode, not interlaced or animated, at most
+`INLINE_DECODE_PIXELS`) are decoded by libspng (`pyspng`) instead: the same pixels (tested against
+Pillow), at a third of the CPU — Pillow parses PNG chunks in Python, which was ~15 % of the
+server's CPU per request for a 28x28 image. Anything else, including every file libspng refuses,
+takes the Pillow path above with its conversions and error messages.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pyspng
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from service.errors import InvalidImageError, PayloadTooLargeError, ValidationFailedError
@@ -45,6 +52,12 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 #: Images up to this many pixels are decoded on the event loop: a thread hop costs more than the
 #: decode. Bigger ones go to the threadpool so they never stall other requests.
 INLINE_DECODE_PIXELS = 256 * 256
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: The IEND chunk every complete PNG ends with (length 0, type, constant CRC).
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+#: IHDR colour type whose 8-bit samples are already the model's colour mode (0 grey, 2 RGB).
+_PNG_COLOR_TYPE = {"L": 0, "RGB": 2}
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,39 @@ class Preprocessor:
                 f"image is {width}x{height} = {width * height} pixels, over the limit of {self.limits.max_image_pixels}"
             )
         return image
+
+    def decode_plain_png(self, data: bytes) -> np.ndarray | None:
+        """float32 (C, H, W) of a small plain PNG via libspng; None: use `open` + `to_tensor`.
+
+        Plain = 8-bit samples in the model's colour mode (no palette, alpha or 16-bit conversion),
+        not interlaced, no animation chunk, at most INLINE_DECODE_PIXELS and the pixel limit — read
+        from the IHDR chunk, which PNG requires first, before any pixel is decoded — and ending
+        with IEND: libspng decodes a file cut inside its zlib checksum that Pillow calls broken, so
+        truncated files go to Pillow and are refused as before.
+        """
+        if len(data) < 45 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or not data.endswith(_PNG_END):
+            return None
+        width = int.from_bytes(data[16:20], "big")
+        height = int.from_bytes(data[20:24], "big")
+        if (
+            data[24] != 8  # bit depth
+            or data[25] != _PNG_COLOR_TYPE.get(self.spec.color_mode)
+            or data[28] != 0  # interlace method
+            or not 0 < width * height <= min(INLINE_DECODE_PIXELS, self.limits.max_image_pixels)
+            or b"acTL" in data  # APNG (a match inside compressed data only costs the fast path)
+        ):
+            return None
+        try:
+            pixels = pyspng.load(data)  # (H, W) grey or (H, W, 3) RGB, uint8
+        except RuntimeError:  # corrupt or truncated: Pillow gives the error message
+            return None
+        if pixels.shape[:2] != (height, width) or pixels.dtype != np.uint8:
+            return None
+        if (width, height) != (self.spec.width, self.spec.height):
+            size = (self.spec.width, self.spec.height)
+            pixels = np.asarray(Image.fromarray(pixels).resize(size, self._resample))
+        chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        return self._normalize(chw)
 
     @staticmethod
     def pixels(image: Image.Image) -> int:
@@ -154,7 +200,8 @@ class Preprocessor:
 
     def decode(self, data: bytes) -> np.ndarray:
         """bytes -> float32 (C, H, W). Synchronous; see `INLINE_DECODE_PIXELS` for the async policy."""
-        return self.to_tensor(self.open(data))
+        fast = self.decode_plain_png(data)
+        return fast if fast is not None else self.to_tensor(self.open(data))
 
     # -- tensors (Open Inference Protocol) ----------------------------------------------------------
     def from_uint8_hwc(self, batch: np.ndarray) -> np.ndarray:

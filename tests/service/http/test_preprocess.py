@@ -30,6 +30,62 @@ def test_png_gray_matches_the_manifest_formula() -> None:
     np.testing.assert_allclose(out, expected(np.asarray(image)), rtol=1e-6, atol=1e-6)
 
 
+def pillow_decode(p: Preprocessor, data: bytes) -> np.ndarray:
+    return p.to_tensor(p.open(data))
+
+
+@pytest.mark.parametrize("spec", [GRAY, RGB], ids=["L", "RGB"])
+@pytest.mark.parametrize("size", [(8, 8), (28, 20), (256, 256)])
+@pytest.mark.parametrize("save", [{}, {"optimize": True}, {"compress_level": 0}], ids=["default", "optimize", "stored"])
+def test_plain_png_is_decoded_by_libspng_to_pillows_exact_values(
+    spec: Preprocessing, size: tuple[int, int], save: dict[str, object]
+) -> None:
+    image = images.gray(size, seed=3) if spec is GRAY else images.rgb(size, seed=3)
+    data = images.encode(image, **save)
+    p = pre(spec)
+    fast = p.decode_plain_png(data)
+    assert fast is not None, "a plain 8-bit PNG in the model's mode must take the libspng path"
+    assert fast.dtype == np.float32 and fast.shape == (spec.channels, 8, 8)
+    np.testing.assert_array_equal(fast, pillow_decode(p, data))
+    np.testing.assert_array_equal(p.decode(data), fast)
+
+
+def _interlaced(data: bytes) -> bytes:
+    return data[:28] + b"\x01" + data[29:]
+
+
+@pytest.mark.parametrize(
+    ("spec", "data"),
+    [
+        (GRAY, images.encode(images.rgb())),  # needs RGB -> L
+        (RGB, images.png()),  # needs L -> RGB
+        (GRAY, images.encode(images.gray().convert("RGBA"))),
+        (GRAY, images.encode(images.gray().convert("P"))),
+        (GRAY, images.encode(Image.fromarray(np.full((8, 8), 300, np.uint16)))),
+        (GRAY, _interlaced(images.png())),
+        (GRAY, images.encode(images.gray(), save_all=True, append_images=[images.gray(seed=1)])),  # APNG
+        (GRAY, images.png(size=(257, 256))),  # over INLINE_DECODE_PIXELS: decoded off the loop
+        (GRAY, images.png(size=(64, 64))[:60]),  # truncated: Pillow words the error
+        (GRAY, images.png()[:-20] + b"\x00" * 20),  # zlib checksum and IEND damaged: Pillow refuses it
+        (GRAY, images.png()[:-12]),  # no IEND
+        (GRAY, images.encode(images.gray(), "JPEG")),
+        (GRAY, b"\x89PNG\r\n\x1a\n"),
+        (GRAY, b""),
+    ],
+    ids=["rgb-for-L", "L-for-rgb", "rgba", "palette", "16-bit", "interlaced", "apng", "large", "truncated",
+         "bad-end", "no-iend", "jpeg", "signature-only", "empty"],
+)  # fmt: skip
+def test_other_images_take_the_pillow_path(spec: Preprocessing, data: bytes) -> None:
+    assert pre(spec).decode_plain_png(data) is None
+
+
+def test_plain_png_over_the_pixel_limit_is_refused_by_the_pillow_path() -> None:
+    data = images.png(size=(20, 20))
+    assert pre(max_pixels=399).decode_plain_png(data) is None
+    with pytest.raises(PayloadTooLargeError, match="400 pixels"):
+        pre(max_pixels=399).decode(data)
+
+
 def test_resize_uses_the_manifest_size() -> None:
     out = pre().decode(images.png(size=(28, 20)))
     assert out.shape == (1, 8, 8)
