@@ -17,12 +17,12 @@ import math
 import time
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.classify_json import classify_response_json, image_results
 from service.errors import (
     ForbiddenError,
     InvalidImageError,
@@ -34,7 +34,7 @@ from service.errors import (
     ValidationFailedError,
 )
 from service.metrics import CONTENT_TYPE
-from service.runtime import Classified, Runtime
+from service.runtime import Runtime
 from service.schemas import (
     ERROR_RESPONSES,
     BudgetFields,
@@ -42,9 +42,7 @@ from service.schemas import (
     ClassifyJSON,
     ClassifyResponse,
     ErrorResponse,
-    ImageResult,
     Status,
-    TopK,
 )
 
 RAW_IMAGE_TYPES = frozenset(
@@ -175,36 +173,6 @@ def is_raw_image_type(kind: str) -> bool:
     return kind in RAW_IMAGE_TYPES or kind.startswith("image/")
 
 
-def _results(runtime: Runtime, answers: list[Classified], top_k: int) -> list[ImageResult]:
-    classes = runtime.manifest.classes
-    exits_total = runtime.manifest.num_stages
-    full = float(runtime.manifest.full_macs) or 1.0
-    k = min(top_k, len(classes))
-    out: list[ImageResult] = []
-    # model_construct: every value below is built here with its exact type (no validation needed;
-    # validating ~9 models per image was ~5 % of the server's Python time).
-    for a in answers:
-        order = np.argsort(-a.probabilities, kind="stable")[:k]
-        probabilities = a.probabilities.tolist()
-        out.append(
-            ImageResult.model_construct(
-                label=int(a.label),
-                class_name=classes[a.label],
-                confidence=float(a.confidence),
-                top_k=[
-                    TopK.model_construct(label=i, class_name=classes[i], probability=probabilities[i])
-                    for i in order.tolist()
-                ],
-                exit=int(a.exit),
-                exits_total=exits_total,
-                macs=int(a.macs),
-                macs_fraction=a.macs / full,
-                deadline_hit=bool(a.deadline_hit),
-            )
-        )
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # routes
 # ---------------------------------------------------------------------------------------------
@@ -325,23 +293,21 @@ async def classify_to_json(
 ) -> bytes:
     """The classify work after request parsing, shared by this route and `service.fast_path`.
 
-    Options before pixels: a bad budget is reported without decoding anything. Serialised here:
-    the response model was just built and validated, and FastAPI's response_model path would
-    validate it a second time (response_model stays declared for /docs).
+    Options before pixels: a bad budget is reported without decoding anything. Serialised here,
+    by `service.classify_json` (plain dicts, the `ClassifyResponse` shape); response_model stays
+    declared for /docs.
     """
-    resolved, info = runtime.resolve_fields(budget_fields, early_exit)
+    resolved, budget_json = runtime.resolve_fields(budget_fields, early_exit)
     if encoded is not None:
         blobs = [decode_base64(text, i) for i, text in enumerate(encoded)]
     images = await runtime.preprocess(blobs)
     answers = await runtime.classify(images, resolved, deadline_ms)
-    response = ClassifyResponse(
-        results=_results(runtime, answers, 5 if top_k is None else top_k),
-        latency_ms=(time.perf_counter() - start) * 1000.0,
-        model_name=runtime.manifest.name,
-        model_version=runtime.manifest.version,
-        budget=BudgetInfo.model_construct(**info),
+    manifest = runtime.manifest
+    results = image_results(
+        answers, manifest.classes, manifest.num_stages, manifest.full_macs, 5 if top_k is None else top_k
     )
-    return response.model_dump_json().encode()
+    latency_ms = (time.perf_counter() - start) * 1000.0
+    return classify_response_json(results, latency_ms, manifest.name, manifest.version, budget_json)
 
 
 def _pydantic_message(exc: ValidationError) -> str:

@@ -20,6 +20,7 @@ import anyio
 import numpy as np
 
 from service.budget import Budget, BudgetResolver
+from service.classify_json import budget_info_json
 from service.errors import (
     BoostServeError,
     DeadlineExceededError,
@@ -72,8 +73,8 @@ class Runtime:
     ready: bool = False
     closing: bool = False  # SIGTERM received: readiness probes say 503, admitted work still answered
     _budget_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # (request budget fields, early_exit) -> (global budget it was resolved against, resolved, info)
-    _resolve_cache: dict[Any, tuple[ResolvedBudget, ResolvedBudget, dict[str, Any]]] = field(default_factory=dict)
+    # (request budget fields, early_exit) -> (global budget it was resolved against, resolved, info JSON)
+    _resolve_cache: dict[Any, tuple[ResolvedBudget, ResolvedBudget, str]] = field(default_factory=dict)
 
     # -- budget --------------------------------------------------------------------------------
     def parse_budget(self, fields: Mapping[str, Any]) -> Budget | None:
@@ -102,10 +103,8 @@ class Runtime:
             return ResolvedBudget(self.global_budget.budget, self.global_budget.thresholds, effective_early_exit)
         return ResolvedBudget(budget, self.resolver.resolve(budget), effective_early_exit)
 
-    def resolve_fields(
-        self, fields: Mapping[str, Any], early_exit: bool | None
-    ) -> tuple[ResolvedBudget, dict[str, Any]]:
-        """`parse_budget` + `resolve` + `budget_info`, memoised per distinct request budget.
+    def resolve_fields(self, fields: Mapping[str, Any], early_exit: bool | None) -> tuple[ResolvedBudget, str]:
+        """`parse_budget` + `resolve` + `budget_info` as JSON, memoised per distinct request budget.
 
         Why: most traffic repeats a handful of budgets (the global one, a few knobs), and parsing,
         resolving and describing them was ~13 % of the server's Python time per request. An entry
@@ -120,12 +119,12 @@ class Runtime:
         if hit is not None and hit[0] is self.global_budget:
             return hit[1], hit[2]
         resolved = self.resolve(self.parse_budget(fields), early_exit)
-        info = self.budget_info(resolved)
+        info_json = budget_info_json(self.budget_info(resolved))
         if key is not None:
             if len(self._resolve_cache) >= 256:
                 self._resolve_cache.clear()
-            self._resolve_cache[key] = (self.global_budget, resolved, info)
-        return resolved, info
+            self._resolve_cache[key] = (self.global_budget, resolved, info_json)
+        return resolved, info_json
 
     async def set_global_budget(self, budget: Budget) -> ResolvedBudget:
         async with self._budget_lock:

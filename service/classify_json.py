@@ -1,0 +1,73 @@
+"""The `POST /v1/classify` answer as JSON bytes, built from plain dicts.
+
+Why not the pydantic models: the answer is the hottest serialisation in the service (one per
+request), and building `ImageResult` + `TopK` x k + `BudgetInfo` models and dumping them was
+~15 % of the server's CPU per request for a 28x28 image, more than the model's first stage. The
+models in `service.schemas` stay the contract (OpenAPI, tests validate every answer shape against
+`ClassifyResponse`); this module writes the same fields in the same order, with the budget part
+serialised once per distinct budget by the models themselves (`Runtime.resolve_fields`).
+
+Non-finite numbers cannot occur in a healthy answer (probabilities come from a softmax); if a
+broken model produces one, the answer falls back to the pydantic models, which write null as
+everywhere else in the API, instead of emitting invalid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.schemas import BudgetInfo, ClassifyResponse
+
+if TYPE_CHECKING:
+    from service.runtime import Classified
+
+#: Compact, UTF-8 (class names as written), strict: NaN/Infinity raise instead of leaking out.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def image_results(
+    answers: Sequence[Classified], classes: Sequence[str], exits_total: int, full_macs: float, top_k: int
+) -> list[dict[str, Any]]:
+    """`ImageResult`-shaped dicts; top-k from one stable argsort over all the request's images."""
+    if not answers:
+        return []
+    k = min(top_k, len(classes))
+    probabilities = np.stack([a.probabilities for a in answers])  # (n, classes)
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k].tolist()  # (n, k)
+    full = float(full_macs) or 1.0
+    return [
+        {
+            "label": a.label,
+            "class_name": classes[a.label],
+            "confidence": a.confidence,
+            "top_k": [{"label": i, "class_name": classes[i], "probability": p[i]} for i in top],
+            "exit": a.exit,
+            "exits_total": exits_total,
+            "macs": a.macs,
+            "macs_fraction": a.macs / full,
+            "deadline_hit": a.deadline_hit,
+        }
+        for a, top, p in zip(answers, order, probabilities.tolist(), strict=True)
+    ]
+
+
+def budget_info_json(info: dict[str, Any]) -> str:
+    """A `BudgetInfo` dict as JSON, through the model (once per distinct budget, not per request)."""
+    return BudgetInfo.model_construct(**info).model_dump_json()
+
+
+def classify_response_json(
+    results: list[dict[str, Any]], latency_ms: float, model_name: str, model_version: str, budget_json: str
+) -> bytes:
+    """The whole `ClassifyResponse`, fields in the model's order; pydantic only for non-finite values."""
+    head = {"results": results, "latency_ms": latency_ms, "model_name": model_name, "model_version": model_version}
+    try:
+        text = _encode(head)
+    except ValueError:  # NaN/Infinity from a broken model: the models write null
+        budget = BudgetInfo.model_validate_json(budget_json)
+        return ClassifyResponse.model_validate({**head, "budget": budget}).model_dump_json().encode()
+    return f'{text[:-1]},"budget":{budget_json}}}'.encode()
