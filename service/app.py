@@ -149,6 +149,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         providers=list(getattr(engine, "providers", settings.providers)),
         exit_rule=manifest.exit_rule.confidence,
     )
+    metrics.bind_live_gauges(queue_depths=runtime.scheduler.queue_depths, inflight=lambda: runtime.inflight)
     runtime.publish_budget()
     app.state.runtime = runtime
     app.state.engine = engine

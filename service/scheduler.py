@@ -12,8 +12,8 @@ Design
   request for stage 0, the producing batch for deeper stages; used for the merge statistics).
   One queue (deque of chunks) per stage. Per-row work is numpy on whole chunks/batches: batches are
   built with one `np.concatenate` per state key, exits are one vectorised comparison, survivors
-  are one `take` per batch; the only per-row Python is building each exiting row's `ExitResult`
-  (and telling the observer about it).
+  are one `take` per batch; the only per-row Python is building each exiting row's `ExitResult`.
+  The observer hears of a batch's exits in one call (an array of confidences), not one per image.
 * Picking the next batch (event loop, whenever the worker is free):
     1. deeper stages go first, so admitted work finishes and frees memory/latency: the deepest
        non-empty stage k > 0 runs, *unless* stage 0 holds a full batch (the server is loaded); then
@@ -50,7 +50,8 @@ Design
   `timeout`, then fails whatever is left with NotReadyError.
 
 Observer calls (`SchedulerObserver`, implemented by service.metrics) come from the event loop;
-stages are 0-based (metrics label them 1..N).
+stages are 0-based (metrics label them 1..N). Queue depths are not pushed: readers call
+`queue_depths()` (metrics read it at scrape time).
 """
 
 from __future__ import annotations
@@ -86,9 +87,9 @@ class SchedulerObserver(Protocol):
 
     def on_stage_batch(self, stage: int, batch_size: int, seconds: float) -> None: ...
 
-    def on_exit(self, stage: int, confidence: float, macs: float, deadline_hit: bool) -> None: ...
-
-    def on_queue_depth(self, stage: int, depth: int) -> None: ...
+    def on_exits(self, stage: int, confidences: np.ndarray, macs: float, deadline_hit: bool) -> None:
+        """Images answered at `stage`, all at once: (n,) max-softmax values, each at `macs` MACs."""
+        ...
 
 
 @dataclass
@@ -348,15 +349,10 @@ class Scheduler:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    def _notify_depth(self, k: int) -> None:
-        if self.observer is not None:
-            self._safe(self.observer.on_queue_depth, k, self._depth[k])
-
     def _enqueue(self, k: int, chunk: _Chunk) -> None:
         self._queues[k].append(chunk)
         chunk.request.queued_chunks += 1
         self._depth[k] += len(chunk.rows)
-        self._notify_depth(k)
 
     def _pick(self, now: float) -> tuple[int | None, float | None]:
         """(stage to run, None) or (None, seconds to sleep; None = until woken). See module docstring."""
@@ -417,7 +413,6 @@ class Scheduler:
                 chunks.append(part)
                 room = 0
         self._depth[k] -= self.max_batch_size - room
-        self._notify_depth(k)
         return chunks
 
     # -- dispatcher ----------------------------------------------------------------------------------
@@ -513,6 +508,7 @@ class Scheduler:
         # Distribute: exits answer their rows, survivors go to stage k+1 as one chunk per request segment.
         macs = self._cum_macs[k]
         now = self._loop.time()
+        answered: list[int] = []  # batch positions whose answer reached a live request
         start = 0
         for chunk in chunks:
             end = start + len(chunk.rows)
@@ -524,8 +520,7 @@ class Scheduler:
             for i in np.flatnonzero(seg_leave).tolist():
                 j = start + i
                 req.results[int(chunk.rows[i])] = make_result(k, comp.logits[j], comp.probs[j], comp.conf[j], macs)
-                if self.observer is not None:
-                    self._safe(self.observer.on_exit, k, float(comp.conf[j]), float(macs), False)
+                answered.append(j)
             n_exit = int(seg_leave.sum())
             req.remaining -= n_exit
             if n_exit < len(chunk.rows):
@@ -544,6 +539,8 @@ class Scheduler:
             if req.remaining == 0:
                 self._complete(req)
             start = end
+        if answered and self.observer is not None:
+            self._safe(self.observer.on_exits, k, comp.conf[answered], float(macs), False)
 
     # -- request endings -----------------------------------------------------------------------------
 
@@ -560,7 +557,6 @@ class Scheduler:
                     kept = [c for c in queue if c.request is not req]
                     self._depth[k] = sum(len(c.rows) for c in kept)
                     self._queues[k] = deque(kept)
-                    self._notify_depth(k)
             req.queued_chunks = 0
         self._pending -= req.size
         self._requests.pop(req.id, None)
@@ -594,12 +590,13 @@ class Scheduler:
         logits = req.best_logits[idx]  # (m, classes)
         probs = softmax(logits)
         conf = probs.max(axis=-1)
+        stages = req.best_exit[idx]  # (m,)
         for pos, i in enumerate(missing):
-            stage = int(req.best_exit[i])
-            macs = self._cum_macs[stage]
-            req.results[i] = make_result(stage, logits[pos], probs[pos], conf[pos], macs, deadline_hit=True)
-            if self.observer is not None:
-                self._safe(self.observer.on_exit, stage, float(conf[pos]), float(macs), True)
+            stage = int(stages[pos])
+            req.results[i] = make_result(stage, logits[pos], probs[pos], conf[pos], self._cum_macs[stage], True)
+        if self.observer is not None:
+            for stage in np.unique(stages).tolist():
+                self._safe(self.observer.on_exits, stage, conf[stages == stage], float(self._cum_macs[stage]), True)
         self.stats.deadline_hits += len(missing)
         req.remaining = 0
         self._complete(req)

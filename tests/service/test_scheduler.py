@@ -86,16 +86,12 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.batches: list[tuple[int, int]] = []
         self.exits: list[tuple[int, bool]] = []
-        self.depths: list[tuple[int, int]] = []
 
     def on_stage_batch(self, stage: int, batch_size: int, seconds: float) -> None:
         self.batches.append((stage, batch_size))
 
-    def on_exit(self, stage: int, confidence: float, macs: float, deadline_hit: bool) -> None:
-        self.exits.append((stage, deadline_hit))
-
-    def on_queue_depth(self, stage: int, depth: int) -> None:
-        self.depths.append((stage, depth))
+    def on_exits(self, stage: int, confidences: np.ndarray, macs: float, deadline_hit: bool) -> None:
+        self.exits.extend([(stage, deadline_hit)] * len(confidences))
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
@@ -341,7 +337,7 @@ def test_validation_errors_are_raised_before_queueing(engine: SlowEngine, on_loo
 @pytest.mark.parametrize("on_loop", EXECUTION)
 def test_observer_failure_does_not_break_serving(engine: SlowEngine, on_loop: bool) -> None:
     class Broken(RecordingObserver):
-        def on_exit(self, stage: int, confidence: float, macs: float, deadline_hit: bool) -> None:
+        def on_exits(self, stage: int, confidences: np.ndarray, macs: float, deadline_hit: bool) -> None:
             raise RuntimeError("metrics backend down")
 
     sched = Scheduler(engine, observer=Broken(), max_wait_ms=0, run_on_loop=on_loop)
