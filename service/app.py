@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from boostserve import __version__
 from service import api_v1, api_v2, middleware
@@ -29,6 +30,7 @@ from service.budget import Budget, BudgetResolver
 from service.calibration import CalibrationData, load_calibration
 from service.engine import Engine
 from service.errors import ValidationFailedError
+from service.fast_path import OPTIONS_KEY as FAST_PATH_OPTIONS
 from service.fast_path import RawClassifyFastPath
 from service.http_errors import install_error_handlers
 from service.manifest import ArtifactError, Manifest, load_manifest
@@ -202,11 +204,35 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None) -> FastAPI:
+class BoostServeApp(FastAPI):
+    """FastAPI with a front door for the hot path (see service.fast_path for why).
+
+    Eligible raw-image `POST /v1/classify` requests go to `front` (RequestMiddleware around the
+    fast-path handler); everything else, and every request when the fast path is off, is FastAPI's.
+    """
+
+    fast_path: RawClassifyFastPath | None = None
+    front: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast, front = self.fast_path, self.front
+        if fast is not None and front is not None:
+            options = fast.options(scope)
+            if options is not None:
+                scope["app"] = self
+                if self.root_path:
+                    scope["root_path"] = self.root_path
+                scope[FAST_PATH_OPTIONS] = options
+                await front(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None) -> BoostServeApp:
     """Build the app; nothing is loaded until the lifespan starts (TestClient / uvicorn)."""
     settings = settings if settings is not None else Settings()
     metrics = metrics if metrics is not None else Metrics()
-    app = FastAPI(
+    app = BoostServeApp(
         title="boostserve",
         version=__version__,
         description=DESCRIPTION,
@@ -218,9 +244,10 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     app.state.runtime = None
     app.state.startup_error = None
     install_error_handlers(app)
-    # add_middleware nests outward: the fast path ends up inside RequestMiddleware (ids, limits, metrics).
-    app.add_middleware(RawClassifyFastPath, enabled=settings.fast_path)
     middleware.install(app, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    if settings.fast_path:
+        app.fast_path = RawClassifyFastPath()
+        app.front = middleware.RequestMiddleware(app.fast_path, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.include_router(api_v1.router, tags=["v1"])
     app.include_router(api_v2.router)
     app.include_router(api_v1.probes, tags=["ops"])
