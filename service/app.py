@@ -115,6 +115,7 @@ def _startup(app: FastAPI) -> Runtime:
         batching=settings.batching,
         observer=metrics,
         run_on_loop=settings.runs_stages_on_loop(),
+        request_timeout_s=settings.request_timeout_s,
     )
     return Runtime(
         settings=settings,

@@ -38,6 +38,11 @@ Design
   row of the request has not, the request fails with DeadlineExceededError. The request's queued
   chunks are dropped; rows in the running batch are ignored when it returns. The engine's current
   ORT run is not interrupted (ORT cannot be), so the worker may stay busy for one batch.
+* Request timeout (`request_timeout_s`, the server's safety net, seconds from admission): one
+  sweeper task fails requests older than that with DeadlineExceededError, up to a quarter of the
+  timeout (at most 0.25 s) late. Why not a timer per request: at thousands of requests per second
+  an `asyncio.timeout` around every submit was ~4 % of the server's CPU; admission order is
+  the dict order of the pending requests, so a sweep stops at the first young one.
 * Backpressure: `max_queue` bounds the images admitted and not yet answered (queued + running).
   A submit that would exceed it fails at once with OverCapacityError(retry_after = estimated drain
   time), except into an empty scheduler (a request larger than max_queue is still served alone).
@@ -127,6 +132,7 @@ class SchedulerStats:
     failed: int = 0  # stage failures
     deadline_hits: int = 0  # images answered best-so-far
     deadline_exceeded: int = 0  # requests with no answer by their deadline
+    timed_out: int = 0  # requests failed by the request timeout
     cancelled: int = 0
     recent_batches: deque[BatchRecord] = field(default_factory=lambda: deque(maxlen=1024))
 
@@ -139,6 +145,7 @@ class _Request:
         "best_logits",
         "deadline",
         "done",
+        "expires",
         "future",
         "id",
         "queued_chunks",
@@ -166,6 +173,7 @@ class _Request:
         self.remaining = size
         self.done = False
         self.queued_chunks = 0  # chunks of this request in the queues (finalize scans only if > 0)
+        self.expires = math.inf  # loop.time() when the request timeout fails it
         self.timer: asyncio.TimerHandle | None = None
         # Best-so-far F per row, kept only for requests with a deadline: (B, classes), exit (B,).
         self.best_logits: np.ndarray | None = None
@@ -213,6 +221,7 @@ class Scheduler:
         merge_wait_ms: float | None = None,
         log: logging.Logger | None = None,
         run_on_loop: bool = False,
+        request_timeout_s: float | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
@@ -223,6 +232,7 @@ class Scheduler:
         self.max_queue = int(max_queue)
         self.batching = bool(batching)
         self.run_on_loop = bool(run_on_loop)
+        self.request_timeout = None if request_timeout_s is None else float(request_timeout_s)
         self.observer = observer
         self.log = log or LOG
         self.num_stages = engine.num_stages
@@ -236,6 +246,7 @@ class Scheduler:
         self._accepting = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -260,6 +271,8 @@ class Scheduler:
         self._closing = False
         self._accepting = True
         self._task = asyncio.create_task(self._dispatch(), name="boostserve-scheduler")
+        if self.request_timeout is not None:
+            self._sweeper = asyncio.create_task(self._sweep(self.request_timeout), name="boostserve-timeouts")
 
     async def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Refuse new work; with drain, finish admitted work (up to timeout) first; fail the rest."""
@@ -278,6 +291,9 @@ class Scheduler:
             await asyncio.wait({task}, timeout=max(0.1, deadline - time.monotonic()))
             if not task.done():
                 task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._task = None
@@ -326,6 +342,8 @@ class Scheduler:
             )
         loop = self._loop
         req = _Request(next(self._ids), n, thr, deadline, loop.create_future())
+        if self.request_timeout is not None:
+            req.expires = loop.time() + self.request_timeout
         if deadline is not None:
             req.best_logits = np.zeros((n, self.engine.num_classes), dtype=np.float32)
             req.best_exit = np.full(n, -1, dtype=np.int32)
@@ -600,6 +618,21 @@ class Scheduler:
         self.stats.deadline_hits += len(missing)
         req.remaining = 0
         self._complete(req)
+
+    async def _sweep(self, timeout: float) -> None:
+        """Fail the requests admitted more than `timeout` seconds ago (see the module docstring)."""
+        assert self._loop is not None
+        while True:
+            await asyncio.sleep(min(0.25, timeout / 4))
+            now = self._loop.time()
+            expired: list[_Request] = []
+            for req in self._requests.values():  # admission order
+                if req.expires > now:
+                    break
+                expired.append(req)
+            for req in expired:
+                self.stats.timed_out += 1
+                self._fail(req, DeadlineExceededError(f"no answer within the request timeout of {timeout:g} s"))
 
     # -- helpers -------------------------------------------------------------------------------------
 

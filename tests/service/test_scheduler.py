@@ -228,6 +228,39 @@ def test_deadline_before_first_exit_raises(engine: SlowEngine) -> None:
     assert sched.stats.deadline_exceeded == 2
 
 
+def test_request_timeout_fails_requests_older_than_it_and_only_those(engine: SlowEngine) -> None:
+    """The safety net: a stuck stage turns into a 504-type error after request_timeout_s, not a hang."""
+    engine.delays = {0: 0.6}  # the first batch is stuck far longer than the timeout
+    sched = Scheduler(engine, max_batch_size=1, max_wait_ms=0, request_timeout_s=0.2)
+
+    async def body(s: Scheduler) -> tuple[list[Any], float]:
+        start = time.monotonic()
+        first = asyncio.create_task(s.submit(_images(1, seed=1), EXIT_FIRST))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(s.submit(_images(1, seed=2), EXIT_FIRST))  # admitted 0.1 s later
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        return outcomes, time.monotonic() - start
+
+    (first, second), took = run(sched, body)
+    assert isinstance(first, DeadlineExceededError) and isinstance(second, DeadlineExceededError)
+    assert str(first) == "no answer within the request timeout of 0.2 s"
+    assert 0.3 <= took < 0.55  # the second one: admitted at 0.1, failed by 0.3 + one sweep (0.05)
+    assert sched.stats.timed_out == 2 and sched.pending == 0
+
+
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_request_timeout_leaves_timely_requests_alone(engine: SlowEngine, on_loop: bool) -> None:
+    sched = Scheduler(engine, max_batch_size=4, max_wait_ms=0, request_timeout_s=0.2, run_on_loop=on_loop)
+
+    async def body(s: Scheduler) -> None:
+        for i in range(6):  # spread over more than the timeout
+            assert len(await s.submit(_images(2, seed=i), EXIT_FIRST)) == 2
+            await asyncio.sleep(0.06)
+
+    run(sched, body)
+    assert sched.stats.timed_out == 0 and sched.stats.completed == 6
+
+
 def test_over_capacity_is_immediate(engine: SlowEngine) -> None:
     engine.delays = {0: 0.1}  # a slow stage on the worker thread; on the loop nothing else runs meanwhile
     sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, max_queue=4)

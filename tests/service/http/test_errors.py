@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -144,6 +145,21 @@ def test_deadline_without_answer_is_504(client: TestClient, monkeypatch: pytest.
 
     monkeypatch.setattr(client.app.state.runtime.scheduler, "submit", late)  # type: ignore[attr-defined]
     assert_error(post_raw(client, images.png(), "/v1/classify?deadline_ms=1"), 504, "deadline_exceeded")
+
+
+def test_request_timeout_is_504_from_the_settings(make_client: ClientFactory) -> None:
+    with make_client(request_timeout_s=0.2, stage_execution="thread") as client:
+        engine = client.app.state.runtime.engine  # type: ignore[attr-defined]
+        real = engine.run_stage_batch
+
+        def stuck(k: int, state: Any) -> Any:
+            time.sleep(0.6)
+            return real(k, state)
+
+        engine.run_stage_batch = stuck
+        response = post_raw(client, images.png())
+        engine.run_stage_batch = real
+    assert_error(response, 504, "deadline_exceeded", "request timeout of 0.2 s")
 
 
 def test_internal_error_is_a_generic_500_with_request_id(
