@@ -190,7 +190,9 @@ class LiveServer:
         return self.proc.returncode
 
     def __enter__(self) -> LiveServer:
-        return self.start()
+        # `with LiveServer(...).start() as s` must not start a second process: it would lose the
+        # first one (never stopped, a leaked server per test run) while the second died on the port.
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
