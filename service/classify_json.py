@@ -36,7 +36,10 @@ def image_results(
     if not answers:
         return []
     k = min(top_k, len(classes))
-    probabilities = np.stack([a.probabilities for a in answers])  # (n, classes)
+    if len(answers) == 1:  # the usual request: no stack
+        probabilities = answers[0].probabilities[None]  # (1, classes)
+    else:
+        probabilities = np.stack([a.probabilities for a in answers])  # (n, classes)
     order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k].tolist()  # (n, k)
     full = float(full_macs) or 1.0
     return [

@@ -206,7 +206,8 @@ def normalize_thresholds(thresholds: Any, batch: int, num_stages: int) -> np.nda
     else:
         arr = np.asarray(thresholds, dtype=np.float32)
         if arr.ndim == 1 and arr.shape[0] == num_stages:
-            out = np.broadcast_to(arr, (batch, num_stages)).copy()
+            out = np.empty((batch, num_stages), dtype=np.float32)
+            out[:] = arr  # broadcast (cheaper than broadcast_to().copy() for the usual batch of 1)
         elif arr.ndim == 2 and arr.shape == (batch, num_stages):
             out = arr.copy()
         else:

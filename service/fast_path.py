@@ -31,7 +31,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
 from service import api_v1
@@ -119,6 +119,18 @@ def parse_simple_query(query_string: bytes) -> dict[str, Any] | None:
     return out
 
 
+async def _read_body(receive: Receive) -> bytes:
+    """The request body, as Starlette's `Request.body()` reads it (a small upload is one message)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def _content_type(scope: Scope) -> str:
     for key, value in scope.get("headers", ()):
         if key == b"content-type":
@@ -152,7 +164,6 @@ class RawClassifyFastPath:
         options = scope[OPTIONS_KEY]
         start = time.perf_counter()
         scope["route"] = self._classify_route()
-        request = Request(scope, receive)
         try:
             runtime = getattr(scope["app"].state, "runtime", None)
             if runtime is None:
@@ -160,12 +171,12 @@ class RawClassifyFastPath:
             budget = options["budget"]
             if budget["thresholds"] is not None:
                 budget["thresholds"] = parse_thresholds(budget["thresholds"])
-            blob = await request.body()
+            blob = await _read_body(receive)
             body = await classify_to_json(
                 runtime, [blob], budget, options["top_k"], options["early_exit"], options["deadline_ms"], start
             )
         except BoostServeError as exc:
-            await error_response(request, exc)(scope, receive, send)
+            await error_response(Request(scope, receive), exc)(scope, receive, send)
             return
         await send(
             {

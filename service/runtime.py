@@ -220,7 +220,7 @@ class Runtime:
             exit_index = int(r.exit_index)
             out.append(
                 Classified(
-                    label=int(np.argmax(probabilities)),
+                    label=int(probabilities.argmax()),
                     confidence=float(r.confidence),
                     probabilities=probabilities,
                     exit=exit_index + 1,

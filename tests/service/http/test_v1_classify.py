@@ -150,6 +150,14 @@ def test_request_id_is_echoed_when_sane(client: TestClient) -> None:
     assert len(response.headers["x-request-id"]) == 32
 
 
+def test_generated_request_ids_are_unique_hex(client: TestClient) -> None:
+    png = {"content-type": "image/png"}
+    ids = [client.get("/livez").headers["x-request-id"] for _ in range(3)]
+    ids += [client.post("/v1/classify", content=images.png(), headers=png).headers["x-request-id"] for _ in range(3)]
+    assert len(set(ids)) == 6
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
 def test_json_options_body_wins_over_query(client: TestClient) -> None:
     one = base64.b64encode(images.png()).decode()
     assert len(client.post("/v1/classify?top_k=1", json={"image": one}).json()["results"][0]["top_k"]) == 1
