@@ -89,6 +89,7 @@ def machine_info(providers_in_use: list[str] | None = None) -> dict[str, Any]:
         "onnx": _version("onnx"),
         "pillow": _version("PIL"),
         "pyspng": _version("pyspng"),
+        "orjson": _version("orjson"),
         "httpx": _version("httpx"),
         "git_sha": _git_sha(),
     }

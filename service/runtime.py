@@ -74,7 +74,7 @@ class Runtime:
     inflight: int = 0  # requests inside classify (the boostserve_inflight_requests gauge reads it)
     _budget_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # (request budget fields, early_exit) -> (global budget it was resolved against, resolved, info JSON)
-    _resolve_cache: dict[Any, tuple[ResolvedBudget, ResolvedBudget, str]] = field(default_factory=dict)
+    _resolve_cache: dict[Any, tuple[ResolvedBudget, ResolvedBudget, bytes]] = field(default_factory=dict)
 
     # -- budget --------------------------------------------------------------------------------
     def parse_budget(self, fields: Mapping[str, Any]) -> Budget | None:
@@ -103,7 +103,7 @@ class Runtime:
             return ResolvedBudget(self.global_budget.budget, self.global_budget.thresholds, effective_early_exit)
         return ResolvedBudget(budget, self.resolver.resolve(budget), effective_early_exit)
 
-    def resolve_fields(self, fields: Mapping[str, Any], early_exit: bool | None) -> tuple[ResolvedBudget, str]:
+    def resolve_fields(self, fields: Mapping[str, Any], early_exit: bool | None) -> tuple[ResolvedBudget, bytes]:
         """`parse_budget` + `resolve` + `budget_info` as JSON, memoised per distinct request budget.
 
         Why: most traffic repeats a handful of budgets (the global one, a few knobs), and parsing,

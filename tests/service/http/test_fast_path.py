@@ -130,3 +130,24 @@ def test_the_no_escape_query_split_equals_parse_qsl() -> None:
     for _ in range(5000):
         text = "".join(rng.choice("ab=&;1.%+") for _ in range(rng.randint(0, 12)))
         assert split_query(text) == parse_qsl(text, keep_blank_values=True), text
+
+
+def test_a_repeated_query_is_parsed_once_and_answered_alike(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parsed options are memoised per query string, so nothing may mutate them between requests."""
+    calls: list[bytes] = []
+    real = fast_path.parse_simple_query
+
+    def spy(query_string: bytes) -> dict[str, Any] | None:
+        calls.append(query_string)
+        return real(query_string)
+
+    monkeypatch.setattr(fast_path, "parse_simple_query", spy)
+    with make_client() as client:
+        good = [client.post("/v1/classify?thresholds=0.9,0.5,0", content=images.png(), headers=PNG) for _ in range(3)]
+        bad = [client.post("/v1/classify?thresholds=0.9,x,0", content=images.png(), headers=PNG) for _ in range(2)]
+    assert [r.status_code for r in good] == [200] * 3 and [r.status_code for r in bad] == [422] * 2
+    assert all(r.json()["budget"]["thresholds"] == [0.9, 0.5, 0.0] for r in good)
+    assert len({r.json()["error"]["message"] for r in bad}) == 1
+    assert calls == [b"thresholds=0.9,0.5,0", b"thresholds=0.9,x,0"]
