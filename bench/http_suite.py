@@ -6,11 +6,12 @@ POST /v1/classify with a raw image/png body:
   drop_0.005   ?max_accuracy_drop=0.005      early exit, ≤ 0.5 % held-out accuracy loss
   drop_0.01    ?max_accuracy_drop=0.01       early exit, ≤ 1 % held-out accuracy loss
 Server configurations: `batching` (cross-request batching on, the default settings) and
-`no_batching` (BOOSTSERVE_BATCHING=false and BOOSTSERVE_MAX_BATCH_SIZE=1: batch-1 serving), and two
+`no_batching` (BOOSTSERVE_BATCHING=false and BOOSTSERVE_MAX_BATCH_SIZE=1: batch-1 serving), and three
 ablations of the request path at drop_0.01 with 1 and 64 clients: `fastapi_path`
-(BOOSTSERVE_FAST_PATH=false: raw-image classify through FastAPI routing) and `thread_stages`
+(BOOSTSERVE_FAST_PATH=false: raw-image classify through FastAPI routing), `thread_stages`
 (BOOSTSERVE_STAGE_EXECUTION=thread: stage batches on the ORT worker thread although the server has
-one CPU), each differing from `batching` in that one setting.
+one CPU) and `gc_unfrozen` (BOOSTSERVE_GC_FREEZE=false: start-up objects left to the garbage
+collector), each differing from `batching` in that one setting.
 
 Every answer is checked: HTTP status, predicted label vs the Fashion-MNIST ground truth, and —
 when the artifact's test calibration arrays are in the dataset's order — the exit against the one
@@ -104,6 +105,7 @@ def default_servers(
         ServerConfig(
             "thread_stages", {**base, "BOOSTSERVE_STAGE_EXECUTION": "thread"}, ("drop_0.01",), ablation_clients
         ),
+        ServerConfig("gc_unfrozen", {**base, "BOOSTSERVE_GC_FREEZE": "false"}, ("drop_0.01",), ablation_clients),
     )
     if quick:
         return (

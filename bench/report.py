@@ -566,9 +566,10 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
 
 
 ABLATIONS = {
-    "batching": "as served (fast path, stages on the event loop)",
+    "batching": "as served (fast path, stages on the event loop, start-up objects frozen)",
     "fastapi_path": "raw-image classify through FastAPI routing (BOOSTSERVE_FAST_PATH=false)",
     "thread_stages": "stage batches on the ORT worker thread (BOOSTSERVE_STAGE_EXECUTION=thread)",
+    "gc_unfrozen": "start-up objects left to the garbage collector (BOOSTSERVE_GC_FREEZE=false)",
 }
 
 

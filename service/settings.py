@@ -126,6 +126,11 @@ class Settings(BaseSettings):
         description="serve raw-image POST /v1/classify without FastAPI routing (same answers, less CPU; "
         "false: every request goes through FastAPI, for A/B)",
     )
+    gc_freeze: bool = Field(
+        default=True,
+        description="move everything alive after start-up out of the garbage collector's reach "
+        "(gc.freeze): full collections then scan request garbage only (see service.app)",
+    )
     admin_token: SecretStr | None = Field(
         default=None,
         description="bearer token for PUT /v1/budget; unset or empty -> the endpoint answers 403",

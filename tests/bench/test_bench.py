@@ -202,7 +202,13 @@ def test_http_suite_end_to_end(artifacts: tuple[Path, Path], tmp_path: Path) -> 
     assert main(argv) == 0
     doc = json.loads((out / "http.json").read_text())
     r = doc["result"]
-    assert {s["name"] for s in r["servers"]} == {"batching", "no_batching", "fastapi_path", "thread_stages"}
+    assert {s["name"] for s in r["servers"]} == {
+        "batching",
+        "no_batching",
+        "fastapi_path",
+        "thread_stages",
+        "gc_unfrozen",
+    }
     cells = r["aggregate"]
     assert {(c["server"], c["mode"]) for c in cells} >= {
         ("batching", "all_stages"),

@@ -65,7 +65,8 @@ def load_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_settings(artifacts: Path, **overrides: Any) -> Any:
     from service.settings import Settings
 
-    values = {**BASE_SETTINGS, "artifacts_dir": artifacts, **overrides}
+    # gc_freeze off in process: it would freeze the whole pytest session's objects.
+    values = {**BASE_SETTINGS, "artifacts_dir": artifacts, "gc_freeze": False, **overrides}
     return Settings(**values)
 
 

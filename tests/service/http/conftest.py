@@ -30,6 +30,7 @@ def settings_for(artifacts: Path, **overrides: Any) -> Settings:
         "max_batch_wait_ms": 0.0,
         "max_batch_size": 8,
         "providers": ["cpu"],
+        "gc_freeze": False,  # in process it would freeze the whole pytest session's objects
     }
     base.update(overrides)
     return Settings(**base)

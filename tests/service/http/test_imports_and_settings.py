@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.settings import EMBEDDED_MODEL_DIR, Settings
+from tests.service.http.conftest import ClientFactory
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -125,3 +126,17 @@ def test_usable_cpus_reads_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     assert usable_cpus() == 1.0
+
+
+def test_gc_freeze_after_start_up(make_client: ClientFactory) -> None:
+    import gc
+
+    gc.unfreeze()
+    try:
+        with make_client(gc_freeze=True):
+            frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # the app, the engine and every imported module
+    finally:
+        gc.unfreeze()
+    with make_client():  # the tests' default (off): nothing frozen
+        assert gc.get_freeze_count() == 0
