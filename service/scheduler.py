@@ -183,14 +183,22 @@ class _Request:
 class _Chunk:
     """Rows of one request waiting at one stage."""
 
-    __slots__ = ("enqueued", "request", "rows", "source", "state")
+    __slots__ = ("enqueued", "request", "rows", "source", "state", "whole")
 
-    def __init__(self, request: _Request, rows: np.ndarray, state: StageBatch, source: int, enqueued: float) -> None:
+    def __init__(
+        self, request: _Request, rows: np.ndarray, state: StageBatch, source: int, enqueued: float, whole: bool = False
+    ) -> None:
         self.request = request
         self.rows = rows  # (n,) int64 indices into the request
         self.state = state  # n rows
         self.source = source
         self.enqueued = enqueued  # loop.time()
+        self.whole = whole  # rows == arange(request.size): per-row lookups can slice instead of gather
+
+    def thresholds(self, k: int) -> np.ndarray:
+        """(n,) the rows' thresholds at stage k."""
+        table = self.request.thresholds  # (B, E)
+        return table[:, k] if self.whole else table[self.rows, k]
 
 
 @dataclass
@@ -351,7 +359,7 @@ class Scheduler:
         self._requests[req.id] = req
         self._pending += n
         self.stats.submitted += 1
-        self._enqueue(0, _Chunk(req, np.arange(n), self.engine.initial_state(arr), req.id, loop.time()))
+        self._enqueue(0, _Chunk(req, np.arange(n), self.engine.initial_state(arr), req.id, loop.time(), whole=True))
         self._wake()
         try:
             return await req.future
@@ -427,6 +435,7 @@ class Scheduler:
                     head.enqueued,
                 )
                 head.rows = head.rows[room:]
+                head.whole = False
                 head.state = head.state.take(slice(room, None))
                 chunks.append(part)
                 room = 0
@@ -483,7 +492,7 @@ class Scheduler:
     async def _execute(self, k: int, chunks: list[_Chunk]) -> None:
         assert self._loop is not None
         last = k == self.num_stages - 1
-        thr = None if last else np.concatenate([c.request.thresholds[c.rows, k] for c in chunks])  # (n,)
+        thr = None if last else np.concatenate([c.thresholds(k) for c in chunks])  # (n,)
         size = sum(len(c.rows) for c in chunks)
         batch_id = next(self._batch_ids)
         st = self.stats.stages[k]
@@ -524,36 +533,44 @@ class Scheduler:
             self._safe(self.observer.on_stage_batch, k, size, comp.seconds)
 
         # Distribute: exits answer their rows, survivors go to stage k+1 as one chunk per request segment.
+        # Per-row decisions as Python lists, one conversion per batch: most chunks hold one image,
+        # and numpy calls on 1-element slices cost more than the work (measured in a profile).
         macs = self._cum_macs[k]
         now = self._loop.time()
+        leave: list[bool] = comp.leave.tolist()
+        conf: list[float] = comp.conf.tolist()
         answered: list[int] = []  # batch positions whose answer reached a live request
         start = 0
+        kept = 0  # survivors so far = where the next chunk's survivors start in comp.next_state
         for chunk in chunks:
-            end = start + len(chunk.rows)
+            n = len(chunk.rows)
+            end = start + n
+            exiting = [i for i in range(n) if leave[start + i]]
+            n_stay = n - len(exiting)
             req = chunk.request
             if req.done:  # deadline/failure/cancel while this batch ran
-                start = end
+                start, kept = end, kept + n_stay
                 continue
-            seg_leave = comp.leave[start:end]
-            for i in np.flatnonzero(seg_leave).tolist():
-                j = start + i
-                req.results[int(chunk.rows[i])] = make_result(k, comp.logits[j], comp.probs[j], comp.conf[j], macs)
-                answered.append(j)
-            n_exit = int(seg_leave.sum())
-            req.remaining -= n_exit
-            if n_exit < len(chunk.rows):
+            if exiting:
+                rows = chunk.rows.tolist()
+                for i in exiting:
+                    j = start + i
+                    req.results[rows[i]] = make_result(k, comp.logits[j], comp.probs[j], conf[j], macs)
+                    answered.append(j)
+                req.remaining -= len(exiting)
+            if n_stay:
                 assert comp.next_state is not None
-                lo, hi = np.searchsorted(comp.stay, [start, end])
-                keep_rows = chunk.rows[~seg_leave]  # (m,)
+                keep_rows = chunk.rows if not exiting else chunk.rows[~comp.leave[start:end]]  # (m,)
                 if req.best_logits is not None and req.best_exit is not None:
-                    req.best_logits[keep_rows] = comp.logits[start:end][~seg_leave]
+                    req.best_logits[keep_rows] = comp.logits[start:end][~comp.leave[start:end]]
                     req.best_exit[keep_rows] = k
                 state = (
                     comp.next_state
-                    if (lo == 0 and hi == comp.next_state.size)
-                    else comp.next_state.take(slice(int(lo), int(hi)))
+                    if n_stay == comp.next_state.size
+                    else comp.next_state.take(slice(kept, kept + n_stay))
                 )
-                self._enqueue(k + 1, _Chunk(req, keep_rows, state, batch_id, now))
+                self._enqueue(k + 1, _Chunk(req, keep_rows, state, batch_id, now, whole=chunk.whole and not exiting))
+                kept += n_stay
             if req.remaining == 0:
                 self._complete(req)
             start = end
