@@ -10,13 +10,15 @@ values come from closed sets only (route templates, error types, stage numbers),
 request data.
 
 Cost per request matters here (a 28x28 image costs ~0.2 ms of model work): exits arrive one call
-per stage batch and feed `ArrayHistogram`s (a whole array per call, where prometheus_client's
-Histogram takes one value per call under a lock), and the queue-depth and in-flight gauges are
-read from the scheduler and the runtime at scrape time instead of being set on every change.
+per stage batch and, like the per-batch series, feed `ArrayHistogram`s (a whole array, or one value
+n times, per call; prometheus_client's Histogram takes one value per call under several locks), and
+the queue-depth and in-flight gauges are read from the scheduler and the runtime at scrape time
+instead of being set on every change.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -74,6 +76,7 @@ class ArrayHistogram:
         self.documentation = documentation
         self.labelnames = list(labelnames)
         self._upper = np.asarray(sorted(buckets), dtype=np.float64)
+        self._bounds: list[float] = self._upper.tolist()
         self._le = [floatToGoString(b) for b in self._upper.tolist()] + ["+Inf"]
         self._counts: dict[tuple[str, ...], np.ndarray] = {}  # per label values: (len(le),) int64
         self._sums: dict[tuple[str, ...], float] = {}
@@ -96,6 +99,16 @@ class ArrayHistogram:
             current = self._counts.get(labelvalues)
             self._counts[labelvalues] = counts if current is None else current + counts
             self._sums[labelvalues] = self._sums.get(labelvalues, 0.0) + total
+
+    def observe(self, value: float, *labelvalues: str, count: int = 1) -> None:
+        """One value (`count` times over): a bisect on the bounds, no numpy."""
+        i = bisect.bisect_left(self._bounds, value)  # first bucket with bound >= value; len = +Inf
+        with self._lock:
+            counts = self._counts.get(labelvalues)
+            if counts is None:
+                counts = self._counts[labelvalues] = np.zeros(len(self._le), dtype=np.int64)
+            counts[i] += count
+            self._sums[labelvalues] = self._sums.get(labelvalues, 0.0) + value * count
 
     def describe(self) -> list[HistogramMetricFamily]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
@@ -135,19 +148,15 @@ class Metrics:
             ["stage"],
             registry=r,
         )
-        self.stage_duration = Histogram(
+        self.stage_duration = ArrayHistogram(
             "boostserve_stage_duration_seconds",
             "wall time of one ONNX Runtime stage batch",
+            STAGE_BUCKETS,
             ["stage"],
-            buckets=STAGE_BUCKETS,
             registry=r,
         )
-        self.stage_batch_size = Histogram(
-            "boostserve_stage_batch_size",
-            "images per stage batch",
-            ["stage"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
+        self.stage_batch_size = ArrayHistogram(
+            "boostserve_stage_batch_size", "images per stage batch", BATCH_BUCKETS, ["stage"], registry=r
         )
         self.queue_depth = Gauge("boostserve_queue_depth", "images waiting per stage queue", ["stage"], registry=r)
         self.inflight = Gauge("boostserve_inflight_requests", "classification requests in progress", registry=r)
@@ -216,8 +225,8 @@ class Metrics:
             label = str(k)
             self.exits.labels(stage=label)
             self.exit_confidence.labels(label)
-            self.stage_duration.labels(stage=label)
-            self.stage_batch_size.labels(stage=label)
+            self.stage_duration.labels(label)
+            self.stage_batch_size.labels(label)
 
     def bind_live_gauges(self, *, queue_depths: Callable[[], Sequence[int]], inflight: Callable[[], int]) -> None:
         """Read queue depths per stage and requests in flight at scrape time (nothing per request)."""
@@ -267,8 +276,8 @@ class Metrics:
     # -- scheduler observer protocol ----------------------------------------------------------------
     def on_stage_batch(self, stage: int, batch_size: int, seconds: float) -> None:
         label = str(stage + 1)
-        self._child(self.stage_duration, label).observe(seconds)
-        self._child(self.stage_batch_size, label).observe(batch_size)
+        self.stage_duration.observe(seconds, label)
+        self.stage_batch_size.observe(batch_size, label)
 
     def on_exits(self, stage: int, confidences: np.ndarray, macs: float, deadline_hit: bool) -> None:
         label = str(stage + 1)
@@ -277,7 +286,7 @@ class Metrics:
         self._child(self.exits, label).inc(n)
         self.exit_confidence.observe_many(confidences, label)
         if self._image_macs is not None:
-            self._image_macs.observe_many(np.full(n, macs))
+            self._image_macs.observe(macs, count=n)
         if deadline_hit:
             self.deadline_hits.inc(n)
 

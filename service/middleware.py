@@ -72,31 +72,35 @@ class RequestMiddleware:
         replaced = [False]
         limit = self.max_body_bytes
 
+        def start_message(message: Message) -> Message:
+            """Record the status; the response carries our X-Request-ID (and only ours)."""
+            started[0] = True
+            status_holder[0] = int(message["status"])
+            headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+            headers.append(id_header)
+            return {**message, "headers": headers}
+
         async def send_wrapper(message: Message) -> None:
             if replaced[0]:
                 return  # the inner app's response was swapped for our 413; drop the rest of it
-            if exceeded[0] and not started[0] and message["type"] == "http.response.start":
-                # The body passed the limit but something (FastAPI's own body parsing) turned
-                # that into another response: the client gets the 413 instead.
-                replaced[0] = True
-                await self._reply_error(
-                    send_wrapper_raw,
-                    scope,
-                    413,
-                    "payload_too_large",
-                    f"request body is over the limit of {limit} bytes",
-                )
-                return
-            await send_wrapper_raw(message)
+            if message["type"] == "http.response.start":
+                if exceeded[0] and not started[0]:
+                    # The body passed the limit but something (FastAPI's own body parsing) turned
+                    # that into another response: the client gets the 413 instead.
+                    replaced[0] = True
+                    await self._reply_error(
+                        send_wrapper_raw,
+                        scope,
+                        413,
+                        "payload_too_large",
+                        f"request body is over the limit of {limit} bytes",
+                    )
+                    return
+                message = start_message(message)
+            await send(message)
 
         async def send_wrapper_raw(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                started[0] = True
-                status_holder[0] = int(message["status"])
-                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
-                headers.append(id_header)
-                message = {**message, "headers": headers}
-            await send(message)
+            await send(start_message(message) if message["type"] == "http.response.start" else message)
 
         declared = _content_length(scope)
         if declared is not None and declared > limit:

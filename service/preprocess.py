@@ -107,8 +107,9 @@ class Preprocessor:
             )
         return image
 
-    def decode_plain_png(self, data: bytes) -> np.ndarray | None:
-        """float32 (C, H, W) of a small plain PNG via libspng; None: use `open` + `to_tensor`.
+    def decode_plain_png(self, data: bytes, out: np.ndarray | None = None) -> np.ndarray | None:
+        """float32 (C, H, W) of a small plain PNG via libspng, written into `out` when given (a row
+        of the request's batch: no temporary); None: use `open` + `to_tensor`.
 
         Plain = 8-bit samples in the model's colour mode (no palette, alpha or 16-bit conversion),
         not interlaced, no animation chunk, at most INLINE_DECODE_PIXELS and the pixel limit — read
@@ -138,7 +139,7 @@ class Preprocessor:
             size = (self.spec.width, self.spec.height)
             pixels = np.asarray(Image.fromarray(pixels).resize(size, self._resample))
         chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        return self._normalize(chw)
+        return self._normalize(chw, out)
 
     @staticmethod
     def pixels(image: Image.Image) -> int:
@@ -193,10 +194,13 @@ class Preprocessor:
             image = Image.alpha_composite(black, rgba).convert("RGB")
         return image.convert(target)
 
-    def _normalize(self, chw: np.ndarray) -> np.ndarray:
-        out = chw * self._scale
+    def _normalize(self, chw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x * scale + offset as float32 (C, H, W), in `out` when given."""
+        if out is None:
+            out = np.empty(chw.shape, dtype=np.float32)
+        np.multiply(chw, self._scale, out=out)
         out += self._offset
-        return out.astype(np.float32, copy=False)
+        return out
 
     def decode(self, data: bytes) -> np.ndarray:
         """bytes -> float32 (C, H, W). Synchronous; see `INLINE_DECODE_PIXELS` for the async policy."""

@@ -181,9 +181,7 @@ class Runtime:
         out = np.empty((len(blobs), *pre.shape), dtype=np.float32)
         for i, blob in enumerate(blobs):
             try:
-                plain = pre.decode_plain_png(blob)
-                if plain is not None:
-                    out[i] = plain
+                if pre.decode_plain_png(blob, out=out[i]) is not None:
                     continue
                 image = pre.open(blob)
                 if pre.pixels(image) <= INLINE_DECODE_PIXELS:

@@ -37,6 +37,19 @@ def test_array_histogram_matches_prometheus_client_histogram() -> None:
             assert got[key] == value, key
 
 
+def test_single_observations_match_too() -> None:
+    """`observe(value, count=n)` (per-batch series, MACs per exit) is n observations of value."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    bounds = (1, 2, 4, 8, 16, 32)
+    array_histogram = ArrayHistogram("size", "doc", bounds, ["stage"], registry=ours)
+    histogram = Histogram("size", "doc", ["stage"], buckets=bounds, registry=theirs)
+    for value, count, stage in ((1, 1, "1"), (32, 3, "1"), (5, 2, "2"), (33, 1, "2"), (8, 1, "1")):
+        array_histogram.observe(value, stage, count=count)
+        for _ in range(count):
+            histogram.labels(stage=stage).observe(value)
+    assert samples(ours, "size") == samples(theirs, "size")
+
+
 def test_series_exist_before_any_observation() -> None:
     registry = CollectorRegistry()
     unlabelled = ArrayHistogram("macs", "doc", [1.0, 2.0], registry=registry)

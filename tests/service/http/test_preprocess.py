@@ -48,6 +48,11 @@ def test_plain_png_is_decoded_by_libspng_to_pillows_exact_values(
     assert fast.dtype == np.float32 and fast.shape == (spec.channels, 8, 8)
     np.testing.assert_array_equal(fast, pillow_decode(p, data))
     np.testing.assert_array_equal(p.decode(data), fast)
+    batch = np.full((2, spec.channels, 8, 8), np.nan, dtype=np.float32)
+    written = p.decode_plain_png(data, out=batch[1])
+    assert written is not None and np.shares_memory(written, batch)
+    np.testing.assert_array_equal(batch[1], fast)  # written in place, the other row untouched
+    assert np.isnan(batch[0]).all()
 
 
 def _interlaced(data: bytes) -> bytes:
