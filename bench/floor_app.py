@@ -3,7 +3,8 @@
 Why: the HTTP targets compare early exit with all stages *through the server*, so every request
 also pays for HTTP parsing, the event loop and the response, whatever the model does. This app
 runs on exactly that stack (uvicorn with httptools + uvloop, pure ASGI, no framework) and does
-nothing else — optionally decoding the PNG like any image server must — and answers a fixed JSON
+nothing else — optionally decoding the PNG like any image server must, with the decoder boostserve
+uses for these plain PNGs (libspng through pyspng) — and answers a fixed JSON
 body the size of a classify answer. Its server CPU per request, measured by the HTTP suite under
 the same load, is the floor that no Python implementation of the service can go below; the
 report turns it into the best early-exit/all-stages ratio this machine allows.
@@ -14,7 +15,6 @@ report turns it into the best early-exit/all-stages ratio this machine allows.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from typing import Any
@@ -45,7 +45,7 @@ ANSWER = json.dumps(
 def make_app(decode: bool) -> Any:
     """The ASGI app: /readyz -> 200; anything else -> read the body, (decode it), fixed JSON."""
     import numpy as np
-    from PIL import Image
+    import pyspng
 
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
 
@@ -75,8 +75,7 @@ def make_app(decode: bool) -> Any:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         if decode:
-            with Image.open(io.BytesIO(b"".join(chunks))) as image:
-                pixels = np.asarray(image.convert("L"), dtype=np.float32) / 255.0  # (H, W)
+            pixels = pyspng.load(b"".join(chunks)).astype(np.float32) / 255.0  # (H, W)
             del pixels
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": ANSWER})
@@ -88,7 +87,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--decode", action="store_true", help="decode each body as an image (Pillow)")
+    parser.add_argument("--decode", action="store_true", help="decode each body as a PNG (pyspng, as the server does)")
     args = parser.parse_args()
     import uvicorn
 

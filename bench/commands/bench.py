@@ -29,7 +29,8 @@ Suites (--suite, comma-separated; default all):
            `python -m boostserve serve` subprocess on 127.0.0.1 with 1, 8, 64, 256 clients,
            posting PNGs of Fashion-MNIST test images: all stages (early_exit=false), early exit
            at max_accuracy_drop=0.005 and 0.01, cross-request batching on vs off; request-path
-           ablations (fast path off, stages on the worker thread) and a floor server (the HTTP
+           ablations (fast path off, stages on the worker thread, start-up objects not frozen out
+           of the garbage collector) and a floor server (the HTTP
            stack alone, with and without the PNG decode) that bounds what the server can reach.
            Every label is checked; reports req/s, p50/p95/p99, served accuracy, MACs, exits,
            client/server CPU.
