@@ -36,8 +36,10 @@ Suites (--suite, comma-separated; default all):
            client/server CPU.
 
 Measured durations on the 2-core dev machine with the embedded model: --quick about 70 s for all
-suites (offline <1 s, engine ~5 s, http ~63 s); full about 11.5 min (offline <1 s, engine ~64 s,
-http ~630 s). --publish writes the results to docs/benchmarks/ and the summary to docs/benchmarks.md;
+suites (offline <1 s, engine ~5 s, http ~65 s); full about 12.5 min (offline <1 s, engine ~64 s,
+http ~690 s at the default 2 rounds). The published results use --http-rounds 3 (~17.5 min): on
+this shared machine two runs of 2 rounds differed by ~10 % in req/s. --publish writes the results
+to docs/benchmarks/ and the summary to docs/benchmarks.md;
 --report-only regenerates the summary and plots from the JSON already in --out.
 """
 
