@@ -88,19 +88,17 @@ class RequestMiddleware:
                     # The body passed the limit but something (FastAPI's own body parsing) turned
                     # that into another response: the client gets the 413 instead.
                     replaced[0] = True
-                    await self._reply_error(
-                        send_wrapper_raw,
-                        scope,
-                        413,
-                        "payload_too_large",
-                        f"request body is over the limit of {limit} bytes",
-                    )
+                    await reply_over_limit()
                     return
                 message = start_message(message)
             await send(message)
 
         async def send_wrapper_raw(message: Message) -> None:
             await send(start_message(message) if message["type"] == "http.response.start" else message)
+
+        async def reply_over_limit() -> None:
+            message = f"request body is over the limit of {limit} bytes"
+            await self._reply_error(send_wrapper_raw, scope, 413, "payload_too_large", message)
 
         declared = _content_length(scope)
         if declared is not None and declared > limit:
@@ -129,13 +127,7 @@ class RequestMiddleware:
             await self.app(scope, receive_wrapper, send_wrapper)
         except _BodyTooLarge:
             if not started[0]:
-                await self._reply_error(
-                    send_wrapper_raw,
-                    scope,
-                    413,
-                    "payload_too_large",
-                    f"request body is over the limit of {limit} bytes",
-                )
+                await reply_over_limit()
         except asyncio.CancelledError:
             # uvicorn cancels the requests still running when its graceful-shutdown timeout
             # (shutdown_grace_s) ends; unanswered, they would get uvicorn's plain-text 500. They get
