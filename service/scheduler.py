@@ -209,7 +209,6 @@ class _Computed:
     probs: np.ndarray  # (n, classes)
     conf: np.ndarray  # (n,)
     leave: np.ndarray  # (n,) bool
-    stay: np.ndarray  # (m,) int64 positions of survivors, ascending
     next_state: StageBatch | None  # m rows, None when nobody survives
     seconds: float
 
@@ -487,7 +486,7 @@ class Scheduler:
             next_state = out.state  # nobody left: pass through (device values stay on the device)
         else:
             next_state = out.state.take(stay)
-        return _Computed(logits, probs, conf, leave, stay, next_state, out.seconds)
+        return _Computed(logits, probs, conf, leave, next_state, out.seconds)
 
     async def _execute(self, k: int, chunks: list[_Chunk]) -> None:
         assert self._loop is not None
@@ -560,9 +559,10 @@ class Scheduler:
                 req.remaining -= len(exiting)
             if n_stay:
                 assert comp.next_state is not None
-                keep_rows = chunk.rows if not exiting else chunk.rows[~comp.leave[start:end]]  # (m,)
+                stays = ~comp.leave[start:end]  # (n,)
+                keep_rows = chunk.rows if not exiting else chunk.rows[stays]  # (m,)
                 if req.best_logits is not None and req.best_exit is not None:
-                    req.best_logits[keep_rows] = comp.logits[start:end][~comp.leave[start:end]]
+                    req.best_logits[keep_rows] = comp.logits[start:end][stays]
                     req.best_exit[keep_rows] = k
                 state = (
                     comp.next_state
