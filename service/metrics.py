@@ -77,7 +77,7 @@ class ArrayHistogram:
         self.labelnames = list(labelnames)
         self._upper = np.asarray(sorted(buckets), dtype=np.float64)
         self._bounds: list[float] = self._upper.tolist()
-        self._le = [floatToGoString(b) for b in self._upper.tolist()] + ["+Inf"]
+        self._le = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
         self._counts: dict[tuple[str, ...], np.ndarray] = {}  # per label values: (len(le),) int64
         self._sums: dict[tuple[str, ...], float] = {}
         self._lock = threading.Lock()  # observations come from the loop, scrapes may not
@@ -85,30 +85,33 @@ class ArrayHistogram:
             self.labels()
         registry.register(self)
 
+    def _series(self, labelvalues: tuple[str, ...]) -> np.ndarray:
+        """The bucket counts of one series, created at zero (call with the lock held)."""
+        counts = self._counts.get(labelvalues)
+        if counts is None:
+            counts = self._counts[labelvalues] = np.zeros(len(self._le), dtype=np.int64)
+            self._sums[labelvalues] = 0.0
+        return counts
+
     def labels(self, *values: str) -> None:
         """Create the series (at zero) so it is exported before the first observation."""
         with self._lock:
-            self._counts.setdefault(values, np.zeros(len(self._le), dtype=np.int64))
-            self._sums.setdefault(values, 0.0)
+            self._series(values)
 
     def observe_many(self, values: np.ndarray, *labelvalues: str) -> None:
         bins = np.searchsorted(self._upper, values, side="left")  # (n,) bucket index, len(upper) = +Inf
         counts = np.bincount(bins, minlength=len(self._le))
         total = float(np.sum(values, dtype=np.float64))  # float32 confidences: sum in double
         with self._lock:
-            current = self._counts.get(labelvalues)
-            self._counts[labelvalues] = counts if current is None else current + counts
-            self._sums[labelvalues] = self._sums.get(labelvalues, 0.0) + total
+            self._series(labelvalues)[:] += counts
+            self._sums[labelvalues] += total
 
     def observe(self, value: float, *labelvalues: str, count: int = 1) -> None:
         """One value (`count` times over): a bisect on the bounds, no numpy."""
         i = bisect.bisect_left(self._bounds, value)  # first bucket with bound >= value; len = +Inf
         with self._lock:
-            counts = self._counts.get(labelvalues)
-            if counts is None:
-                counts = self._counts[labelvalues] = np.zeros(len(self._le), dtype=np.int64)
-            counts[i] += count
-            self._sums[labelvalues] = self._sums.get(labelvalues, 0.0) + value * count
+            self._series(labelvalues)[i] += count
+            self._sums[labelvalues] += value * count
 
     def describe(self) -> list[HistogramMetricFamily]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
