@@ -9,7 +9,7 @@
 #   Tests pass a locally built base (deploy/verify_container.sh):
 #     podman build --format docker --build-arg BASE_IMAGE=localhost/boostserve-base:bookworm .
 #
-# Every setting is a BOOSTSERVE_* environment variable (service/settings.py); to serve another
+# Every setting is a BOOSTSERVE_* environment variable (service/http/settings.py); to serve another
 # artifact, mount it and set BOOSTSERVE_ARTIFACTS_DIR (e.g. -v ./artifacts:/artifacts:ro
 # -e BOOSTSERVE_ARTIFACTS_DIR=/artifacts). See docs/deploy.md.
 

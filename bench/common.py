@@ -17,8 +17,7 @@ import numpy as np
 from bench.stats import jsonable
 
 if TYPE_CHECKING:
-    from service.calibration import CalibrationData
-    from service.manifest import Manifest
+    from service.core.artifact import CalibrationData, Manifest
 
 #: Accuracy-drop budgets the HTTP suite serves and every report highlights (the issue's targets).
 HEADLINE_DROPS: tuple[float, ...] = (0.005, 0.01)
@@ -46,8 +45,7 @@ class Artifact:
 
 def load_artifact(path: Path) -> Artifact:
     """Load and sha256-verify an artifact; the calibration splits are optional (None if absent)."""
-    from service.calibration import load_calibration
-    from service.manifest import ArtifactError, load_manifest
+    from service.core.artifact import ArtifactError, load_calibration, load_manifest
 
     manifest = load_manifest(path, verify=True)
     splits: dict[str, CalibrationData | None] = {}
@@ -60,8 +58,8 @@ def load_artifact(path: Path) -> Artifact:
 
 
 def thresholds_for_drop(artifact: Artifact, drop: float) -> list[float]:
-    """Per-exit thresholds of the accuracy-drop knob, chosen on the held-out split (service.policy)."""
-    from service import policy
+    """Per-exit thresholds of the accuracy-drop knob, chosen on the held-out split (service.core.policies)."""
+    from service.core import policies as policy
 
     if artifact.heldout is None:
         raise ValueError(f"{artifact.path} has no calibration data: cannot pick thresholds for a drop budget")
@@ -78,7 +76,7 @@ def simulate_exits(
 ) -> dict[str, Any]:
     """Independent re-implementation of the exit rule on calibration arrays.
 
-    Why a second implementation next to `service.policy.evaluate_thresholds`: the offline suite
+    Why a second implementation next to `service.core.policies.evaluate_thresholds`: the offline suite
     cross-checks the two and records any disagreement, so a policy bug cannot silently produce a
     flattering curve.
     """

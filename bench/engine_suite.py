@@ -61,7 +61,7 @@ def _labels_of(results: Any) -> np.ndarray:
 
 def build_engine(artifact: Artifact, settings: EngineSettings) -> Any:
     """The serving engine with the bench's thread settings (kwargs per docs/architecture.md)."""
-    from service.engine import Engine
+    from service.core.engine import Engine
 
     engine = Engine(
         artifact.manifest,
@@ -90,7 +90,7 @@ def build_full_session(artifact: Artifact, settings: EngineSettings, workdir: Pa
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Same session options as service.engine (no spinning), so only the graph layout differs.
+    # Same session options as service.core.engine (no spinning), so only the graph layout differs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = settings.providers or ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), options, providers=providers)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.manifest import Manifest
+    from service.core.artifact import Manifest
 
 
 class FullGraphUnavailable(RuntimeError):

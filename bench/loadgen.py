@@ -129,7 +129,7 @@ def parse_answer(body: bytes) -> tuple[int, int, float, float, Any]:
     """(label, exit, macs, server latency ms, thresholds) of a /v1/classify JSON answer.
 
     The response is `{"results": [{"label", "exit", "macs", ...}], "latency_ms", "budget": {...}}`
-    (service.schemas.ClassifyResponse); a flat `{"label", "exit", "macs"}` is accepted too.
+    (service.http.schemas.ClassifyResponse); a flat `{"label", "exit", "macs"}` is accepted too.
     """
     data = json.loads(body)
     item = data["results"][0] if isinstance(data.get("results"), list) else data

@@ -1,9 +1,9 @@
 """Offline suite: accuracy vs average MACs on the test split, from the calibration arrays only.
 
 Protocol (the honest one): thresholds are always chosen on the *held-out* split
-(`heldout_*` arrays, through `service.policy` — the same code the server uses) and evaluated on
+(`heldout_*` arrays, through `service.core.policies` — the same code the server uses) and evaluated on
 the *test* split (`test_*`). Per model (BoostNet and, when given, its t=0 baseline):
-  - every budgeted-MAC policy of `service.policy` swept over budgets from the first exit's cost
+  - every budgeted-MAC policy of `service.core.policies` swept over budgets from the first exit's cost
     to the full network's,
   - the accuracy-drop knob swept over drops (0 … 10 %),
   - the anytime points (everyone leaves at exit k),
@@ -26,15 +26,15 @@ from bench.common import HEADLINE_DROPS, Artifact, Progress, load_artifact, simu
 
 DROPS: tuple[float, ...] = (0.0, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1)
 DEFAULT_BUDGET_POINTS = 24
-#: The policy the server uses for accuracy-drop budgets (service.policy's default).
+#: The policy the server uses for accuracy-drop budgets (service.core.policies's default).
 SERVED_POLICY = "optimal"
 
 
 def budget_policies() -> list[str]:
-    """Names of the budgeted-MAC policies service.policy offers (from its `Policy` literal)."""
+    """Names of the budgeted-MAC policies service.core.policies offers (from its `Policy` literal)."""
     from typing import get_args
 
-    from service import policy
+    from service.core import policies as policy
 
     names = [str(n) for n in get_args(getattr(policy, "Policy", None))]
     return names or ["reference", "optimal"]
@@ -63,7 +63,7 @@ def oracle(correct: np.ndarray, cumulative_macs: np.ndarray) -> dict[str, Any]:
 
 def _point(artifact: Artifact, result: Any, policy_name: str, budget: float) -> dict[str, Any]:
     """One curve point: thresholds from held-out, evaluated on test (and cross-checked)."""
-    from service import policy
+    from service.core import policies as policy
 
     assert artifact.test is not None
     thresholds = [float(t) for t in result.thresholds]
@@ -95,8 +95,8 @@ def _point(artifact: Artifact, result: Any, policy_name: str, budget: float) -> 
 
 def analyse(artifact: Artifact, budget_points: int, progress: Progress) -> dict[str, Any]:
     """Every curve of one model; raises if the artifact lacks held-out or test calibration arrays."""
-    from service import policy
-    from service.errors import BoostServeError
+    from service.core import policies as policy
+    from service.core.errors import BoostServeError
 
     if artifact.heldout is None or artifact.test is None:
         raise ValueError(f"{artifact.path}: the offline suite needs heldout_* and test_* arrays in calibration.npz")
@@ -143,7 +143,7 @@ def analyse(artifact: Artifact, budget_points: int, progress: Progress) -> dict[
         }
         for k in range(num_exits)
     ]
-    # The knob as the server applies it: the default policy of service.policy.max_accuracy_drop.
+    # The knob as the server applies it: the default policy of service.core.policies.max_accuracy_drop.
     served_knob = curves.get(f"max_accuracy_drop/{SERVED_POLICY}", [])
     headline = {f"{d:g}": next((p for p in served_knob if math.isclose(p["budget"], d)), None) for d in HEADLINE_DROPS}
     orc = oracle(test.correct, macs)

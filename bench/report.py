@@ -255,7 +255,7 @@ def _offline_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
     lines = ["## Offline: accuracy vs average MACs (test split)", ""]
     lines += [
         "Thresholds are chosen on the held-out split (`heldout_*` arrays of calibration.npz) by "
-        "`service.policy` and evaluated on the test split (`test_*`). Oracle: each image exits at the "
+        "`service.core.policies` and evaluated on the test split (`test_*`). Oracle: each image exits at the "
         "first exit that classifies it correctly (images no exit gets right take the last exit).",
         "",
         "| model | t | exits | full MACs | all-stages acc. | oracle acc. / MACs "
@@ -303,7 +303,7 @@ def _offline_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
     check = max(m["max_crosscheck_diff"] for m in models.values())
     lines += [
         "",
-        f"Cross-check: `service.policy.evaluate_thresholds` vs the bench's own exit simulation, largest "
+        f"Cross-check: `service.core.policies.evaluate_thresholds` vs the bench's own exit simulation, largest "
         f"difference {check:.2g}.",
     ]
     if "offline" in images:

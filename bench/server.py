@@ -2,7 +2,7 @@
 
 Why a subprocess and not an in-process app: the measurement must include what a deployment runs
 — the CLI, uvicorn, its event loop and its HTTP parser — and must not share the GIL with the
-load generator. Settings go through the environment (`BOOSTSERVE_*`, service.settings), exactly
+load generator. Settings go through the environment (`BOOSTSERVE_*`, service.http.settings), exactly
 as an operator would set them; the bench records them verbatim.
 """
 

@@ -140,7 +140,7 @@ uid=$(podman run --rm --network none "$IMAGE" id -u 2>/dev/null)
 [ "$uid" = 10001 ] || die "container runs as uid $uid"
 if [ -f service/embedded_model/manifest.json ]; then
   podman run --rm --network none "$IMAGE" python3 -c \
-    "from service.settings import EMBEDDED_MODEL_DIR as d; assert (d / 'manifest.json').is_file(), d" \
+    "from service.http.settings import EMBEDDED_MODEL_DIR as d; assert (d / 'manifest.json').is_file(), d" \
     >/dev/null 2>&1 || die "the embedded model (service/embedded_model) is not in the image"
   log "image: embedded model baked in"
 fi

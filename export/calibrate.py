@@ -2,11 +2,11 @@
 
 Why the engine and not torch: thresholds are chosen on these confidences, and they are applied
 to what ONNX Runtime computes at serving time. Running the very graphs, session options and
-wiring the service uses (`service.engine.Engine.run_all_stages`) means a threshold never sits on
+wiring the service uses (`service.core.engine.Engine.run_all_stages`) means a threshold never sits on
 the wrong side of a float32 difference between torch and ORT, and any engine wiring bug shows up
 here (cross-checked against torch on the first batch) rather than in production.
 
-Arrays (see service/calibration.py), E exits, n samples:
+Arrays (see service/core/artifact.py), E exits, n samples:
   {split}_confidence (E, n) float32  max softmax of the cumulative logits F_k
   {split}_correct    (E, n) bool     argmax F_k == label
   {split}_labels     (n,)   int64
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from export.errors import ExportError, ParityError
-from service.manifest import Manifest
+from service.core.artifact import Manifest
 
 Batch = tuple[np.ndarray, np.ndarray]  # images (B, C, H, W) float32, labels (B,) int64
 Reference = Callable[[np.ndarray], Sequence[np.ndarray]]
@@ -72,9 +72,9 @@ class EngineCrossCheck:
 def make_engine(manifest: Manifest, artifacts_dir: Path, threads: int = 1) -> Any:
     """The serving engine on an artifact directory (imported lazily: it needs onnxruntime)."""
     try:
-        from service.engine import Engine
+        from service.core.engine import Engine
     except ImportError as exc:  # pragma: no cover - the engine ships with the service
-        raise ExportError(f"cannot import the serving engine (service.engine.Engine): {exc}") from exc
+        raise ExportError(f"cannot import the serving engine (service.core.engine.Engine): {exc}") from exc
     try:
         return Engine(manifest, artifacts_dir, intra_op_threads=threads, inter_op_threads=1)
     except TypeError:

@@ -40,11 +40,11 @@ from export.stages import (
     torch_stage_outputs,
 )
 from models.staged import StagedBackbone
-from service.calibration import save_calibration_npz
-from service.manifest import (
+from service.core.artifact import (
     Manifest,
     content_version,
     load_manifest,
+    save_calibration_npz,
     sha256_file,
     write_manifest,
 )

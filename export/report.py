@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from service.calibration import CalibrationData, load_calibration
-from service.manifest import Manifest, load_manifest
+from service.core.artifact import CalibrationData, Manifest, load_calibration, load_manifest
 
 DEFAULT_DROPS: tuple[float, ...] = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
 DEFAULT_BUDGET_POINTS = 25
@@ -78,7 +77,7 @@ def _json_thresholds(thresholds: Sequence[float]) -> list[float | None]:
 
 
 def _point(curve: str, knob: float | None, chosen: Any, test: CalibrationData) -> CurvePoint:
-    from service.policy import evaluate_thresholds
+    from service.core.policies import evaluate_thresholds
 
     on_test = evaluate_thresholds(test, chosen.thresholds, curve)
     return CurvePoint(
@@ -130,7 +129,7 @@ def build_artifact_report(
     drops: Sequence[float] = DEFAULT_DROPS,
 ) -> ArtifactReport:
     """Every curve for one artifact (see the module docstring)."""
-    from service.policy import budget_macs, flat_curve, max_accuracy_drop, max_exit, reference_family
+    from service.core.policies import budget_macs, flat_curve, max_accuracy_drop, max_exit, reference_family
 
     n_exits = manifest.num_stages
     report = ArtifactReport(

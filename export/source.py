@@ -13,7 +13,7 @@ from typing import Any
 
 from export.errors import ExportError
 from export.pipeline import ExportData, ExportOptions, ExportResult, ExportSource, export_artifact
-from service.manifest import sha256_file
+from service.core.artifact import sha256_file
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ needs to know the exit rule's arithmetic. A stage outputs features only when the
 consumes them (not on the last stage, not before a cascade stage), which keeps dead tensors out
 of the serving path.
 
-The names follow docs/architecture.md and `service.manifest` (`image`, `feat_in_{j}`,
+The names follow docs/architecture.md and `service.core.artifact` (`image`, `feat_in_{j}`,
 `logits_in` -> `feat_out_{j}`, `logits`).
 """
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service import policy as P
-from service.calibration import load_calibration
-from service.manifest import load_manifest
+from service.core import policies as P
+from service.core.artifact import load_calibration, load_manifest
 
 LEVELS = (0.5, 0.9, P.DROP_CONFIDENCE)
 DROPS = (0.005, 0.01)

@@ -8,7 +8,7 @@ Writes `policy_curves.png` and `policy_curves.md` (a table per budget) into --ou
 always chosen on the held-out split; when the artifact's calibration file also has a `test_`
 split, the same thresholds are evaluated on it too (the honest number: the optimiser searches
 more freely on held-out data, so some of its held-out edge is fitting that split).
-Without --artifacts it uses `service.policy.synthetic_calibration` (E=10, n=5000, paper MACs):
+Without --artifacts it uses `service.core.policies.synthetic_calibration` (E=10, n=5000, paper MACs):
 a stand-in until a trained model exists -- say so wherever you quote its numbers.
 """
 
@@ -23,9 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service import policy as P
-from service.calibration import CalibrationData, load_calibration
-from service.manifest import ArtifactError, load_manifest
+from service.core import policies as P
+from service.core.artifact import ArtifactError, CalibrationData, load_calibration, load_manifest
 
 
 def load(args: argparse.Namespace) -> tuple[str, CalibrationData, CalibrationData | None]:

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from service.manifest import Manifest, load_manifest
+from service.core.artifact import Manifest, load_manifest
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 CONFIG_START, CONFIG_END = "<!-- config:start -->", "<!-- config:end -->"
@@ -57,7 +57,7 @@ def results_block(model: Manifest, baseline: Manifest | None, report_dir: Path |
 
 def config_block() -> str:
     """The settings table, straight from the pydantic-settings model (names, defaults, descriptions)."""
-    from service.settings import Settings
+    from service.http.settings import Settings
 
     lines = [CONFIG_START, "| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():

@@ -1,4 +1,4 @@
-"""The exact error body each route family must answer (see service.http_errors), for every test.
+"""The exact error body each route family must answer (see service.http.errors), for every test.
 
 v1 and the other non-OIP routes: {"error": {"type": ..., "message": ...}}; the Open Inference
 Protocol routes under /v2: {"error": "<message>", "error_type": ...} (tritonclient needs a string).
@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from service.errors import ERROR_TYPES
-from service.http_errors import is_oip_path as is_oip  # which routes speak OIP: the service's own rule
+from service.core.errors import ERROR_TYPES
+from service.http.errors import is_oip_path as is_oip  # which routes speak OIP: the service's own rule
 
 
 def error_problem(path: str, payload: Any) -> str | None:

@@ -21,10 +21,9 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.server import free_port, wait_until_ready
-from service.budget import Budget, BudgetResolver
-from service.calibration import load_calibration
-from service.manifest import load_manifest
-from service.settings import EMBEDDED_MODEL_DIR, Settings
+from service.core.artifact import load_calibration, load_manifest
+from service.core.budget import Budget, BudgetResolver
+from service.http.settings import EMBEDDED_MODEL_DIR, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "examples" / "images"

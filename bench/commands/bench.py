@@ -159,7 +159,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="ONNX Runtime intra-op threads for the engine suite and the server "
-        "(default 1 = service.engine's measured default; 0 = ORT default)",
+        "(default 1 = service.core.engine's measured default; 0 = ORT default)",
     )
 
     web = parser.add_argument_group("http suite")

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         load_artifact_splits,
         write_report,
     )
-    from service.manifest import ArtifactError
+    from service.core.artifact import ArtifactError
 
     labels: list[str] = list(args.label or [])
     if labels and len(labels) != len(args.artifacts):

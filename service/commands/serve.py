@@ -77,7 +77,7 @@ _FLAG_TO_FIELD = {
 
 def build_settings(args: argparse.Namespace) -> Any:
     """Environment first, flags on top (only the flags that were given)."""
-    from service.settings import Settings
+    from service.http.settings import Settings
 
     overrides = {
         field: getattr(args, flag) for flag, field in _FLAG_TO_FIELD.items() if getattr(args, flag, None) is not None
@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from service.logging_setup import configure_logging, uvicorn_log_config
-    from service.manifest import ArtifactError, load_manifest
+    from service.core.artifact import ArtifactError, load_manifest
+    from service.http.logging_setup import configure_logging, uvicorn_log_config
 
     configure_logging(settings.log_level, settings.log_format)
     try:
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"boostserve serve: cannot serve {settings.artifacts_dir}: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
-    from service.app import create_app
+    from service.http.app import create_app
 
     app = create_app(settings)
     config = uvicorn.Config(

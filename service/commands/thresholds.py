@@ -1,7 +1,7 @@
 """`boostserve thresholds`: turn a compute budget into per-exit thresholds, offline.
 
 Loads the artifact (manifest hashes verified) and its held-out calibration data, resolves one
-budget exactly like the service does (`service.budget.BudgetResolver`) and prints the thresholds,
+budget exactly like the service does (`service.core.budget.BudgetResolver`) and prints the thresholds,
 the expected held-out accuracy and MACs, and how many images leave at each exit.
 
 Budget forms:
@@ -111,10 +111,9 @@ def _budget_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.budget import Budget, BudgetResolver, format_macs
-    from service.calibration import load_calibration
-    from service.errors import BoostServeError
-    from service.manifest import ArtifactError, load_manifest
+    from service.core.artifact import ArtifactError, load_calibration, load_manifest
+    from service.core.budget import Budget, BudgetResolver, format_macs
+    from service.core.errors import BoostServeError
 
     try:
         manifest = load_manifest(args.artifacts, verify=True)

@@ -73,7 +73,7 @@ def test_offline_numbers_are_sane(bench_out: Path) -> None:
         assert m["full_macs"] == macs[-1]
         assert m["oracle"]["accuracy"] >= m["all_stages"]["accuracy"]
         assert macs[0] <= m["oracle"]["macs"] <= macs[-1]
-        assert m["max_crosscheck_diff"] < 1e-9  # service.policy agrees with the bench's simulation
+        assert m["max_crosscheck_diff"] < 1e-9  # service.core.policies agrees with the bench's simulation
         assert {"optimal", "reference", "max_accuracy_drop/optimal"} <= set(m["curves"])
         for points in m["curves"].values():
             for p in points:
@@ -238,7 +238,7 @@ def test_profile_summary_attributes_innermost_component(tmp_path: Path) -> None:
     raw = tmp_path / "p.txt"
     raw.write_text(
         "run (uvicorn/server.py:1);app (fastapi/routing.py:2);"
-        "to_tensor (service/preprocess.py:3);load (PIL/Image.py:4) 3\n"
+        "to_tensor (service/core/preprocess.py:3);load (PIL/Image.py:4) 3\n"
         "run (uvicorn/server.py:1);app (fastapi/routing.py:2) 1\n"
     )
     out = summarise_raw(raw)

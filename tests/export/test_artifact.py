@@ -16,9 +16,8 @@ from export.source import export_from_checkpoint
 from models.checkpoint import load_checkpoint
 from models.data import load_splits
 from models.macs import count_exit_costs
-from service.calibration import load_calibration
-from service.engine import Engine
-from service.manifest import load_manifest, sha256_file
+from service.core.artifact import load_calibration, load_manifest, sha256_file
+from service.core.engine import Engine
 from tests.export.conftest import KINDS
 
 
@@ -123,7 +122,7 @@ def test_export_is_deterministic(
 
 
 def test_version_changes_when_a_file_changes(tiny_artifacts: dict[str, Path]) -> None:
-    from service.manifest import content_version
+    from service.core.artifact import content_version
 
     body = json.loads((tiny_artifacts["compact"] / "manifest.json").read_text())
     version = body.pop("version")

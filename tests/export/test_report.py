@@ -11,8 +11,7 @@ import pytest
 
 from boostserve.cli import main
 from export.report import oracle_point
-from service.calibration import CalibrationData
-from service.manifest import load_manifest
+from service.core.artifact import CalibrationData, load_manifest
 
 
 def test_report_two_artifacts(

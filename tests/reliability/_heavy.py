@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.manifest import (
+from service.core.artifact import (
     MANIFEST_FILE,
     Manifest,
     content_version,

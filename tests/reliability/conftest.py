@@ -5,7 +5,7 @@
 - `heavy_artifact`: the same interface with compute-bound stages (tests/reliability/_heavy.py), so
   capacity is set by the model, not by HTTP overhead, and the Python load generator can reach 4x
   capacity on a 2-core machine.
-- `make_app` / `app_client`: `service.app.create_app(Settings(...))` in process (FastAPI TestClient,
+- `make_app` / `app_client`: `service.http.app.create_app(Settings(...))` in process (FastAPI TestClient,
   lifespan run), for tests that need to monkeypatch the engine or capture logs.
 - `live_server`: a factory for real `boostserve serve` processes (tests/reliability/_server.py).
 """
@@ -63,7 +63,7 @@ def load_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_settings(artifacts: Path, **overrides: Any) -> Any:
-    from service.settings import Settings
+    from service.http.settings import Settings
 
     # gc_freeze off in process: it would freeze the whole pytest session's objects.
     values = {**BASE_SETTINGS, "artifacts_dir": artifacts, "gc_freeze": False, **overrides}
@@ -73,7 +73,7 @@ def make_settings(artifacts: Path, **overrides: Any) -> Any:
 @pytest.fixture
 def make_app(rel_artifact: Path) -> Callable[..., Any]:
     """make_app(**settings) -> FastAPI app (not started)."""
-    from service.app import create_app
+    from service.http.app import create_app
 
     def factory(artifacts: Path | None = None, **overrides: Any) -> Any:
         return create_app(make_settings(artifacts or rel_artifact, **overrides))

@@ -1,6 +1,6 @@
 """Bad-image corpus: each input gets its documented answer, and the server keeps answering.
 
-The documented answers (service/preprocess.py, service/http_errors.py, service/api_v1.py):
+The documented answers (service/core/preprocess.py, service/http/errors.py, service/http/v1/routes.py):
   - not an image / empty / truncated / corrupt -> 400 invalid_image
   - too many pixels (checked from the header, before decoding) or body over the limit -> 413
   - content type that is neither an image, multipart nor JSON -> 415
@@ -417,7 +417,7 @@ def _check(case: BadCase, status: int, headers: Any, body: bytes) -> list[str]:
 def client(rel_artifact: Path) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.http.app import create_app
     from tests.reliability.conftest import make_settings
 
     app = create_app(make_settings(rel_artifact, max_images_per_request=MAX_IMAGES, max_body_bytes=MAX_BODY))

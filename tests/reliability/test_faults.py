@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.manifest import MANIFEST_FILE, sha256_file
+from service.core.artifact import MANIFEST_FILE, sha256_file
 from tests.fixtures.synthetic_artifact import build_synthetic_artifact
 from tests.reliability import _images as img
 from tests.reliability._results import record
@@ -159,7 +159,7 @@ def test_no_calibration_documented_fallback(tmp_path: Path) -> None:
     """No calibration: serve with max_exit = last stage; calibration-needing budgets -> 422."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.http.app import create_app
 
     artifact = build_synthetic_artifact(
         tmp_path / "nocal", height=IMAGE_SIDE, width=IMAGE_SIDE, num_classes=10, with_calibration=False
@@ -221,7 +221,7 @@ def _png_const(value: int) -> bytes:
 def test_stage_failure_fails_only_its_batch_and_recovers(rel_artifact: Path) -> None:
     import httpx
 
-    from service.app import create_app
+    from service.http.app import create_app
 
     app = create_app(make_settings(rel_artifact, max_batch_size=8, max_batch_wait_ms=5.0, max_queue=256))
     poison_png = _png_const(POISON_VALUE)

@@ -90,7 +90,7 @@ def run_fuzz(artifacts: Path, *, examples_per_mode: int, label: str, time_limit_
     from schemathesis.core.failures import FailureGroup
     from schemathesis.python import asgi
 
-    from service.app import create_app
+    from service.http.app import create_app
 
     app = create_app(make_settings(artifacts, admin_token=ADMIN_TOKEN, max_images_per_request=8))
     statuses: Counter[str] = Counter()

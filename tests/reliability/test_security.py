@@ -30,7 +30,7 @@ TOKEN = "rel-admin-token-5b1f0c9e"
 def admin_client(rel_artifact: Path) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.http.app import create_app
 
     with TestClient(create_app(make_settings(rel_artifact, admin_token=TOKEN)), raise_server_exceptions=False) as c:
         yield c
@@ -75,7 +75,7 @@ def test_budget_change_with_token_works(admin_client: Any) -> None:
 def test_budget_change_disabled_without_configured_token(rel_artifact: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.http.app import create_app
 
     with TestClient(create_app(make_settings(rel_artifact)), raise_server_exceptions=False) as client:
         for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer anything"}):
@@ -94,7 +94,7 @@ def test_token_compared_with_hmac_compare_digest(admin_client: Any, monkeypatch:
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
-    import service.api_v1 as api_v1
+    import service.http.v1.routes as api_v1
 
     if hasattr(api_v1, "compare_digest"):  # `from hmac import compare_digest` style
         monkeypatch.setattr(api_v1, "compare_digest", spy)
@@ -466,7 +466,7 @@ def _requests_with_canary(model: str) -> list[dict[str, Any]]:
 def test_logs_carry_no_image_data_in_process(rel_artifact: Path, caplog: pytest.LogCaptureFixture) -> None:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.http.app import create_app
 
     caplog.set_level(logging.DEBUG)
     app = create_app(make_settings(rel_artifact, log_level="debug"))

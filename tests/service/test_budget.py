@@ -8,10 +8,10 @@ import threading
 import pytest
 from pydantic import ValidationError
 
-from service import policy as P
-from service.budget import Budget, BudgetResolver, format_macs
-from service.calibration import CalibrationData
-from service.errors import InvalidBudgetError, ValidationFailedError
+from service.core import policies as P
+from service.core.artifact import CalibrationData
+from service.core.budget import Budget, BudgetResolver, format_macs
+from service.core.errors import InvalidBudgetError, ValidationFailedError
 from tests.service.test_thresholds_cli import build_manifest
 
 CAL = P.synthetic_calibration(5, 800, 9, cumulative_macs=[10e6, 20e6, 30e6, 40e6, 50e6])

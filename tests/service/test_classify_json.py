@@ -1,4 +1,4 @@
-"""service.classify_json: the hand-built answer is exactly what the pydantic models would write."""
+"""service.http.v1.render: the hand-built answer is exactly what the pydantic models would write."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 
-from service.classify_json import budget_info_json, classify_response_json, image_results
-from service.runtime import Classified
-from service.schemas import BudgetInfo, ClassifyResponse, ImageResult, TopK
+from service.core.classify import Classified
+from service.http.schemas import BudgetInfo, ClassifyResponse, ImageResult, TopK
+from service.http.v1.render import budget_info_json, classify_response_json, image_results
 
 CLASSES = ["T-shirt", "Trousers", "Pullover", "Dress", "Ankle boot ü"]
 INFO = {

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine import CPU, CUDA, Engine, StageBatch, default_providers, normalize_thresholds, softmax
-from service.errors import DeadlineExceededError, StageFailedError, ValidationFailedError
-from service.manifest import ArtifactError, Manifest, load_manifest
+from service.core.artifact import ArtifactError, Manifest, load_manifest
+from service.core.engine import CPU, CUDA, Engine, StageBatch, default_providers, normalize_thresholds, softmax
+from service.core.errors import DeadlineExceededError, StageFailedError, ValidationFailedError
 from tests.fixtures.synthetic_artifact import random_images, reference_cumulative_logits
 
 

@@ -1,4 +1,4 @@
-"""service.metrics: the array-fed histogram exports what prometheus_client's Histogram would."""
+"""service.http.metrics: the array-fed histogram exports what prometheus_client's Histogram would."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import CONFIDENCE_BUCKETS, ArrayHistogram, Metrics
+from service.http.metrics import CONFIDENCE_BUCKETS, ArrayHistogram, Metrics
 
 
 def samples(registry: CollectorRegistry, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

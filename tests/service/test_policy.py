@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from service import policy as P
-from service.calibration import CalibrationData
-from service.errors import InvalidBudgetError
+from service.core import policies as P
+from service.core.artifact import CalibrationData
+from service.core.errors import InvalidBudgetError
 
 
 def f32(x: float) -> float:

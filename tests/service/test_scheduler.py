@@ -14,16 +14,16 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from service.engine import CPU, Engine, StageBatch, StageOutput
-from service.errors import (
+from service.core.artifact import Manifest, load_manifest
+from service.core.engine import CPU, Engine, StageBatch, StageOutput
+from service.core.errors import (
     DeadlineExceededError,
     NotReadyError,
     OverCapacityError,
     StageFailedError,
     ValidationFailedError,
 )
-from service.manifest import Manifest, load_manifest
-from service.scheduler import Scheduler
+from service.core.scheduler import Scheduler
 from tests.fixtures.synthetic_artifact import random_images
 
 T = TypeVar("T")

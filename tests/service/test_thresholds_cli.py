@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 
 from boostserve.cli import main
-from service import policy as P
-from service.calibration import CalibrationData, save_calibration_npz
 from service.commands.thresholds import parse_drop, parse_macs, parse_thresholds
-from service.manifest import Manifest, content_version, sha256_file, write_manifest
+from service.core import policies as P
+from service.core.artifact import (
+    CalibrationData,
+    Manifest,
+    content_version,
+    save_calibration_npz,
+    sha256_file,
+    write_manifest,
+)
 
 
 def build_manifest(

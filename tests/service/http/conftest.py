@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from service.http.app import create_app
+from service.http.settings import Settings
 from tests.error_bodies import error_fields
 from tests.fixtures.synthetic_artifact import build_synthetic_artifact
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.errors import DeadlineExceededError, OverCapacityError
+from service.core.errors import DeadlineExceededError, OverCapacityError
 from tests.service.http import images
 from tests.service.http.conftest import ClientFactory, assert_error
 
@@ -180,7 +180,7 @@ def test_internal_error_is_a_generic_500_with_request_id(
 
 
 def test_not_ready_is_503_with_retry_after(make_client: ClientFactory, synthetic_artifact: Any) -> None:
-    from service.app import create_app
+    from service.http.app import create_app
     from tests.service.http.conftest import settings_for
 
     app = create_app(settings_for(synthetic_artifact))

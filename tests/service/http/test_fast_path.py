@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-import service.fast_path as fast_path
-from service.fast_path import parse_simple_query
+import service.http.v1.fast_path as fast_path
+from service.http.v1.fast_path import parse_simple_query
 from tests.service.http import images
 from tests.service.http.conftest import ClientFactory
 
@@ -124,7 +124,7 @@ def test_the_no_escape_query_split_equals_parse_qsl() -> None:
     import random
     from urllib.parse import parse_qsl
 
-    from service.fast_path import split_query
+    from service.http.v1.fast_path import split_query
 
     rng = random.Random(0)
     for _ in range(5000):

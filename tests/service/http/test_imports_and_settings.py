@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import EMBEDDED_MODEL_DIR, Settings
+from service.http.settings import EMBEDDED_MODEL_DIR, Settings
 from tests.service.http.conftest import ClientFactory
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def test_service_app_imports_no_torch_models_or_export() -> None:
     code = (
-        "import sys, service.app, service.commands.serve\n"
+        "import sys, service.http.app, service.commands.serve\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'models', 'export'))\n"
         "print(','.join(bad))\n"
     )
@@ -113,7 +113,7 @@ def test_serve_fails_fast_on_a_corrupted_artifact(tmp_path: Path, synthetic_arti
 def test_stage_execution_follows_the_usable_cpus(
     monkeypatch: pytest.MonkeyPatch, setting: str, cpus: float, on_loop: bool
 ) -> None:
-    import service.settings as settings_module
+    import service.http.settings as settings_module
 
     monkeypatch.setattr(settings_module, "usable_cpus", lambda: cpus)
     assert Settings(stage_execution=setting).runs_stages_on_loop() is on_loop
@@ -122,7 +122,7 @@ def test_stage_execution_follows_the_usable_cpus(
 def test_usable_cpus_reads_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from service.settings import usable_cpus
+    from service.http.settings import usable_cpus
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     assert usable_cpus() == 1.0

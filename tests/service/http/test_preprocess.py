@@ -1,4 +1,4 @@
-"""service.preprocess: every documented conversion, and every bad input is a domain error."""
+"""service.core.preprocess: every documented conversion, and every bad input is a domain error."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.errors import InvalidImageError, PayloadTooLargeError, ValidationFailedError
-from service.manifest import Preprocessing
-from service.preprocess import Limits, Preprocessor
+from service.core.artifact import Preprocessing
+from service.core.errors import InvalidImageError, PayloadTooLargeError, ValidationFailedError
+from service.core.preprocess import Limits, Preprocessor
 from tests.service.http import images
 
 GRAY = Preprocessing(height=8, width=8, channels=1, color_mode="L", mean=[0.5], std=[0.25])

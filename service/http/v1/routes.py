@@ -1,7 +1,7 @@
 """v1 JSON API (classify, budget) and the operational probes (livez, readyz, metrics).
 
 Routes are thin: they turn HTTP shapes (multipart, raw body, JSON + base64, query strings)
-into bytes + a budget override, and `service.runtime.Runtime` does the rest.
+into bytes + a budget override, and `service.core.classify.Runtime` does the rest.
 
 POST /v1/classify reads its body itself (not through a FastAPI body parameter) because one route
 accepts three encodings chosen by Content-Type, and because body-limit errors must reach the
@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.classify_json import classify_response_json, image_results
-from service.errors import (
+from service.core.classify import Runtime
+from service.core.errors import (
     ForbiddenError,
     InvalidImageError,
     NotReadyError,
@@ -33,9 +33,8 @@ from service.errors import (
     UnsupportedMediaTypeError,
     ValidationFailedError,
 )
-from service.metrics import CONTENT_TYPE
-from service.runtime import Runtime
-from service.schemas import (
+from service.http.metrics import CONTENT_TYPE
+from service.http.schemas import (
     ERROR_RESPONSES,
     BudgetFields,
     BudgetInfo,
@@ -44,6 +43,7 @@ from service.schemas import (
     ErrorResponse,
     Status,
 )
+from service.http.v1.render import classify_response_json, image_results
 
 RAW_IMAGE_TYPES = frozenset(
     {
@@ -291,10 +291,10 @@ async def classify_to_json(
     start: float,
     encoded: list[str] | None = None,
 ) -> bytes:
-    """The classify work after request parsing, shared by this route and `service.fast_path`.
+    """The classify work after request parsing, shared by this route and `service.http.v1.fast_path`.
 
     Options before pixels: a bad budget is reported without decoding anything. Serialised here,
-    by `service.classify_json` (plain dicts, the `ClassifyResponse` shape); response_model stays
+    by `service.http.v1.render` (plain dicts, the `ClassifyResponse` shape); response_model stays
     declared for /docs.
     """
     resolved, budget_json = runtime.resolve_fields(budget_fields, early_exit)

@@ -3,7 +3,7 @@
 Why a separate object (not code in the routes): v1 and v2 classify the same way (resolve the
 budget, preprocess, submit to the scheduler under a deadline, count), and the routes stay thin
 adapters between HTTP shapes and this object. It lives on `app.state.runtime`; the lifespan in
-`service.app` builds it and flips `ready`.
+`service.http.app` builds it and flips `ready`.
 """
 
 from __future__ import annotations
@@ -19,19 +19,19 @@ from typing import Any
 import anyio
 import numpy as np
 
-from service.budget import Budget, BudgetResolver
-from service.classify_json import budget_info_json
-from service.errors import (
+from service.core.artifact import Manifest
+from service.core.budget import Budget, BudgetResolver
+from service.core.errors import (
     BoostServeError,
     NotReadyError,
     TooManyImagesError,
     ValidationFailedError,
 )
-from service.manifest import Manifest
-from service.metrics import Metrics
-from service.policy import ThresholdResult
-from service.preprocess import INLINE_DECODE_PIXELS, Preprocessor
-from service.settings import Settings
+from service.core.policies import ThresholdResult
+from service.core.preprocess import INLINE_DECODE_PIXELS, Preprocessor
+from service.http.metrics import Metrics
+from service.http.settings import Settings
+from service.http.v1.render import budget_info_json
 
 log = logging.getLogger("boostserve.runtime")
 

@@ -8,7 +8,7 @@ run exactly the same graphs with exactly the same wiring.
 Data model
 ----------
 Between stages a sample is described by a `StageBatch`: a dict of arrays whose first axis is the
-batch, keyed by *source name* (see service.manifest): "image" for the preprocessed image and the
+batch, keyed by *source name* (see service.core.artifact): "image" for the preprocessed image and the
 output names of the stage that ran last ("feat_out_0", ..., "logits"). A stage input whose source is
 "prev:<name>" is fed `state[<name>]`, one whose source is "image" is fed `state["image"]`. The image
 is carried along only while a later stage still reads it (cascade stages). Because every value is
@@ -65,8 +65,8 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import DeadlineExceededError, StageFailedError, ValidationFailedError
-from service.manifest import ArtifactError, Manifest
+from service.core.artifact import ArtifactError, Manifest
+from service.core.errors import DeadlineExceededError, StageFailedError, ValidationFailedError
 
 LOG = logging.getLogger("boostserve.engine")
 

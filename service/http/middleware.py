@@ -30,8 +30,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.http_errors import INTERNAL_MESSAGE, NOT_READY_RETRY_AFTER_S, error_body
-from service.metrics import Metrics
+from service.http.errors import INTERNAL_MESSAGE, NOT_READY_RETRY_AFTER_S, error_body
+from service.http.metrics import Metrics
 
 log = logging.getLogger("boostserve.http")
 access_log = logging.getLogger("boostserve.access")

@@ -1,7 +1,7 @@
 """The one table from domain `error_type` to HTTP status, and the exception handlers that use it.
 
 Why one table: the engine, scheduler, preprocessing and budget code raise transport-free errors
-(`service.errors`); this module is the only place that knows about HTTP status codes, so v1, v2,
+(`service.core.errors`); this module is the only place that knows about HTTP status codes, so v1, v2,
 FastAPI's own validation errors and routing 404/405 all answer with the same status for the same
 `error_type` (which also labels `boostserve_errors_total`). The body has one of two shapes:
 
@@ -32,7 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import (
+from service.core.errors import (
     ERROR_TYPES,
     BoostServeError,
     NotReadyError,
@@ -42,7 +42,7 @@ from service.errors import (
 
 log = logging.getLogger("boostserve.http")
 
-#: error_type -> HTTP status. Every entry of service.errors.ERROR_TYPES has exactly one row.
+#: error_type -> HTTP status. Every entry of service.core.errors.ERROR_TYPES has exactly one row.
 STATUS_BY_ERROR_TYPE: dict[str, int] = {
     "invalid_image": 400,
     "validation_error": 422,
@@ -167,7 +167,7 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers; unexpected exceptions are turned into 500 by service.middleware."""
+    """Register the handlers; unexpected exceptions are turned into 500 by service.http.middleware."""
     app.add_exception_handler(BoostServeError, _domain_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)

@@ -7,10 +7,10 @@ A budget is exactly one knob:
 * ``max_exit``           anytime mode: every image answers at this exit (1-based)
 * ``thresholds``         explicit per-exit thresholds (null = never exit here)
 
-The resolver turns it into a `service.policy.ThresholdResult`. The search behind ``budget_macs``
+The resolver turns it into a `service.core.policies.ThresholdResult`. The search behind ``budget_macs``
 and ``max_accuracy_drop`` runs once per calibration set (tens of milliseconds) and every
 resolved budget is kept in a small thread-safe LRU, so the per-request cost of a repeated
-budget is a dictionary lookup. Errors are `InvalidBudgetError` (HTTP 422 via service.http_errors).
+budget is a dictionary lookup. Errors are `InvalidBudgetError` (HTTP 422 via service.http.errors).
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service import policy as policies
-from service.calibration import CalibrationData
-from service.errors import InvalidBudgetError
-from service.manifest import Manifest
+from service.core import policies as policies
+from service.core.artifact import CalibrationData, Manifest
+from service.core.errors import InvalidBudgetError
 
 __all__ = ["BUDGET_KINDS", "Budget", "BudgetKey", "BudgetResolver", "format_macs"]
 

@@ -5,7 +5,7 @@ put 37 % of its Python time in FastAPI/Starlette (route matching, the request/re
 task, solving eight query parameters and a dependency per request) — the biggest single cost of
 a request. Raw-body classify is the form high-rate clients use (no multipart, no base64), so it
 gets a direct ASGI handler that does the same work through the same core function
-(`service.api_v1.classify_to_json`).
+(`service.http.v1.routes.classify_to_json`).
 
 Correctness by construction, not by re-implementation: the decision is made from the headers and
 the query string alone, *before* the body is read, and the fast path takes a request only when
@@ -13,10 +13,10 @@ every query parameter is in a narrow, unambiguous form (plain integers and decim
 `false`, each name once). Anything else — other content types, unknown or repeated parameters,
 values FastAPI would have to validate or reject — goes to the FastAPI route untouched, which gives
 the canonical answer and the canonical 422. Domain errors raised in the core (bad image, bad
-budget, over capacity, deadline) are rendered by the same `service.http_errors.error_response`.
+budget, over capacity, deadline) are rendered by the same `service.http.errors.error_response`.
 
-`service.app.BoostServeApp` asks `options(scope)` first thing and sends eligible requests through
-`service.middleware.RequestMiddleware` straight to this handler, so request ids, the body limit,
+`service.http.app.BoostServeApp` asks `options(scope)` first thing and sends eligible requests through
+`service.http.middleware.RequestMiddleware` straight to this handler, so request ids, the body limit,
 metrics (`route` label `/v1/classify`) and the last-resort 500 are the same for both paths, while
 the layers FastAPI puts around every app (Starlette's ServerErrorMiddleware, FastAPI's telemetry
 and body-size middlewares: ~7 % of a fast-path request's CPU, and nothing they do applies to it)
@@ -34,10 +34,10 @@ from urllib.parse import parse_qsl
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
-from service import api_v1
-from service.api_v1 import classify_to_json, is_raw_image_type, normalize_media_type, parse_thresholds
-from service.errors import BoostServeError, NotReadyError
-from service.http_errors import error_response
+from service.core.errors import BoostServeError, NotReadyError
+from service.http.errors import error_response
+from service.http.v1 import routes as api_v1
+from service.http.v1.routes import classify_to_json, is_raw_image_type, normalize_media_type, parse_thresholds
 
 CLASSIFY_PATH = "/v1/classify"
 #: Scope key carrying the parsed query from `options` to the handler.

@@ -26,21 +26,22 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from boostserve import __version__
-from service import api_v1, api_v2, middleware
-from service.budget import Budget, BudgetResolver
-from service.calibration import CalibrationData, load_calibration
-from service.engine import Engine
-from service.errors import ValidationFailedError
-from service.fast_path import OPTIONS_KEY as FAST_PATH_OPTIONS
-from service.fast_path import RawClassifyFastPath
-from service.http_errors import install_error_handlers
-from service.manifest import ArtifactError, Manifest, load_manifest
-from service.metrics import Metrics
-from service.preprocess import Limits, Preprocessor
-from service.runtime import NEEDS_CALIBRATION, ResolvedBudget, Runtime
-from service.scheduler import Scheduler
-from service.schemas import ClassifyJSON, InferenceRequest
-from service.settings import Settings
+from service.core.artifact import ArtifactError, CalibrationData, Manifest, load_calibration, load_manifest
+from service.core.budget import Budget, BudgetResolver
+from service.core.classify import NEEDS_CALIBRATION, ResolvedBudget, Runtime
+from service.core.engine import Engine
+from service.core.errors import ValidationFailedError
+from service.core.preprocess import Limits, Preprocessor
+from service.core.scheduler import Scheduler
+from service.http import middleware
+from service.http.errors import install_error_handlers
+from service.http.metrics import Metrics
+from service.http.schemas import ClassifyJSON, InferenceRequest
+from service.http.settings import Settings
+from service.http.v1 import routes as api_v1
+from service.http.v1.fast_path import OPTIONS_KEY as FAST_PATH_OPTIONS
+from service.http.v1.fast_path import RawClassifyFastPath
+from service.http.v2 import routes as api_v2
 
 log = logging.getLogger("boostserve.app")
 
@@ -225,7 +226,7 @@ def _install_openapi(app: FastAPI) -> None:
 
 
 class BoostServeApp(FastAPI):
-    """FastAPI with a front door for the hot path (see service.fast_path for why).
+    """FastAPI with a front door for the hot path (see service.http.v1.fast_path for why).
 
     Eligible raw-image `POST /v1/classify` requests go to `front` (RequestMiddleware around the
     fast-path handler); everything else, and every request when the fast path is off, is FastAPI's.

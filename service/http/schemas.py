@@ -2,7 +2,7 @@
 
 v1 is our own JSON API; v2 follows the Open Inference Protocol (KServe v2 / Triton REST) JSON
 exactly: field names, `id` echo, tensors as {name, shape, datatype, data}. Budget overrides are
-validated by `service.budget.Budget` (exactly one of budget_macs, max_accuracy_drop, max_exit,
+validated by `service.core.budget.Budget` (exactly one of budget_macs, max_accuracy_drop, max_exit,
 thresholds); the models here only carry them.
 """
 
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
-    type: str = Field(description="stable error_type (closed set, see service.errors)", examples=["invalid_image"])
+    type: str = Field(description="stable error_type (closed set, see service.core.errors)", examples=["invalid_image"])
     message: str = Field(examples=["not an image Pillow can decode (PNG, JPEG, WebP, GIF, BMP, TIFF...)"])
 
 
@@ -32,7 +32,7 @@ class OipErrorResponse(BaseModel):
     """The error body of the /v2 routes: the Open Inference Protocol's shape plus our error_type."""
 
     error: str = Field(description="human-readable message (the OIP `error` member)", examples=["unknown model 'x'"])
-    error_type: str = Field(description="stable error_type (closed set, see service.errors)", examples=["not_found"])
+    error_type: str = Field(description="stable error_type (closed set, service.core.errors)", examples=["not_found"])
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

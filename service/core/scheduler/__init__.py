@@ -26,7 +26,7 @@ Design
 * Execution: ONE dedicated worker thread (`ThreadPoolExecutor(max_workers=1)`) runs the
   concatenation, the ONNX Runtime stage, the softmax and the exit test for one batch at a time;
   the event loop only does the bookkeeping, so HTTP keeps flowing while a stage runs (2 cores: one
-  for ORT, one for the loop; see service.engine for the thread measurement). Requests and queues
+  for ORT, one for the loop; see service.core.engine for the thread measurement). Requests and queues
   are touched only on the event loop thread, so there are no locks.
   `run_on_loop=True` runs the batch on the event loop instead (then yields once): with a single
   CPU there is no parallelism for the thread to buy, only a GIL hand-off and a cross-thread wake-up
@@ -54,7 +54,7 @@ Design
 * Shutdown: `stop(drain=True)` refuses new work (NotReadyError), finishes admitted work within
   `timeout`, then fails whatever is left with NotReadyError.
 
-Observer calls (`SchedulerObserver`, implemented by service.metrics) come from the event loop;
+Observer calls (`SchedulerObserver`, implemented by service.http.metrics) come from the event loop;
 stages are 0-based (metrics label them 1..N). Queue depths are not pushed: readers call
 `queue_depths()` (metrics read it at scrape time).
 """
@@ -75,8 +75,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.engine import Engine, ExitResult, StageBatch, make_result, normalize_thresholds, softmax
-from service.errors import (
+from service.core.engine import Engine, ExitResult, StageBatch, make_result, normalize_thresholds, softmax
+from service.core.errors import (
     BoostServeError,
     DeadlineExceededError,
     NotReadyError,

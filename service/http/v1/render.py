@@ -3,7 +3,7 @@
 Why not the pydantic models: the answer is the hottest serialisation in the service (one per
 request), and building `ImageResult` + `TopK` x k + `BudgetInfo` models and dumping them was
 ~15 % of the server's CPU per request for a 28x28 image, more than the model's first stage. The
-models in `service.schemas` stay the contract (OpenAPI, tests validate every answer shape against
+models in `service.http.schemas` stay the contract (OpenAPI, tests validate every answer shape against
 `ClassifyResponse`); this module writes the same fields in the same order, with the budget part
 serialised once per distinct budget by the models themselves (`Runtime.resolve_fields`).
 
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from service.schemas import BudgetInfo
+from service.http.schemas import BudgetInfo
 
 if TYPE_CHECKING:
-    from service.runtime import Classified
+    from service.core.classify import Classified
 
 
 def image_results(

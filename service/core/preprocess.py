@@ -34,8 +34,8 @@ import numpy as np
 import pyspng
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from service.errors import InvalidImageError, PayloadTooLargeError, ValidationFailedError
-from service.manifest import Preprocessing
+from service.core.artifact import Preprocessing
+from service.core.errors import InvalidImageError, PayloadTooLargeError, ValidationFailedError
 
 # Truncated files are errors, not silently grey-padded images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -1,7 +1,7 @@
 """Threshold policies: turn a compute budget into per-exit confidence thresholds.
 
 Everything here is a pure, deterministic function of the held-out calibration data
-(`service.calibration.CalibrationData`: confidence (E, n), correct (E, n), cumulative_macs (E,)).
+(`service.core.artifact.CalibrationData`: confidence (E, n), correct (E, n), cumulative_macs (E,)).
 numpy only, so `export/` and the offline tools can use it without the serving stack.
 
 Exit rule (shared with the engine): a sample exits at the first exit k with
@@ -40,8 +40,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from service.calibration import CalibrationData
-from service.errors import InvalidBudgetError
+from service.core.artifact import CalibrationData
+from service.core.errors import InvalidBudgetError
 
 __all__ = [
     "REFERENCE_SWEEP",

@@ -11,7 +11,7 @@ Outputs: `probabilities` FP32 [B, classes], `label` INT64 [B], `exit` INT64 [B] 
 `early_exit` and `deadline_ms`; response `parameters` echo what was used (scalars only, per spec).
 
 Errors use the protocol's shape `{"error": "<message>"}` plus our `"error_type"` (see
-service.http_errors; tritonclient needs `error` to be a string). Tensor problems
+service.http.errors; tritonclient needs `error` to be a string). Tensor problems
 (unknown input, wrong datatype, shape/length mismatch, NaN/Inf) are 422 validation_error;
 unknown model names are 404. The binary-data extension is not supported (JSON only).
 """
@@ -28,10 +28,9 @@ from fastapi import APIRouter, Depends, Path, Request
 from pydantic import ValidationError
 
 from boostserve import __version__
-from service.api_v1 import RuntimeDep, parse_thresholds, runtime_of
-from service.errors import NotFoundError, NotReadyError, UnsupportedMediaTypeError, ValidationFailedError
-from service.runtime import Runtime
-from service.schemas import (
+from service.core.classify import Runtime
+from service.core.errors import NotFoundError, NotReadyError, UnsupportedMediaTypeError, ValidationFailedError
+from service.http.schemas import (
     OIP_ERROR_RESPONSES,
     InferenceRequest,
     InferenceResponse,
@@ -44,6 +43,7 @@ from service.schemas import (
     Readiness,
     ServerMetadata,
 )
+from service.http.v1.routes import RuntimeDep, parse_thresholds, runtime_of
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 

@@ -30,7 +30,7 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
-from service.errors import ERROR_TYPES
+from service.core.errors import ERROR_TYPES
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 

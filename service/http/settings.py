@@ -2,7 +2,7 @@
 
 Why a class and no module-level instance: settings are read once, by the CLI (`boostserve serve`)
 or by whoever calls `create_app(settings)`, so tests can build several apps with different
-settings in one process and importing `service.app` never touches the environment.
+settings in one process and importing `service.http.app` never touches the environment.
 
 Lists accept a comma-separated string (`BOOSTSERVE_PROVIDERS=cuda,cpu`); the default budget is
 JSON (`BOOSTSERVE_DEFAULT_BUDGET='{"max_accuracy_drop": 0.01}'`).
@@ -19,7 +19,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The model shipped inside the package (written by `boostserve export --embed`); the default artifact.
-EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded_model"
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "embedded_model"
 
 #: Short provider names accepted on the command line / in the environment -> ONNX Runtime names.
 PROVIDER_ALIASES: dict[str, str] = {
@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     gc_freeze: bool = Field(
         default=True,
         description="move everything alive after start-up out of the garbage collector's reach "
-        "(gc.freeze): full collections then scan request garbage only (see service.app)",
+        "(gc.freeze): full collections then scan request garbage only (see service.http.app)",
     )
     admin_token: SecretStr | None = Field(
         default=None,
