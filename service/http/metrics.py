@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -48,8 +47,6 @@ STAGE_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 #: Max softmax at exit: thresholds live mostly in 0.5..0.99, so resolve that range finely.
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999, 1.0)
-
-STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 def status_class(status: int) -> str:
@@ -296,8 +293,3 @@ class Metrics:
     # -- exposition ----------------------------------------------------------------------------
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def monotonic() -> float:
-    """The clock used for request timing (one place to change it)."""
-    return time.perf_counter()
