@@ -202,11 +202,6 @@ class Preprocessor:
         out += self._offset
         return out
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """bytes -> float32 (C, H, W). Synchronous; see `INLINE_DECODE_PIXELS` for the async policy."""
-        fast = self.decode_plain_png(data)
-        return fast if fast is not None else self.to_tensor(self.open(data))
-
     # -- tensors (Open Inference Protocol) ----------------------------------------------------------
     def from_uint8_hwc(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, C) or (H, W, C) images -> float32 (B, C, H, W), vectorised.
