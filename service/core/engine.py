@@ -59,7 +59,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,15 +92,6 @@ class ExitResult:
     confidence: float  # max(probabilities)
     macs: int  # cumulative MACs of the exit
     deadline_hit: bool = False  # True: answered early because the deadline passed
-
-
-@dataclass(frozen=True)
-class StageRun:
-    """One ONNX Runtime run: which stage, how many samples, how long (wall seconds)."""
-
-    stage: int
-    batch_size: int
-    seconds: float
 
 
 @dataclass
@@ -152,9 +143,6 @@ class StageBatch:
         size = next(iter(arrays.values())).shape[0] if arrays else 0
         return StageBatch(arrays=arrays, size=int(size))
 
-    def to_host(self) -> StageBatch:
-        return StageBatch(arrays={k: _to_host(v) for k, v in self.arrays.items()}, size=self.size)
-
     @staticmethod
     def concat(batches: Sequence[StageBatch]) -> StageBatch:
         """Row-wise concatenation (one np.concatenate per key); a single batch passes through untouched."""
@@ -174,12 +162,6 @@ class StageOutput:
     state: StageBatch  # inputs the next stage needs (+ image if a later stage reads it)
     logits: np.ndarray  # (B, classes) float32 on host
     seconds: float
-
-
-@dataclass
-class ClassifyOutput:
-    results: list[ExitResult]
-    runs: list[StageRun] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,25 +394,6 @@ class Engine:
 
     # -- running -------------------------------------------------------------------------------------
 
-    def run_stage(self, k: int, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Low level: run stage k on host arrays keyed by source name; returns every output by name.
-
-        `inputs` maps source names ("image", or output names of stage k-1 such as "feat_out_0" and
-        "logits") to batch-first arrays; the engine feeds each graph input from its manifest source.
-        """
-        plan = self._plans[k]
-        try:
-            feeds = {name: _to_host(inputs[source]) for name, source in plan.feeds}
-        except KeyError as exc:
-            raise ValidationFailedError(f"stage {k + 1} needs source {exc.args[0]!r}") from exc
-        start = time.perf_counter()
-        try:
-            values = self._sessions[k].run(list(plan.outputs), feeds)
-        except Exception as exc:
-            raise StageFailedError(f"stage {k + 1} failed: {type(exc).__name__}: {exc}") from exc
-        self._count(k, _batch_len(next(iter(feeds.values()))), time.perf_counter() - start)
-        return dict(zip(plan.outputs, values, strict=True))
-
     def run_stage_batch(self, k: int, state: StageBatch) -> StageOutput:
         """Run stage k on a state; returns the next state (outputs the next stage needs) and host logits.
 
@@ -509,33 +472,26 @@ class Engine:
         return out
 
     def classify(self, images: Any, thresholds: Any = None, *, deadline: float | None = None) -> list[ExitResult]:
-        """Synchronous early exit for one batch; see `classify_with_stats`."""
-        return self.classify_with_stats(images, thresholds, deadline=deadline).results
-
-    def classify_with_stats(
-        self, images: Any, thresholds: Any = None, *, deadline: float | None = None
-    ) -> ClassifyOutput:
         """Run (B, C, H, W) images stage by stage; each sample leaves at its first confident exit.
 
         thresholds: (E,) or (B, E) float32; None = run every stage (A/B mode). The last stage
         always answers. deadline (time.monotonic()): checked between stages; survivors answer with
         their latest F (deadline_hit=True); DeadlineExceededError if it passed before stage 1 ran.
-        Returns the results in input order and one StageRun per session run.
+        Returns the results in input order. Synchronous: the benchmark's engine-only baseline and the
+        reference the scheduler's tests compare against.
         """
         arr = self.check_images(images)
         batch = int(arr.shape[0])
         if batch == 0:
-            return ClassifyOutput(results=[])
+            return []
         thr = normalize_thresholds(thresholds, batch, self.num_stages)  # (B, E)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceededError("the deadline passed before the first stage ran")
         results: list[ExitResult | None] = [None] * batch
-        runs: list[StageRun] = []
         alive = np.arange(batch)  # original row of each current state row
         state = self.initial_state(arr)
         for k in range(self.num_stages):
             out = self.run_stage_batch(k, state)
-            runs.append(StageRun(stage=k, batch_size=state.size, seconds=out.seconds))
             probs = softmax(out.logits)  # (n, classes)
             conf = probs.max(axis=-1)  # (n,)
             last = k == self.num_stages - 1
@@ -551,7 +507,7 @@ class Engine:
             alive = alive[stay]
             state = out.state if stay.size == out.state.size else out.state.take(stay)
         assert all(r is not None for r in results)
-        return ClassifyOutput(results=[r for r in results if r is not None], runs=runs)
+        return [r for r in results if r is not None]
 
     def warmup(self, max_batch_size: int = 32) -> float:
         """Run every stage on zero batches of size 1 and max_batch_size; returns the seconds spent.

@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 
 from service.core.artifact import ArtifactError, Manifest, load_manifest
-from service.core.engine import CPU, CUDA, Engine, StageBatch, default_providers, normalize_thresholds, softmax
+from service.core.engine import (
+    CPU,
+    CUDA,
+    Engine,
+    ExitResult,
+    StageBatch,
+    default_providers,
+    normalize_thresholds,
+    softmax,
+)
 from service.core.errors import DeadlineExceededError, StageFailedError, ValidationFailedError
 from tests.fixtures.synthetic_artifact import random_images, reference_cumulative_logits
 
@@ -27,6 +36,14 @@ def engine(manifest: Manifest, synthetic_artifact: Path) -> Engine:
 
 def _images(n: int, seed: int = 3) -> np.ndarray:
     return random_images(n, channels=1, height=8, width=8, seed=seed)  # (n, 1, 8, 8)
+
+
+def classify_counting(engine: Engine, x: np.ndarray, thresholds: Any) -> tuple[list[ExitResult], list[tuple[int, int]]]:
+    """engine.classify, and per stage the (session runs, rows) it took, read off the engine's counters."""
+    before = engine.stage_stats()
+    results = engine.classify(x, thresholds)
+    after = engine.stage_stats()
+    return results, [(a.runs - b.runs, a.items - b.items) for a, b in zip(after, before, strict=True)]
 
 
 def test_run_all_stages_matches_numpy_reference(engine: Engine, synthetic_artifact: Path) -> None:
@@ -46,30 +63,29 @@ def test_cascade_stage_reads_image(synthetic_artifact_rgb_cascade: Path) -> None
     for g, r in zip(eng.run_all_stages(x), reference_cumulative_logits(root, x), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
     # Early exit on the cascade net: survivors still carry the image into stage index 2.
-    out = eng.classify_with_stats(x, np.full(4, 0.6, dtype=np.float32))
-    assert len(out.results) == 9
+    assert len(eng.classify(x, np.full(4, 0.6, dtype=np.float32))) == 9
 
 
 def test_threshold_zero_everything_exits_at_first_stage(engine: Engine) -> None:
     x = _images(11)
-    out = engine.classify_with_stats(x, np.zeros(3, dtype=np.float32))
-    assert [r.exit_index for r in out.results] == [0] * 11
-    assert [(r.stage, r.batch_size) for r in out.runs] == [(0, 11)]
-    assert all(r.macs == engine.manifest.stages[0].cumulative_macs for r in out.results)
+    results, runs = classify_counting(engine, x, np.zeros(3, dtype=np.float32))
+    assert [r.exit_index for r in results] == [0] * 11
+    assert runs == [(1, 11), (0, 0), (0, 0)]
+    assert all(r.macs == engine.manifest.stages[0].cumulative_macs for r in results)
     first = engine.run_all_stages(x)[0]
-    np.testing.assert_allclose(np.stack([r.logits for r in out.results]), first, rtol=1e-6)
+    np.testing.assert_allclose(np.stack([r.logits for r in results]), first, rtol=1e-6)
 
 
 def test_thresholds_above_one_run_every_stage_like_the_full_model(engine: Engine, synthetic_artifact: Path) -> None:
     x = _images(13)
     for thresholds in (np.full(3, 1.5, dtype=np.float32), None):
-        out = engine.classify_with_stats(x, thresholds)
-        assert {r.exit_index for r in out.results} == {2}
-        assert [r.batch_size for r in out.runs] == [13, 13, 13]
-        logits = np.stack([r.logits for r in out.results])
+        results, runs = classify_counting(engine, x, thresholds)
+        assert {r.exit_index for r in results} == {2}
+        assert runs == [(1, 13), (1, 13), (1, 13)]
+        logits = np.stack([r.logits for r in results])
         np.testing.assert_allclose(logits, engine.run_all_stages(x)[-1], rtol=1e-6)
         np.testing.assert_allclose(logits, reference_cumulative_logits(synthetic_artifact, x)[-1], atol=1e-5)
-        assert all(r.macs == engine.manifest.full_macs and not r.deadline_hit for r in out.results)
+        assert all(r.macs == engine.manifest.full_macs and not r.deadline_hit for r in results)
 
 
 def test_mixed_batch_exits_per_sample_and_compacts_survivors(engine: Engine) -> None:
@@ -77,31 +93,28 @@ def test_mixed_batch_exits_per_sample_and_compacts_survivors(engine: Engine) -> 
     all_logits = engine.run_all_stages(x)
     conf = [softmax(f).max(axis=-1) for f in all_logits]  # E x (40,)
     thresholds = np.array([np.median(conf[0]), np.median(conf[1]), 0.0], dtype=np.float32)
-    before = engine.stage_stats()
-    out = engine.classify_with_stats(x, thresholds)
-    after = engine.stage_stats()
+    results, runs = classify_counting(engine, x, thresholds)
 
     # Oracle: first k with conf_k >= T_k, the last always answers.
     expected = np.full(40, 2)
     for k in (1, 0):
         expected[conf[k] >= thresholds[k]] = k
-    got = np.array([r.exit_index for r in out.results])
+    got = np.array([r.exit_index for r in results])
     np.testing.assert_array_equal(got, expected)
     assert 0 < (got == 0).sum() < 40 and (got > 0).sum() > 0
 
     # Compaction: stage k runs exactly on the samples that had not left before it.
     survivors = [40, int((expected >= 1).sum()), int((expected >= 2).sum())]
-    assert [r.batch_size for r in out.runs] == [s for s in survivors if s > 0]
-    assert [a.items - b.items for a, b in zip(after, before, strict=True)] == survivors
+    assert runs == [(1, s) for s in survivors]
 
     # MACs: per sample the cumulative MACs of its exit; in total the MACs of the stages actually run.
     cum = engine.manifest.cumulative_macs
-    assert [r.macs for r in out.results] == [cum[k] for k in got]
+    assert [r.macs for r in results] == [cum[k] for k in got]
     stage_macs = [s.macs for s in engine.manifest.stages]
-    assert sum(r.macs for r in out.results) == sum(n * m for n, m in zip(survivors, stage_macs, strict=True))
+    assert sum(r.macs for r in results) == sum(n * m for n, m in zip(survivors, stage_macs, strict=True))
 
     # Each answer is F at its exit, with its softmax and confidence.
-    for i, r in enumerate(out.results):
+    for i, r in enumerate(results):
         np.testing.assert_allclose(r.logits, all_logits[r.exit_index][i], rtol=1e-6)
         np.testing.assert_allclose(r.probabilities.sum(), 1.0, rtol=1e-5)
         assert r.confidence == pytest.approx(float(conf[r.exit_index][i]), rel=1e-6)
@@ -110,9 +123,9 @@ def test_mixed_batch_exits_per_sample_and_compacts_survivors(engine: Engine) -> 
 def test_per_sample_thresholds(engine: Engine) -> None:
     x = _images(4)
     thr = np.array([[0.0, 0, 0], [2.0, 0, 0], [2.0, 2.0, 0], [np.inf, np.inf, np.inf]], dtype=np.float32)
-    out = engine.classify_with_stats(x, thr)
-    assert [r.exit_index for r in out.results] == [0, 1, 2, 2]
-    assert [r.batch_size for r in out.runs] == [4, 3, 2]
+    results, runs = classify_counting(engine, x, thr)
+    assert [r.exit_index for r in results] == [0, 1, 2, 2]
+    assert runs == [(1, 4), (1, 3), (1, 2)]
 
 
 def test_normalize_thresholds_forces_last_and_validates() -> None:
@@ -121,13 +134,6 @@ def test_normalize_thresholds_forces_last_and_validates() -> None:
     assert np.isinf(normalize_thresholds(None, 1, 3)[0, :2]).all()
     with pytest.raises(ValidationFailedError):
         normalize_thresholds([0.5, 0.5], 2, 3)
-
-
-def test_softmax_is_stable() -> None:
-    p = softmax(np.array([[1e4, 0.0, -1e4], [0.0, 0.0, 0.0]], dtype=np.float32))
-    assert np.isfinite(p).all()
-    np.testing.assert_allclose(p[0], [1.0, 0.0, 0.0])
-    np.testing.assert_allclose(p[1], [1 / 3] * 3, rtol=1e-6)
 
 
 def test_bad_images_are_validation_errors(engine: Engine) -> None:
@@ -143,14 +149,21 @@ def test_classify_deadline(engine: Engine) -> None:
         engine.classify(_images(2), None, deadline=0.0)  # monotonic 0 is long past
 
 
-def test_run_stage_low_level_maps_sources(engine: Engine) -> None:
+def test_softmax_is_stable() -> None:
+    p = softmax(np.array([[1e4, 0.0, -1e4], [0.0, 0.0, 0.0]], dtype=np.float32))
+    assert np.isfinite(p).all()
+    np.testing.assert_allclose(p[0], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(p[1], [1 / 3] * 3, rtol=1e-6)
+
+
+def test_run_stage_batch_feeds_each_input_from_its_manifest_source(engine: Engine) -> None:
     x = _images(3)
-    out0 = engine.run_stage(0, {"image": x})
-    assert set(out0) == {"feat_out_0", "logits"}
-    out1 = engine.run_stage(1, out0)  # feat_in_0 <- feat_out_0, logits_in <- logits
-    np.testing.assert_allclose(out1["logits"], engine.run_all_stages(x)[1], rtol=1e-6)
+    out0 = engine.run_stage_batch(0, engine.initial_state(x))
+    assert set(out0.state.arrays) == {"feat_out_0", "logits"}  # what stage 2 reads
+    out1 = engine.run_stage_batch(1, out0.state)  # feat_in_0 <- feat_out_0, logits_in <- logits
+    np.testing.assert_allclose(out1.logits, engine.run_all_stages(x)[1], rtol=1e-6)
     with pytest.raises(ValidationFailedError):
-        engine.run_stage(1, {"image": x})
+        engine.run_stage_batch(1, engine.initial_state(x))
 
 
 def test_stage_batch_take_and_concat() -> None:
