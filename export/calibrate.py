@@ -16,7 +16,7 @@ checkpoint recorded) and optionally "test" (for reports).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,9 +142,3 @@ def cross_check(
             f"max abs per exit {[f'{e:.2e}' for e in errors]}"
         )
     return check
-
-
-def iterate_in_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Iterator[Batch]:
-    """Batches over in-memory arrays (tests, reports on stored arrays)."""
-    for start in range(0, len(labels), batch_size):
-        yield images[start : start + batch_size], labels[start : start + batch_size]
