@@ -4,10 +4,13 @@ Why the engine and not torch: thresholds are chosen on these confidences, and th
 to what ONNX Runtime computes at serving time. Running the very graphs, session options and
 wiring the service uses (`service.core.engine.Engine.run_all_stages`) means a threshold never sits on
 the wrong side of a float32 difference between torch and ORT, and any engine wiring bug shows up
-here (cross-checked against torch on the first batch) rather than in production.
+here (cross-checked against torch on the first batch) rather than in production. For the same
+reason the confidence is `service.core.exit_rule.max_softmax`, the function serving uses: the
+stored confidences are bitwise what serving computes for the same logits, so an image sitting
+exactly on a threshold exits when served as it did in calibration.
 
 Arrays (see service/core/artifact.py), E exits, n samples:
-  {split}_confidence (E, n) float32  max softmax of the cumulative logits F_k
+  {split}_confidence (E, n) float32  max softmax of the cumulative logits F_k (exit_rule.max_softmax)
   {split}_correct    (E, n) bool     argmax F_k == label
   {split}_labels     (n,)   int64
 for split "heldout" (the split the checkpoint was *not* trained on, reproduced with the seed the
@@ -25,17 +28,10 @@ import numpy as np
 
 from export.errors import ExportError, ParityError
 from service.core.artifact import Manifest
+from service.core.exit_rule import max_softmax
 
 Batch = tuple[np.ndarray, np.ndarray]  # images (B, C, H, W) float32, labels (B,) int64
 Reference = Callable[[np.ndarray], Sequence[np.ndarray]]
-
-
-def softmax_confidence(logits: np.ndarray) -> np.ndarray:
-    """max softmax per row, computed stably in float64 and stored as float32."""
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e.max(axis=-1) / e.sum(axis=-1)).astype(np.float32)
 
 
 @dataclass
@@ -107,7 +103,7 @@ def run_split(
         for k, z in enumerate(logits):
             if z.shape[0] != len(labels):
                 raise ExportError(f"engine exit {k + 1} returned {z.shape[0]} rows for {len(labels)} images")
-            confidences[k].append(softmax_confidence(z))
+            confidences[k].append(max_softmax(z))
             corrects[k].append(z.argmax(axis=-1) == labels)
         labels_all.append(labels)
         if progress is not None:

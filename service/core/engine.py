@@ -17,9 +17,9 @@ requests with one numpy call per key, independent of the number of samples.
 
 Early exit
 ----------
-After stage k the engine computes confidence = max softmax(F_k) (stable softmax in float32) and a
-sample leaves when confidence >= threshold[k]; the survivors are compacted (`take`) so stage k+1
-runs on the survivors only. The last stage always answers.
+After stage k a sample leaves by the rule of service.core.exit_rule (confidence = max softmax(F_k)
+in float32, leave when confidence >= threshold[k], the last stage always answers); the survivors
+are compacted (`take`) so stage k+1 runs on the survivors only.
 
 Providers and CUDA
 ------------------
@@ -67,6 +67,7 @@ import numpy as np
 
 from service.core.artifact import ArtifactError, Manifest
 from service.core.errors import DeadlineExceededError, StageFailedError, ValidationFailedError
+from service.core.exit_rule import NEVER_EXIT, confidence, exits, force_last_exit, softmax
 
 LOG = logging.getLogger("boostserve.engine")
 
@@ -165,26 +166,17 @@ class StageOutput:
 
 
 # --------------------------------------------------------------------------------------------------
-# Maths shared with the scheduler
+# Helpers shared with the scheduler
 # --------------------------------------------------------------------------------------------------
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis; (B, classes) -> (B, classes) float32."""
-    z = logits.astype(np.float32, copy=True)
-    z -= z.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return z
-
-
 def normalize_thresholds(thresholds: Any, batch: int, num_stages: int) -> np.ndarray:
-    """(E,) or (B, E) thresholds (or None = run every stage) -> (B, E) float32, last column -inf.
+    """(E,) or (B, E) thresholds (or None = run every stage) -> (B, E) float32, last ALWAYS_EXIT.
 
-    NaN is treated like +inf (never exit there): `conf >= nan` is False.
+    NaN stays NaN and never exits (see service.core.exit_rule.exits).
     """
     if thresholds is None:
-        out = np.full((batch, num_stages), np.inf, dtype=np.float32)
+        out = np.full((batch, num_stages), NEVER_EXIT, dtype=np.float32)
     else:
         arr = np.asarray(thresholds, dtype=np.float32)
         if arr.ndim == 1 and arr.shape[0] == num_stages:
@@ -196,8 +188,7 @@ def normalize_thresholds(thresholds: Any, batch: int, num_stages: int) -> np.nda
             raise ValidationFailedError(
                 f"thresholds must have shape ({num_stages},) or ({batch}, {num_stages}), got {arr.shape}"
             )
-    out[:, -1] = -np.inf  # the last stage always answers
-    return out
+    return force_last_exit(out)
 
 
 def make_result(
@@ -493,10 +484,10 @@ class Engine:
         for k in range(self.num_stages):
             out = self.run_stage_batch(k, state)
             probs = softmax(out.logits)  # (n, classes)
-            conf = probs.max(axis=-1)  # (n,)
+            conf = confidence(probs)  # (n,)
             last = k == self.num_stages - 1
             late = not last and deadline is not None and time.monotonic() >= deadline
-            leave = np.ones(conf.shape, dtype=bool) if (last or late) else conf >= thr[alive, k]
+            leave = np.ones(conf.shape, dtype=bool) if (last or late) else exits(conf, thr[alive, k])
             macs = int(self._cum_macs[k])
             logits = np.asarray(out.logits, dtype=np.float32)
             for i in np.flatnonzero(leave).tolist():

@@ -10,17 +10,9 @@ import numpy as np
 import pytest
 
 from service.core.artifact import ArtifactError, Manifest, load_manifest
-from service.core.engine import (
-    CPU,
-    CUDA,
-    Engine,
-    ExitResult,
-    StageBatch,
-    default_providers,
-    normalize_thresholds,
-    softmax,
-)
+from service.core.engine import CPU, CUDA, Engine, ExitResult, StageBatch, default_providers, normalize_thresholds
 from service.core.errors import DeadlineExceededError, StageFailedError, ValidationFailedError
+from service.core.exit_rule import softmax
 from tests.fixtures.synthetic_artifact import random_images, reference_cumulative_logits
 
 
@@ -147,13 +139,6 @@ def test_bad_images_are_validation_errors(engine: Engine) -> None:
 def test_classify_deadline(engine: Engine) -> None:
     with pytest.raises(DeadlineExceededError):
         engine.classify(_images(2), None, deadline=0.0)  # monotonic 0 is long past
-
-
-def test_softmax_is_stable() -> None:
-    p = softmax(np.array([[1e4, 0.0, -1e4], [0.0, 0.0, 0.0]], dtype=np.float32))
-    assert np.isfinite(p).all()
-    np.testing.assert_allclose(p[0], [1.0, 0.0, 0.0])
-    np.testing.assert_allclose(p[1], [1 / 3] * 3, rtol=1e-6)
 
 
 def test_run_stage_batch_feeds_each_input_from_its_manifest_source(engine: Engine) -> None:

@@ -32,7 +32,8 @@ Design
   CPU there is no parallelism for the thread to buy, only a GIL hand-off and a cross-thread wake-up
   per batch (measured in docs/benchmarks.md); the server picks it when it may use one CPU.
 * Thresholds travel with each request ((B, E), the per-request budget); `early_exit=False` uses
-  +inf for every stage but the last. Exits: conf = max softmax(F_k) >= T[k]; the last always answers.
+  +inf for every stage but the last. Exits follow service.core.exit_rule (conf = max softmax(F_k)
+  >= T[k]; the last always answers).
 * Deadlines (absolute `time.monotonic()`): a loop timer fires at the deadline; rows that have not
   exited answer with their latest F (deadline_hit=True) if they finished at least stage 0; if any
   row of the request has not, the request fails with DeadlineExceededError. The request's queued
@@ -75,7 +76,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.core.engine import Engine, ExitResult, StageBatch, make_result, normalize_thresholds, softmax
+from service.core.engine import Engine, ExitResult, StageBatch, make_result, normalize_thresholds
 from service.core.errors import (
     BoostServeError,
     DeadlineExceededError,
@@ -83,6 +84,7 @@ from service.core.errors import (
     OverCapacityError,
     StageFailedError,
 )
+from service.core.exit_rule import confidence, exits, softmax
 
 LOG = logging.getLogger("boostserve.scheduler")
 
@@ -476,9 +478,9 @@ class Scheduler:
         state = StageBatch.concat(states)  # (n, ...) per key
         out = self.engine.run_stage_batch(k, state)
         logits = np.asarray(out.logits, dtype=np.float32)  # (n, classes)
-        probs = softmax(logits)
-        conf = probs.max(axis=-1)  # (n,)
-        leave = np.ones(conf.shape, dtype=bool) if thr is None else conf >= thr
+        probs = softmax(logits)  # (n, classes)
+        conf = confidence(probs)  # (n,)
+        leave = np.ones(conf.shape, dtype=bool) if thr is None else exits(conf, thr)
         stay = np.flatnonzero(~leave)
         if stay.size == 0:
             next_state = None
@@ -623,8 +625,8 @@ class Scheduler:
             return
         idx = np.asarray(missing, dtype=np.int64)
         logits = req.best_logits[idx]  # (m, classes)
-        probs = softmax(logits)
-        conf = probs.max(axis=-1)
+        probs = softmax(logits)  # (m, classes)
+        conf = confidence(probs)  # (m,)
         stages = req.best_exit[idx]  # (m,)
         for pos, i in enumerate(missing):
             stage = int(stages[pos])
