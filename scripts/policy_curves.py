@@ -8,7 +8,7 @@ Writes `policy_curves.png` and `policy_curves.md` (a table per budget) into --ou
 always chosen on the held-out split; when the artifact's calibration file also has a `test_`
 split, the same thresholds are evaluated on it too (the honest number: the optimiser searches
 more freely on held-out data, so some of its held-out edge is fitting that split).
-Without --artifacts it uses `service.core.policies.synthetic_calibration` (E=10, n=5000, paper MACs):
+Without --artifacts it uses `tests.fixtures.synthetic_calibration` (E=10, n=5000, paper MACs):
 a stand-in until a trained model exists -- say so wherever you quote its numbers.
 """
 
@@ -25,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.core import policies as P
 from service.core.artifact import ArtifactError, CalibrationData, load_calibration, load_manifest
+from tests.fixtures.synthetic_calibration import synthetic_calibration
 
 
 def load(args: argparse.Namespace) -> tuple[str, CalibrationData, CalibrationData | None]:
     if args.artifacts is None:
-        cal = P.synthetic_calibration(args.exits, args.samples, args.seed)
-        test = P.synthetic_calibration(args.exits, args.samples, args.seed + 1000)
+        cal = synthetic_calibration(args.exits, args.samples, args.seed)
+        test = synthetic_calibration(args.exits, args.samples, args.seed + 1000)
         return f"synthetic (E={args.exits}, n={args.samples}, seed={args.seed})", cal, test
     manifest = load_manifest(args.artifacts, verify=True)
     heldout = load_calibration(args.artifacts, manifest, "heldout")

@@ -12,9 +12,10 @@ from service.core import policies as P
 from service.core.artifact import CalibrationData
 from service.core.budget import Budget, BudgetResolver, format_macs
 from service.core.errors import InvalidBudgetError, ValidationFailedError
+from tests.fixtures.synthetic_calibration import synthetic_calibration
 from tests.service.test_thresholds_cli import build_manifest
 
-CAL = P.synthetic_calibration(5, 800, 9, cumulative_macs=[10e6, 20e6, 30e6, 40e6, 50e6])
+CAL = synthetic_calibration(5, 800, 9, cumulative_macs=[10e6, 20e6, 30e6, 40e6, 50e6])
 MANIFEST = build_manifest(CAL)
 
 
@@ -143,7 +144,7 @@ def test_without_calibration() -> None:
 
 
 def test_mismatched_calibration_rejected() -> None:
-    other = P.synthetic_calibration(4, 100, 0)
+    other = synthetic_calibration(4, 100, 0)
     with pytest.raises(ValueError, match="exits"):
         BudgetResolver(MANIFEST, other)
     shifted = CalibrationData(CAL.confidence, CAL.correct, CAL.cumulative_macs * 2)

@@ -13,6 +13,10 @@ import pytest
 from service.core import policies as P
 from service.core.artifact import CalibrationData
 from service.core.errors import InvalidBudgetError
+from service.core.exit_rule import exit_indices
+from service.core.policies.knobs import drop_upper_bound
+from service.core.policies.prepared import prepared
+from tests.fixtures.synthetic_calibration import PAPER_ANYTIME_MACS, synthetic_calibration
 
 
 def f32(x: float) -> float:
@@ -84,7 +88,7 @@ def test_reference_thresholds_m_zero_and_m_beyond_remaining() -> None:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_reference_thresholds_match_naive_loop(seed: int) -> None:
-    cal = P.synthetic_calibration(6, 700, seed)
+    cal = synthetic_calibration(6, 700, seed)
     # quantised confidences: plenty of ties
     tied = CalibrationData(np.round(cal.confidence * 20) / 20, cal.correct, cal.cumulative_macs)
     for data in (cal, tied):
@@ -93,7 +97,7 @@ def test_reference_thresholds_match_naive_loop(seed: int) -> None:
 
 
 def test_reference_family_is_the_39_point_sweep() -> None:
-    cal = P.synthetic_calibration(5, 400, 3)
+    cal = synthetic_calibration(5, 400, 3)
     family = P.reference_family(cal)
     assert len(family) == 39
     probs = P.reference_family_probs(5)
@@ -112,7 +116,7 @@ def test_flat_curve_keeps_earlier_thresholds() -> None:
 
 
 def test_eq9_solves_for_p_with_incremental_costs() -> None:
-    macs = list(P.PAPER_ANYTIME_MACS)
+    macs = list(PAPER_ANYTIME_MACS)
     inc = np.diff([0.0, *macs])
     for budget in (16e6, 30e6, 60e6, 100e6, 121e6):
         p = P.eq9_exit_probability(macs, budget)
@@ -131,7 +135,7 @@ def test_eq9_solves_for_p_with_incremental_costs() -> None:
 # evaluation
 # ------------------------------------------------------------------------------------------------
 def test_evaluate_matches_brute_force() -> None:
-    cal = P.synthetic_calibration(4, 300, 7)
+    cal = synthetic_calibration(4, 300, 7)
     rng = np.random.default_rng(0)
     for _ in range(5):
         thresholds = [*rng.uniform(0.3, 1.0, 3).tolist(), -math.inf]
@@ -212,7 +216,7 @@ def _budgets(cal: CalibrationData, count: int = 40) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_optimal_monotone_within_budget_and_beats_reference_family(seed: int) -> None:
-    cal = P.synthetic_calibration(8, 1500, seed)
+    cal = synthetic_calibration(8, 1500, seed)
     family = P.reference_family(cal)
     previous = -1.0
     gains = []
@@ -235,7 +239,7 @@ def test_optimal_monotone_within_budget_and_beats_reference_family(seed: int) ->
 
 
 def test_optimal_beats_eq9_reference_on_average() -> None:
-    cal = P.synthetic_calibration(10, 2000, 5)
+    cal = synthetic_calibration(10, 2000, 5)
     diffs = []
     for budget in _budgets(cal, 30)[1:]:
         optimal = P.budget_macs(cal, float(budget))
@@ -247,7 +251,7 @@ def test_optimal_beats_eq9_reference_on_average() -> None:
 
 
 def test_optimal_with_many_ties_is_consistent() -> None:
-    base = P.synthetic_calibration(5, 800, 11)
+    base = synthetic_calibration(5, 800, 11)
     cal = CalibrationData(np.round(base.confidence * 10) / 10, base.correct, base.cumulative_macs)
     for budget in _budgets(cal, 12):
         result = P.budget_macs(cal, float(budget))
@@ -258,7 +262,7 @@ def test_optimal_with_many_ties_is_consistent() -> None:
 
 
 def test_optimal_is_deterministic_across_copies() -> None:
-    cal = P.synthetic_calibration(6, 1000, 4)
+    cal = synthetic_calibration(6, 1000, 4)
     copy = CalibrationData(cal.confidence.copy(), cal.correct.copy(), cal.cumulative_macs.copy())
     assert [r.thresholds for r in P.optimal_frontier(cal)] == [r.thresholds for r in P.optimal_frontier(copy)]
     for budget in _budgets(cal, 7):
@@ -266,7 +270,7 @@ def test_optimal_is_deterministic_across_copies() -> None:
 
 
 def test_frontier_is_pareto() -> None:
-    frontier = P.optimal_frontier(P.synthetic_calibration(6, 1000, 8))
+    frontier = P.optimal_frontier(synthetic_calibration(6, 1000, 8))
     macs = [r.expected_macs for r in frontier]
     accuracy = [r.expected_accuracy for r in frontier]
     assert macs == sorted(macs)
@@ -275,7 +279,7 @@ def test_frontier_is_pareto() -> None:
 
 def test_timing_sanity_e10_n5000() -> None:
     """Generous bounds only (shared CI machines); measured numbers live in docs/policies.md."""
-    cal = P.synthetic_calibration(10, 5000, 0)
+    cal = synthetic_calibration(10, 5000, 0)
     start = time.perf_counter()
     P.budget_macs(cal, 40e6)
     cold = time.perf_counter() - start
@@ -302,28 +306,28 @@ def test_max_accuracy_drop_hand_computed() -> None:
 def test_max_accuracy_drop_keeps_a_confidence_margin() -> None:
     """With the default 95 % bound the chosen point is the cheapest whose bound fits, never cheaper
     than the plain rule's, and the margin is what the paired standard error says."""
-    cal = P.synthetic_calibration(4, 5000, 3)
+    cal = synthetic_calibration(4, 5000, 3)
     for drop in (0.005, 0.01, 0.03):
         plain = P.max_accuracy_drop(cal, drop, confidence=0.5)
         kept = P.max_accuracy_drop(cal, drop)
         assert kept.expected_macs >= plain.expected_macs
-        prep = P._prepared(cal)
+        prep = prepared(cal)
         z = statistics.NormalDist().inv_cdf(P.DROP_CONFIDENCE)
-        bound = P._drop_upper_bound(prep, prep.cuts_from_thresholds(kept.thresholds), z)
+        bound = drop_upper_bound(prep, prep.cuts_from_thresholds(kept.thresholds), z)
         assert bound <= drop + 1e-12
         # the frontier point just before it does not fit (else it would have been chosen)
         frontier = P.optimal_frontier(cal)
         i = [r.thresholds for r in frontier].index(kept.thresholds)
         if i > 0 and frontier[i - 1].expected_macs >= plain.expected_macs:
             before = prep.cuts_from_thresholds(frontier[i - 1].thresholds)
-            assert P._drop_upper_bound(prep, before, z) > drop
-    with pytest.raises(P.InvalidBudgetError):
+            assert drop_upper_bound(prep, before, z) > drop
+    with pytest.raises(InvalidBudgetError):
         P.max_accuracy_drop(cal, 0.01, confidence=1.0)
 
 
 @pytest.mark.parametrize("policy", ["optimal", "reference"])
 def test_max_accuracy_drop_holds_and_is_monotone(policy: str) -> None:
-    cal = P.synthetic_calibration(8, 1500, 2)
+    cal = synthetic_calibration(8, 1500, 2)
     final = float(cal.correct[-1].mean())
     previous = math.inf
     for drop in (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1):
@@ -359,7 +363,7 @@ def test_max_exit_semantics(k: int) -> None:
     assert result.expected_accuracy == pytest.approx(float(TINY.correct[k - 1].mean()))
     assert result.expected_macs == TINY.cumulative_macs[k - 1]
     # the engine rule (first k with conf >= T[k]) sends every sample to exit k, whatever its confidence
-    exits = P._exit_indices(np.random.default_rng(0).random((3, 50)).astype(np.float32), result.thresholds)
+    exits = exit_indices(np.random.default_rng(0).random((3, 50)).astype(np.float32), result.thresholds)
     assert (exits == k - 1).all()
     assert result.to_json()["thresholds"] == [*([None] * (k - 1)), *([0.0] * (4 - k))]
 

@@ -22,6 +22,7 @@ from service.core.artifact import (
     sha256_file,
     write_manifest,
 )
+from tests.fixtures.synthetic_calibration import synthetic_calibration
 
 
 def build_manifest(
@@ -106,7 +107,7 @@ def write_artifact(root: Path, cal: CalibrationData, *, with_calibration: bool =
     return root
 
 
-CAL = P.synthetic_calibration(5, 600, 3, cumulative_macs=[10_000_000, 20_000_000, 30_000_000, 40_000_000, 50_000_000])
+CAL = synthetic_calibration(5, 600, 3, cumulative_macs=[10_000_000, 20_000_000, 30_000_000, 40_000_000, 50_000_000])
 
 
 @pytest.fixture(scope="module")
