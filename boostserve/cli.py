@@ -28,6 +28,9 @@ COMMANDS: dict[str, Command] = {
     "macs": Command("models.commands.macs", "per-exit MACs and parameters of a model preset"),
     "export": Command("export.commands.export", "export a checkpoint to per-stage ONNX + manifest, calibrated"),
     "thresholds": Command("service.commands.thresholds", "turn a compute budget into per-exit thresholds"),
+    "recalibrate": Command(
+        "export.commands.recalibrate", "rewrite an artifact's calibration arrays through the serving engine"
+    ),
     "report": Command("export.commands.report", "accuracy-vs-MACs curves, tables and plots on the test split"),
     "serve": Command("service.commands.serve", "start the HTTP service (uvicorn, one worker)"),
     "bench": Command("bench.commands.bench", "benchmarks: offline, engine and HTTP suites"),
