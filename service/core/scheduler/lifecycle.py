@@ -1,0 +1,465 @@
+"""The scheduler's asyncio side: start/stop, submit, the dispatcher, batch execution, request
+endings (answers, failures, deadlines, the request-timeout sweeper).
+
+The design is described in the package docstring (service/core/scheduler/__init__.py); which stage
+runs next and which chunks form its batch is decided by the pure functions of `.policy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.core.engine import Engine, ExitResult, StageBatch, make_result, normalize_thresholds, softmax
+from service.core.errors import (
+    BoostServeError,
+    DeadlineExceededError,
+    NotReadyError,
+    OverCapacityError,
+    StageFailedError,
+)
+from service.core.scheduler.policy import BatchingSettings, Pick, pick_stage, plan_batch
+from service.core.scheduler.stats import BatchRecord, SchedulerObserver, SchedulerStats, StageStats
+from service.core.scheduler.work import Chunk, Computed, RequestState
+
+LOG = logging.getLogger("boostserve.scheduler")
+
+
+@dataclass(frozen=True, slots=True)
+class _Delivery:
+    """One computed batch on its way back to its requests (event loop side).
+
+    The per-row decisions are Python lists, converted once per batch: most chunks hold one image,
+    and numpy calls on 1-element slices cost more than the work (measured in a profile).
+    """
+
+    stage: int
+    comp: Computed
+    leave: list[bool]  # comp.leave
+    conf: list[float]  # comp.conf
+    macs: int  # cumulative MACs of the stage
+    source: int  # the batch id: the source of the survivors' chunks
+    now: float  # loop.time(): when the survivors are queued
+
+
+class Scheduler:
+    """Asyncio front of an `Engine`: per-stage queues, cross-request batches, deadlines, backpressure."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 1024,
+        batching: bool = True,
+        observer: SchedulerObserver | None = None,
+        merge_wait_ms: float | None = None,
+        log: logging.Logger | None = None,
+        run_on_loop: bool = False,
+        request_timeout_s: float | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
+        self.engine = engine
+        max_wait = float(max_wait_ms) / 1000.0
+        self.settings = BatchingSettings(
+            max_batch_size=int(max_batch_size),
+            max_wait=max_wait,
+            merge_wait=max_wait if merge_wait_ms is None else float(merge_wait_ms) / 1000.0,
+            batching=bool(batching),
+        )
+        self.max_queue = int(max_queue)
+        self.run_on_loop = bool(run_on_loop)
+        self.request_timeout = None if request_timeout_s is None else float(request_timeout_s)
+        self.observer = observer
+        self.log = log or LOG
+        self.num_stages = engine.num_stages
+        self._cum_macs = [int(m) for m in engine.cumulative_macs]
+        self._queues: list[deque[Chunk]] = [deque() for _ in range(self.num_stages)]
+        self._depth = [0] * self.num_stages
+        self._pending = 0  # images admitted and not yet answered
+        self._requests: dict[int, RequestState] = {}
+        self._ids = itertools.count(1)
+        self._batch_ids = itertools.count(1)
+        self._accepting = False
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stats = SchedulerStats(stages=[StageStats() for _ in range(self.num_stages)])
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._accepting
+
+    async def start(self) -> None:
+        """Start the dispatcher task and, unless batches run on the loop, the ORT worker thread
+        (call from the serving event loop)."""
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        if not self.run_on_loop:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boostserve-ort")
+        self._closing = False
+        self._accepting = True
+        self._task = asyncio.create_task(self._dispatch(), name="boostserve-scheduler")
+        if self.request_timeout is not None:
+            self._sweeper = asyncio.create_task(self._sweep(self.request_timeout), name="boostserve-timeouts")
+
+    async def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Refuse new work; with drain, finish admitted work (up to timeout) first; fail the rest."""
+        self._accepting = False
+        task = self._task
+        if task is None:
+            return
+        self._closing = True
+        self._wake()
+        deadline = time.monotonic() + max(0.0, timeout)
+        if drain:
+            await asyncio.wait({task}, timeout=max(0.0, timeout))
+        if not task.done():
+            self._fail_all(NotReadyError("the server is shutting down"))
+            self._wake()
+            await asyncio.wait({task}, timeout=max(0.1, deadline - time.monotonic()))
+            if not task.done():
+                task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._task = None
+        self._executor = None
+
+    def queue_depths(self) -> list[int]:
+        """Images waiting per stage (running batches excluded)."""
+        return list(self._depth)
+
+    @property
+    def pending(self) -> int:
+        """Images admitted and not yet answered (queued + running): what max_queue bounds."""
+        return self._pending
+
+    # -- submit --------------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        images: Any,
+        thresholds: Any = None,
+        *,
+        early_exit: bool = True,
+        deadline: float | None = None,
+    ) -> list[ExitResult]:
+        """Classify (B, C, H, W) images; results in input order.
+
+        thresholds: (E,) or (B, E) (None or early_exit=False: every stage). deadline: absolute
+        time.monotonic(). Raises NotReadyError, OverCapacityError, ValidationFailedError,
+        DeadlineExceededError, StageFailedError.
+        """
+        if not self._accepting or self._loop is None:
+            raise NotReadyError("the scheduler is not running")
+        arr = self.engine.check_images(images)
+        n = int(arr.shape[0])
+        if n == 0:
+            return []
+        thr = normalize_thresholds(thresholds if early_exit else None, n, self.num_stages)  # (B, E)
+        if deadline is not None and time.monotonic() >= deadline:
+            self.stats.deadline_exceeded += 1
+            raise DeadlineExceededError("the deadline passed before the request was queued")
+        if self._pending > 0 and self._pending + n > self.max_queue:
+            self.stats.rejected += 1
+            raise OverCapacityError(
+                f"{self._pending} images are queued (limit {self.max_queue}); retry later",
+                retry_after=self.stats.drain_seconds(self._pending),
+            )
+        loop = self._loop
+        req = RequestState(next(self._ids), n, thr, deadline, loop.create_future())
+        if self.request_timeout is not None:
+            req.expires = loop.time() + self.request_timeout
+        if deadline is not None:
+            req.best_logits = np.zeros((n, self.engine.num_classes), dtype=np.float32)
+            req.best_exit = np.full(n, -1, dtype=np.int32)
+            req.timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, req)
+        self._requests[req.id] = req
+        self._pending += n
+        self.stats.submitted += 1
+        self._enqueue(0, Chunk(req, np.arange(n), self.engine.initial_state(arr), req.id, loop.time(), whole=True))
+        self._wake()
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            if not req.done:  # the caller went away (client disconnect): drop its queued rows
+                self.stats.cancelled += 1
+                self._finalize(req)
+            raise
+
+    # -- queues --------------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _enqueue(self, k: int, chunk: Chunk) -> None:
+        self._queues[k].append(chunk)
+        chunk.request.queued_chunks += 1
+        self._depth[k] += len(chunk.rows)
+
+    def _pick(self, now: float) -> Pick:
+        """`policy.pick_stage` on the current queues."""
+        oldest = [queue[0].enqueued if queue else 0.0 for queue in self._queues]
+        return pick_stage(self._depth, oldest, now, self.settings, closing=self._closing)
+
+    def _take_batch(self, k: int) -> list[Chunk]:
+        """Pop the chunks `policy.plan_batch` chooses from stage k's queue, splitting the last."""
+        queue = self._queues[k]
+        plan = plan_batch(((len(c.rows), c.request.id) for c in queue), self.settings)
+        chunks = [queue.popleft() for _ in range(plan.whole)]
+        for chunk in chunks:
+            chunk.request.queued_chunks -= 1
+        if plan.split:
+            chunks.append(queue[0].split_front(plan.split))
+        self._depth[k] -= plan.rows
+        return chunks
+
+    # -- dispatcher ----------------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        assert self._wakeup is not None and self._loop is not None
+        loop = self._loop
+        while True:
+            k, sleep = self._pick(loop.time())
+            if k is None:
+                if self._closing and sum(self._depth) == 0:
+                    return
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(sleep):  # no extra task, unlike wait_for
+                        await self._wakeup.wait()
+                continue
+            chunks = self._take_batch(k)  # not empty: stage k holds rows
+            try:
+                await self._execute(k, chunks)
+                if self.run_on_loop:
+                    await asyncio.sleep(0)  # the batch ran on the loop: let HTTP I/O in before the next
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug in the bookkeeping must not kill the dispatcher
+                self.log.exception("scheduler batch at stage %d failed", k + 1)
+                err = StageFailedError(f"internal error at stage {k + 1}: {type(exc).__name__}")
+                for req in {id(c.request): c.request for c in chunks}.values():
+                    self._fail(req, err)
+
+    def _compute(self, k: int, states: list[StageBatch], thr: np.ndarray | None) -> Computed:
+        """Worker thread: concatenate, run stage k, softmax, exit test, compact survivors."""
+        state = StageBatch.concat(states)  # (n, ...) per key
+        out = self.engine.run_stage_batch(k, state)
+        logits = np.asarray(out.logits, dtype=np.float32)  # (n, classes)
+        probs = softmax(logits)
+        conf = probs.max(axis=-1)  # (n,)
+        leave = np.ones(conf.shape, dtype=bool) if thr is None else conf >= thr
+        stay = np.flatnonzero(~leave)
+        if stay.size == 0:
+            next_state = None
+        elif stay.size == state.size:
+            next_state = out.state  # nobody left: pass through (device values stay on the device)
+        else:
+            next_state = out.state.take(stay)
+        return Computed(logits, probs, conf, leave, next_state, out.seconds)
+
+    async def _execute(self, k: int, chunks: list[Chunk]) -> None:
+        """Run one batch of stage k, then answer its exits and queue its survivors at stage k + 1."""
+        size = sum(len(c.rows) for c in chunks)
+        comp = await self._run_batch(k, chunks, size)
+        if comp is None:
+            return
+        batch_id = next(self._batch_ids)
+        self._record_batch(k, chunks, size, comp, batch_id)
+        self._distribute(k, chunks, comp, batch_id)
+
+    async def _run_batch(self, k: int, chunks: list[Chunk], size: int) -> Computed | None:
+        """`_compute` on the worker thread (or the loop); None when it failed (its requests are failed)."""
+        assert self._loop is not None
+        last = k == self.num_stages - 1
+        thr = None if last else np.concatenate([c.thresholds(k) for c in chunks])  # (n,)
+        states = [c.state for c in chunks]
+        try:
+            if self._executor is None:  # run_on_loop: no worker thread was started
+                return self._compute(k, states, thr)
+            return await self._loop.run_in_executor(self._executor, self._compute, k, states, thr)
+        except Exception as exc:
+            self._fail_batch(k, chunks, size, exc)
+            return None
+
+    def _fail_batch(self, k: int, chunks: list[Chunk], size: int, exc: Exception) -> None:
+        """A stage run raised: fail exactly the requests with rows in this batch."""
+        self.stats.stages[k].failed_batches += 1
+        message = exc.message if isinstance(exc, BoostServeError) else f"{type(exc).__name__}: {exc}"
+        self.log.error("stage %d batch of %d failed: %s", k + 1, size, message)
+        err = StageFailedError(message)
+        for req in {id(c.request): c.request for c in chunks}.values():
+            self.stats.failed += 1
+            self._fail(req, err)
+
+    def _record_batch(self, k: int, chunks: list[Chunk], size: int, comp: Computed, batch_id: int) -> None:
+        """Statistics and the observer's per-batch event."""
+        requests = len({id(c.request) for c in chunks})
+        sources = len({c.source for c in chunks})
+        self.stats.record_batch(k, size, comp.seconds, requests, sources)
+        record = BatchRecord(batch_id, k, size, requests, sources, int(comp.leave.sum()))
+        self.stats.recent_batches.append(record)
+        if self.observer is not None:
+            self._safe(self.observer.on_stage_batch, k, size, comp.seconds)
+
+    def _distribute(self, k: int, chunks: list[Chunk], comp: Computed, batch_id: int) -> None:
+        """Exits answer their rows; survivors go to stage k+1 as one chunk per request segment."""
+        assert self._loop is not None
+        out = _Delivery(
+            k, comp, comp.leave.tolist(), comp.conf.tolist(), self._cum_macs[k], batch_id, self._loop.time()
+        )
+        answered: list[int] = []  # batch positions whose answer reached a live request
+        start = 0
+        kept = 0  # survivors so far = where the next chunk's survivors start in comp.next_state
+        for chunk in chunks:
+            n = len(chunk.rows)
+            exiting = [i for i in range(n) if out.leave[start + i]]
+            n_stay = n - len(exiting)
+            req = chunk.request
+            if not req.done:  # else a deadline, failure or cancel ended it while this batch ran
+                if exiting:
+                    answered += self._answer(out, chunk, exiting, start)
+                if n_stay:
+                    self._forward(out, chunk, start, bool(exiting), slice(kept, kept + n_stay))
+                if req.remaining == 0:
+                    self._complete(req)
+            start += n
+            kept += n_stay
+        if answered and self.observer is not None:
+            self._safe(self.observer.on_exits, k, comp.conf[answered], float(out.macs), False)
+
+    def _answer(self, out: _Delivery, chunk: Chunk, exiting: list[int], start: int) -> list[int]:
+        """Answer the chunk's rows `exiting` (chunk positions; the chunk starts at batch position
+        `start`); returns their batch positions."""
+        req = chunk.request
+        comp = out.comp
+        rows: list[int] = chunk.rows.tolist()
+        positions = [start + i for i in exiting]
+        for i, j in zip(exiting, positions, strict=True):
+            req.results[rows[i]] = make_result(out.stage, comp.logits[j], comp.probs[j], out.conf[j], out.macs)
+        req.remaining -= len(exiting)
+        return positions
+
+    def _forward(self, out: _Delivery, chunk: Chunk, start: int, partial: bool, survivors: slice) -> None:
+        """Queue the chunk's surviving rows at the next stage; `survivors`: theirs in comp.next_state,
+        partial: some of the chunk's rows exited."""
+        comp = out.comp
+        assert comp.next_state is not None
+        req = chunk.request
+        end = start + len(chunk.rows)
+        stays = ~comp.leave[start:end]  # (n,)
+        keep_rows = chunk.rows[stays] if partial else chunk.rows  # (m,)
+        if req.best_logits is not None and req.best_exit is not None:  # a deadline: the best answer so far
+            req.best_logits[keep_rows] = comp.logits[start:end][stays]
+            req.best_exit[keep_rows] = out.stage
+        m = survivors.stop - survivors.start
+        state = comp.next_state if m == comp.next_state.size else comp.next_state.take(survivors)
+        whole = chunk.whole and not partial
+        self._enqueue(out.stage + 1, Chunk(req, keep_rows, state, out.source, out.now, whole=whole))
+
+    # -- request endings -----------------------------------------------------------------------------
+
+    def _finalize(self, req: RequestState) -> None:
+        """Mark done, stop its timer, drop its queued rows, release its admission."""
+        if req.done:
+            return
+        req.done = True
+        if req.timer is not None:
+            req.timer.cancel()
+        if req.queued_chunks > 0:  # rare: deadline, failure, cancel or shutdown with rows still queued
+            for k, queue in enumerate(self._queues):
+                if any(c.request is req for c in queue):
+                    kept = [c for c in queue if c.request is not req]
+                    self._depth[k] = sum(len(c.rows) for c in kept)
+                    self._queues[k] = deque(kept)
+            req.queued_chunks = 0
+        self._pending -= req.size
+        self._requests.pop(req.id, None)
+
+    def _complete(self, req: RequestState) -> None:
+        self._finalize(req)
+        self.stats.completed += 1
+        if not req.future.done():
+            req.future.set_result([r for r in req.results if r is not None])
+
+    def _fail(self, req: RequestState, exc: BaseException) -> None:
+        self._finalize(req)
+        if not req.future.done():
+            req.future.set_exception(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for req in list(self._requests.values()):
+            self._fail(req, exc)
+
+    def _expire(self, req: RequestState) -> None:
+        """Deadline timer: best-so-far answers, or DeadlineExceededError if a row has no exit yet."""
+        if req.done:
+            return
+        assert req.best_exit is not None and req.best_logits is not None
+        missing = [i for i, r in enumerate(req.results) if r is None]
+        if any(int(req.best_exit[i]) < 0 for i in missing):
+            self.stats.deadline_exceeded += 1
+            self._fail(req, DeadlineExceededError("the deadline passed before the first exit answered"))
+            return
+        idx = np.asarray(missing, dtype=np.int64)
+        logits = req.best_logits[idx]  # (m, classes)
+        probs = softmax(logits)
+        conf = probs.max(axis=-1)
+        stages = req.best_exit[idx]  # (m,)
+        for pos, i in enumerate(missing):
+            stage = int(stages[pos])
+            req.results[i] = make_result(stage, logits[pos], probs[pos], conf[pos], self._cum_macs[stage], True)
+        if self.observer is not None:
+            for stage in np.unique(stages).tolist():
+                self._safe(self.observer.on_exits, stage, conf[stages == stage], float(self._cum_macs[stage]), True)
+        self.stats.deadline_hits += len(missing)
+        req.remaining = 0
+        self._complete(req)
+
+    async def _sweep(self, timeout: float) -> None:
+        """Fail the requests admitted more than `timeout` seconds ago (see the module docstring)."""
+        assert self._loop is not None
+        while True:
+            await asyncio.sleep(min(0.25, timeout / 4))
+            now = self._loop.time()
+            expired: list[RequestState] = []
+            for req in self._requests.values():  # admission order
+                if req.expires > now:
+                    break
+                expired.append(req)
+            for req in expired:
+                self.stats.timed_out += 1
+                self._fail(req, DeadlineExceededError(f"no answer within the request timeout of {timeout:g} s"))
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _safe(self, fn: Callable[..., None], *args: Any) -> None:
+        """Observer failures are logged, never allowed to break serving."""
+        try:
+            fn(*args)
+        except Exception:
+            self.log.exception("scheduler observer %s failed", getattr(fn, "__name__", fn))
