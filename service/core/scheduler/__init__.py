@@ -28,7 +28,8 @@ Design
   CPU there is no parallelism for the thread to buy, only a GIL hand-off and a cross-thread wake-up
   per batch (measured in docs/benchmarks.md); the server picks it when it may use one CPU.
 * Thresholds travel with each request ((B, E), the per-request budget); `early_exit=False` uses
-  +inf for every stage but the last. Exits: conf = max softmax(F_k) >= T[k]; the last always answers.
+  +inf for every stage but the last. Exits follow service.core.exit_rule (conf = max softmax(F_k)
+  >= T[k]; the last always answers).
 * Deadlines (absolute `time.monotonic()`): a loop timer fires at the deadline; rows that have not
   exited answer with their latest F (deadline_hit=True) if they finished at least stage 0; if any
   row of the request has not, the request fails with DeadlineExceededError. The request's queued

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from service.core.engine import Engine, ExitResult, StageBatch, make_result, normalize_thresholds, softmax
+from service.core.engine import Engine, ExitResult, StageBatch, make_result, normalize_thresholds
 from service.core.errors import (
     BoostServeError,
     DeadlineExceededError,
@@ -28,6 +28,7 @@ from service.core.errors import (
     OverCapacityError,
     StageFailedError,
 )
+from service.core.exit_rule import confidence, exits, softmax
 from service.core.scheduler.policy import BatchingSettings, Pick, pick_stage, plan_batch
 from service.core.scheduler.stats import BatchRecord, SchedulerObserver, SchedulerStats, StageStats
 from service.core.scheduler.work import Chunk, Computed, RequestState
@@ -270,9 +271,9 @@ class Scheduler:
         state = StageBatch.concat(states)  # (n, ...) per key
         out = self.engine.run_stage_batch(k, state)
         logits = np.asarray(out.logits, dtype=np.float32)  # (n, classes)
-        probs = softmax(logits)
-        conf = probs.max(axis=-1)  # (n,)
-        leave = np.ones(conf.shape, dtype=bool) if thr is None else conf >= thr
+        probs = softmax(logits)  # (n, classes)
+        conf = confidence(probs)  # (n,)
+        leave = np.ones(conf.shape, dtype=bool) if thr is None else exits(conf, thr)
         stay = np.flatnonzero(~leave)
         if stay.size == 0:
             next_state = None
@@ -427,8 +428,8 @@ class Scheduler:
             return
         idx = np.asarray(missing, dtype=np.int64)
         logits = req.best_logits[idx]  # (m, classes)
-        probs = softmax(logits)
-        conf = probs.max(axis=-1)
+        probs = softmax(logits)  # (m, classes)
+        conf = confidence(probs)  # (m,)
         stages = req.best_exit[idx]  # (m,)
         for pos, i in enumerate(missing):
             stage = int(stages[pos])
