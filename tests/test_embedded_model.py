@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.server import free_port, wait_until_ready
 from service.core.artifact import load_calibration, load_manifest
-from service.core.budget import Budget, BudgetResolver
+from service.core.budget import BudgetResolver
+from service.core.knobs import Budget
 from service.http.settings import EMBEDDED_MODEL_DIR, Settings
 
 ROOT = Path(__file__).resolve().parents[1]

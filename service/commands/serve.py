@@ -98,10 +98,10 @@ def _server_class() -> Any:
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             app: Any = self.config.app
-            runtime = getattr(getattr(app, "state", None), "runtime", None)
-            if runtime is not None:
-                runtime.closing = True
-                runtime.ready = False
+            service = getattr(getattr(app, "state", None), "service", None)
+            if service is not None:
+                service.closing = True
+                service.ready = False
                 app.state.metrics.set_ready(False)
             super().handle_exit(sig, frame)
 

@@ -8,7 +8,7 @@ Budget forms:
   --budget-macs 30M | 30e6 | 1.5e7 | 500k | 1.2G   average MACs per image (k = 1e3, M = 1e6, G = 1e9)
   --max-accuracy-drop 0.01 | 1%                     fraction (0.01 = one percentage point) or percent
   --max-exit 3                                      anytime mode, 1-based exit
-  --thresholds 0.9,0.8,none,0                       one per exit; none/null/inf/- = never exit there
+  --thresholds 0.9,0.8,never,0                      one per exit; never/none/null/inf = never exit there
 
 Exit status: 0 on success, 2 on a bad budget or artifact (message on stderr).
 """
@@ -22,8 +22,10 @@ import re
 import sys
 from typing import Any
 
+from service.core.errors import ValidationFailedError
+from service.core.knobs import BUDGET_KNOBS, KNOB_BY_NAME, Knob
+
 _SUFFIXES = {"": 1.0, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9}
-_NEVER = {"none", "null", "inf", "+inf", "never", "-", ""}
 
 
 def parse_macs(text: str) -> float:
@@ -47,21 +49,27 @@ def parse_drop(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not an accuracy drop: {text!r} (examples: 0.01, 1%)") from None
 
 
-def parse_thresholds(text: str) -> list[float | None]:
-    """'0.9,0.8,none,0' -> [0.9, 0.8, None, 0.0]."""
-    values: list[float | None] = []
-    for part in text.split(","):
-        item = part.strip()
-        if item.lower() in _NEVER:
-            values.append(None)
-            continue
+#: CLI conveniences on top of the table's text form: MAC suffixes and percentages.
+_CLI_FORMS: dict[str, tuple[Any, str, str]] = {
+    "budget_macs": (parse_macs, "MACS", "30M, 3e7, 500k, 1.2G"),
+    "max_accuracy_drop": (parse_drop, "DROP", "0.01 or 1%%"),
+    "max_exit": (None, "K", "3"),
+    "thresholds": (None, "T1,T2,...", "0.9,0.8,never,0"),
+}
+
+
+def _knob_type(knob: Knob) -> Any:
+    """argparse type: the CLI form (if any), then the knob's own parse (range, spelling)."""
+    pre = _CLI_FORMS.get(knob.name, (None, "", ""))[0]
+
+    def convert(text: str) -> Any:
         try:
-            values.append(float(item))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"not a threshold: {item!r} (numbers, or none/inf for 'never exit here')"
-            ) from None
-    return values
+            return knob.parse(pre(text) if pre is not None else text)
+        except ValidationFailedError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+
+    convert.__name__ = knob.name  # argparse names the type in its messages
+    return convert
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -72,48 +80,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "  boostserve thresholds --artifacts ART --budget-macs 1.5e7 --policy reference --json\n"
         "  boostserve thresholds --artifacts ART --max-accuracy-drop 1%\n"
         "  boostserve thresholds --artifacts ART --max-exit 3\n"
-        "  boostserve thresholds --artifacts ART --thresholds 0.9,0.8,none,0\n"
+        "  boostserve thresholds --artifacts ART --thresholds 0.9,0.8,never,0\n"
         "see docs/policies.md for what each knob and policy does"
     )
     parser.add_argument("--artifacts", required=True, metavar="ART_DIR", help="artifact directory (manifest.json)")
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument(
-        "--budget-macs", type=parse_macs, metavar="MACS", help="average MACs per image: 30M, 3e7, 500k, 1.2G"
-    )
-    group.add_argument(
-        "--max-accuracy-drop",
-        type=parse_drop,
-        metavar="DROP",
-        help="accuracy loss allowed vs the final exit: 0.01 or 1%%",
-    )
-    group.add_argument("--max-exit", type=int, metavar="K", help="anytime mode: every image answers at exit K")
-    group.add_argument(
-        "--thresholds",
-        type=parse_thresholds,
-        metavar="T1,T2,...",
-        help="explicit thresholds; none = never exit",
-    )
-    parser.add_argument(
-        "--policy",
-        choices=("optimal", "reference"),
-        default="optimal",
-        help="search for --budget-macs / --max-accuracy-drop (default: optimal)",
-    )
+    for knob in BUDGET_KNOBS:
+        _, metavar, examples = _CLI_FORMS.get(knob.name, (None, knob.name.upper(), str(knob.example)))
+        group.add_argument(
+            f"--{knob.name.replace('_', '-')}",
+            type=_knob_type(knob),
+            metavar=metavar,
+            help=f"{knob.description.replace('%', '%%')} (e.g. {examples})",
+        )
+    policy = KNOB_BY_NAME["policy"]
+    parser.add_argument("--policy", choices=policy.choices, help=f"{policy.description} (default: {policy.choices[0]})")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
 
 def _budget_fields(args: argparse.Namespace) -> dict[str, Any]:
-    for name in ("budget_macs", "max_accuracy_drop", "max_exit", "thresholds"):
-        value = getattr(args, name, None)
-        if value is not None:
-            return {name: value, "policy": args.policy}
-    raise ValueError("no budget given")
+    fields = {k.name: getattr(args, k.name) for k in BUDGET_KNOBS if getattr(args, k.name, None) is not None}
+    if args.policy is not None:
+        fields["policy"] = args.policy
+    return fields
 
 
 def run(args: argparse.Namespace) -> int:
     from service.core.artifact import ArtifactError, load_calibration, load_manifest
-    from service.core.budget import Budget, BudgetResolver, format_macs
+    from service.core.budget import BudgetResolver
     from service.core.errors import BoostServeError
+    from service.core.knobs import Budget, format_macs
 
     try:
         manifest = load_manifest(args.artifacts, verify=True)
@@ -130,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         body = result.to_json()
         body.update(
             {
-                "budget": budget.model_dump(exclude_none=True, exclude_defaults=False),
+                "budget": budget.to_json(),
                 "budget_description": budget.describe(),
                 "expected_macs_fraction": None
                 if result.expected_macs is None

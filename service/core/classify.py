@@ -1,9 +1,13 @@
-"""What the routes share: the loaded model, the global budget, and the classify path.
+"""The classify core: `ClassifyService.classify(ClassifyRequest) -> ClassifyResult`, transport-free.
 
-Why a separate object (not code in the routes): v1 and v2 classify the same way (resolve the
-budget, preprocess, submit to the scheduler under a deadline, count), and the routes stay thin
-adapters between HTTP shapes and this object. It lives on `app.state.runtime`; the lifespan in
-`service.http.app` builds it and flips `ready`.
+Why one entry point: v1 (multipart, raw body, JSON), the v1 fast path and v2 used to run their own
+copies of the flow (budget parse and resolve, decode, scheduler call). Every adapter now builds a
+`ClassifyRequest` from its wire format and calls this once; the adapter renders the result. The
+order is fixed here: options before pixels (a bad budget is reported without decoding anything),
+then preprocess, then the scheduler under the request's deadline.
+
+Readiness and shutdown state (`ready`, `closing`, `inflight`) and the global budget live here too,
+so every protocol sees the same answer to "can I serve?" and the same budget in force.
 """
 
 from __future__ import annotations
@@ -12,35 +16,30 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import anyio
 import numpy as np
 
 from service.core.artifact import Manifest
-from service.core.budget import Budget, BudgetResolver
-from service.core.errors import (
-    BoostServeError,
-    NotReadyError,
-    TooManyImagesError,
-    ValidationFailedError,
-)
+from service.core.budget import BudgetResolver
+from service.core.errors import NotReadyError, TooManyImagesError, ValidationFailedError
+from service.core.knobs import KNOBS, Budget, Knob, RequestOptions, parse_options
 from service.core.policies import ThresholdResult
-from service.core.preprocess import INLINE_DECODE_PIXELS, Preprocessor
-from service.http.metrics import Metrics
-from service.http.settings import Settings
-from service.http.v1.render import budget_info_json
+from service.core.preprocess import ImageInput, Preprocessor
+from service.core.scheduler import Scheduler
 
-log = logging.getLogger("boostserve.runtime")
+log = logging.getLogger("boostserve.classify")
 
-BUDGET_KEYS = ("budget_macs", "max_accuracy_drop", "max_exit", "thresholds")
-NEEDS_CALIBRATION = ("budget_macs", "max_accuracy_drop")
+#: Memo size for distinct request option sets (clients repeat a handful).
+_MEMO_SIZE = 256
 
 
 @dataclass(frozen=True)
 class ResolvedBudget:
+    """A budget with its thresholds, and whether early exit is on for the request."""
+
     budget: Budget
     thresholds: ThresholdResult
     early_exit: bool
@@ -52,205 +51,202 @@ class Classified:
 
     label: int
     confidence: float
-    probabilities: np.ndarray
+    probabilities: np.ndarray  # (classes,) float32
     exit: int
     macs: int
     deadline_hit: bool
 
 
-@dataclass
-class Runtime:
-    settings: Settings
-    manifest: Manifest
-    engine: Any
-    scheduler: Any
-    resolver: BudgetResolver
-    preprocessor: Preprocessor
-    metrics: Metrics
-    calibrated: bool
-    global_budget: ResolvedBudget
-    ready: bool = False
-    closing: bool = False  # SIGTERM received: readiness probes say 503, admitted work still answered
-    inflight: int = 0  # requests inside classify (the boostserve_inflight_requests gauge reads it)
-    _budget_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # (request budget fields, early_exit) -> (global budget it was resolved against, resolved, info JSON)
-    _resolve_cache: dict[Any, tuple[ResolvedBudget, ResolvedBudget, bytes]] = field(default_factory=dict)
+@dataclass(frozen=True)
+class ClassifyRequest:
+    """What every adapter hands the core: images and the knobs as received (text or JSON values).
 
-    # -- budget --------------------------------------------------------------------------------
-    def parse_budget(self, fields: Mapping[str, Any]) -> Budget | None:
-        """Budget override from request fields; None when the request names none."""
-        given = {k: v for k, v in fields.items() if v is not None and (k in BUDGET_KEYS or k == "policy")}
-        if not any(k in given for k in BUDGET_KEYS):
-            if "policy" in given:
-                raise ValidationFailedError(
-                    "a policy needs a budget: give one of budget_macs, max_accuracy_drop, max_exit, thresholds"
-                )
-            return None
-        if not self.calibrated:
-            needs = [k for k in NEEDS_CALIBRATION if k in given]
-            if needs:
-                raise ValidationFailedError(
-                    f"{needs[0]} needs calibration data and this artifact has none; "
-                    "use max_exit or thresholds, or re-export the model with --data"
-                )
-        return Budget.parse(given)
+    ``where`` names the place of the knobs in error messages ("query parameter", "parameters key").
+    """
 
-    def resolve(self, budget: Budget | None, early_exit: bool | None) -> ResolvedBudget:
-        effective_early_exit = self.global_budget.early_exit if early_exit is None else early_exit
-        if budget is None:
-            if effective_early_exit == self.global_budget.early_exit:
-                return self.global_budget
-            return ResolvedBudget(self.global_budget.budget, self.global_budget.thresholds, effective_early_exit)
-        return ResolvedBudget(budget, self.resolver.resolve(budget), effective_early_exit)
+    images: ImageInput
+    options: Mapping[str, Any] = field(default_factory=dict)
+    where: str = "parameter"
+    #: The adapter's own knobs (v1's top_k), parsed by the same rules; their values come back in
+    #: `ClassifyResult.extras`.
+    extra_knobs: tuple[Knob, ...] = ()
 
-    def resolve_fields(self, fields: Mapping[str, Any], early_exit: bool | None) -> tuple[ResolvedBudget, bytes]:
-        """`parse_budget` + `resolve` + `budget_info` as JSON, memoised per distinct request budget.
 
-        Why: most traffic repeats a handful of budgets (the global one, a few knobs), and parsing,
-        resolving and describing them was ~13 % of the server's Python time per request. An entry
-        is used only while the global budget it was resolved against is still in force (PUT
-        /v1/budget replaces that object), and errors are never cached.
+@dataclass(frozen=True)
+class ClassifyResult:
+    answers: list[Classified]
+    budget: ResolvedBudget
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+class BudgetObserver(Protocol):
+    """Who hears of the global budget in force (the metrics' gauges)."""
+
+    def set_budget(
+        self, *, expected_macs: float | None, expected_accuracy: float | None, exit_fractions: list[float] | None
+    ) -> None: ...
+
+
+class ClassifyService:
+    """The loaded model behind every protocol."""
+
+    def __init__(
+        self,
+        *,
+        manifest: Manifest,
+        resolver: BudgetResolver,
+        preprocessor: Preprocessor,
+        scheduler: Scheduler,
+        global_budget: ResolvedBudget,
+        max_images_per_request: int,
+        observer: BudgetObserver | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.resolver = resolver
+        self.preprocessor = preprocessor
+        self.scheduler = scheduler
+        self.global_budget = global_budget
+        self.max_images_per_request = max_images_per_request
+        self.observer = observer
+        self.ready = False
+        self.closing = False  # SIGTERM received: readiness says no, admitted work is still answered
+        self.inflight = 0  # requests inside classify (the boostserve_inflight_requests gauge reads it)
+        self._budget_lock = asyncio.Lock()
+        # (where, knobs, frozen options) -> (global budget it was resolved against, resolved, options)
+        self._memo: dict[Any, tuple[ResolvedBudget, ResolvedBudget, RequestOptions]] = {}
+
+    @property
+    def calibrated(self) -> bool:
+        return self.resolver.calibrated
+
+    # -- budget ------------------------------------------------------------------------------------
+    def resolve_options(
+        self, options: Mapping[str, Any], where: str = "parameter", extra_knobs: tuple[Knob, ...] = ()
+    ) -> tuple[ResolvedBudget, RequestOptions]:
+        """Request knobs -> (budget in force for it, parsed options), memoised per distinct option set.
+
+        Why the memo: most traffic repeats a handful of option sets, and parsing, resolving and
+        describing them was a visible share of the server's Python time per request. An entry is
+        used only while the global budget it was resolved against is still in force (PUT /v1/budget
+        replaces that object); errors are never memoised.
         """
-        key: Any = (tuple(sorted((k, _frozen(v)) for k, v in fields.items() if v is not None)), early_exit)
+        key: Any = (where, extra_knobs, tuple(sorted((k, _frozen(v)) for k, v in options.items())))
         try:
-            hit = self._resolve_cache.get(key)
-        except TypeError:  # a value that cannot be a key (not one our parsers produce): not memoised
+            hit = self._memo.get(key)
+        except TypeError:  # an unhashable value (a nested object): not memoised, the parser refuses it
             key, hit = None, None
         if hit is not None and hit[0] is self.global_budget:
             return hit[1], hit[2]
-        resolved = self.resolve(self.parse_budget(fields), early_exit)
-        info_json = budget_info_json(self.budget_info(resolved))
+        parsed = parse_options(options, allowed=(*KNOBS, *extra_knobs), where=where)
+        resolved = self._resolve(parsed)
         if key is not None:
-            if len(self._resolve_cache) >= 256:
-                self._resolve_cache.clear()
-            self._resolve_cache[key] = (self.global_budget, resolved, info_json)
-        return resolved, info_json
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = (self.global_budget, resolved, parsed)
+        return resolved, parsed
 
-    async def set_global_budget(self, budget: Budget) -> ResolvedBudget:
-        async with self._budget_lock:
-            resolved = ResolvedBudget(budget, self.resolver.resolve(budget), self.global_budget.early_exit)
-            self.global_budget = resolved
-            self.publish_budget()
-        log.info("global budget changed to %s", budget_json(budget))
-        return resolved
-
-    def set_global_early_exit(self, early_exit: bool) -> None:
-        """Flip the global A/B switch (every stage runs when false)."""
+    def _resolve(self, options: RequestOptions) -> ResolvedBudget:
         current = self.global_budget
-        self.global_budget = ResolvedBudget(current.budget, current.thresholds, early_exit)
-        log.info("global early_exit set to %s", early_exit)
+        early_exit = current.early_exit if options.early_exit is None else options.early_exit
+        if options.budget is None:
+            if early_exit == current.early_exit:
+                return current
+            return ResolvedBudget(current.budget, current.thresholds, early_exit)
+        self._check_calibrated(options.budget)
+        return ResolvedBudget(options.budget, self.resolver.resolve(options.budget), early_exit)
+
+    def _check_calibrated(self, budget: Budget) -> None:
+        if budget.needs_calibration and not self.calibrated:
+            raise ValidationFailedError(
+                f"{budget.kind} needs calibration data and this artifact has none; "
+                "use max_exit or thresholds, or re-export the model with --data"
+            )
+
+    async def set_global_budget(self, budget: Budget | None, early_exit: bool | None = None) -> ResolvedBudget:
+        """Replace the global budget and/or the global early-exit switch; returns what is in force."""
+        async with self._budget_lock:
+            current = self.global_budget
+            if budget is not None:
+                self._check_calibrated(budget)
+                current = ResolvedBudget(budget, self.resolver.resolve(budget), current.early_exit)
+            if early_exit is not None:
+                current = ResolvedBudget(current.budget, current.thresholds, early_exit)
+            self.global_budget = current
+            self.publish_budget()
+        log.info("global budget: %s, early_exit=%s", current.budget.describe(), current.early_exit)
+        return current
 
     def publish_budget(self) -> None:
+        if self.observer is None:
+            return
         result = self.global_budget.thresholds
-        self.metrics.set_budget(
-            expected_macs=_opt_float(getattr(result, "expected_macs", None)),
-            expected_accuracy=_opt_float(getattr(result, "expected_accuracy", None)),
-            exit_fractions=_opt_list(getattr(result, "exit_fractions", None)),
+        self.observer.set_budget(
+            expected_macs=result.expected_macs,
+            expected_accuracy=result.expected_accuracy,
+            exit_fractions=None if result.exit_fractions is None else list(result.exit_fractions),
         )
 
     def budget_info(self, resolved: ResolvedBudget) -> dict[str, Any]:
-        """JSON for responses: the budget as given, thresholds in force and expectations."""
-        info = dict(resolved.thresholds.to_json())
-        expected_macs = _opt_float(info.get("expected_macs"))
-        full = float(self.manifest.full_macs) or 1.0
+        """The budget as given, thresholds in force and what calibration expects of them."""
+        info = resolved.thresholds.to_json()
+        expected_macs = _finite_or_none(info["expected_macs"])
         return {
-            "budget": budget_json(resolved.budget),
-            "thresholds": info.get("thresholds", []),
-            "policy": info.get("policy"),
-            "expected_accuracy": _finite_or_none(info.get("expected_accuracy")),
-            "expected_macs": _finite_or_none(expected_macs),
-            "expected_macs_fraction": None if expected_macs is None else _finite_or_none(expected_macs / full),
-            "exit_fractions": info.get("exit_fractions"),
+            "budget": resolved.budget.to_json(),
+            "thresholds": info["thresholds"],
+            "policy": info["policy"],
+            "expected_accuracy": _finite_or_none(info["expected_accuracy"]),
+            "expected_macs": expected_macs,
+            "expected_macs_fraction": None if expected_macs is None else expected_macs / self.manifest.full_macs,
+            "exit_fractions": info["exit_fractions"],
             "calibrated": self.calibrated,
             "early_exit": resolved.early_exit,
         }
 
-    # -- classify ------------------------------------------------------------------------------
+    # -- classify ----------------------------------------------------------------------------------
     def check_count(self, count: int) -> None:
-        limit = self.settings.max_images_per_request
+        """At least one image and at most the per-request limit (also used by adapters before reading)."""
         if count == 0:
             raise ValidationFailedError("no image in the request")
-        if count > limit:
-            raise TooManyImagesError(f"{count} images in one request, the limit is {limit}")
+        if count > self.max_images_per_request:
+            raise TooManyImagesError(f"{count} images in one request, the limit is {self.max_images_per_request}")
 
-    async def preprocess(self, blobs: Sequence[bytes]) -> np.ndarray:
-        """Decode images: small ones on the event loop (cheaper than a thread hop), big ones in
-        the threadpool so one large upload never stalls other requests."""
-        self.check_count(len(blobs))
-        pre = self.preprocessor
-        out = np.empty((len(blobs), *pre.shape), dtype=np.float32)
-        for i, blob in enumerate(blobs):
-            try:
-                if pre.decode_plain_png(blob, out=out[i]) is not None:
-                    continue
-                image = pre.open(blob)
-                if pre.pixels(image) <= INLINE_DECODE_PIXELS:
-                    out[i] = pre.to_tensor(image)
-                else:
-                    out[i] = await anyio.to_thread.run_sync(pre.to_tensor, image)
-            except BoostServeError as exc:
-                if len(blobs) > 1:
-                    exc.message = f"image {i}: {exc.message}"
-                    exc.args = (exc.message,)
-                raise
-        return out
-
-    async def classify(
-        self, images: np.ndarray, resolved: ResolvedBudget, deadline_ms: float | None
-    ) -> list[Classified]:
+    async def classify(self, request: ClassifyRequest) -> ClassifyResult:
+        """Options -> budget, images -> tensor, scheduler -> answers (1-based exits)."""
+        start = time.monotonic()
+        resolved, options = self.resolve_options(request.options, request.where, request.extra_knobs)
+        deadline_ms = options.deadline_ms
+        self.check_count(len(request.images))
+        images = await self.preprocessor.prepare(request.images)  # (B, C, H, W) float32
+        self.check_count(int(images.shape[0]))
         # While draining (closing) requests still go to the scheduler: it answers what it admits
         # and refuses (503) once stopped; only the readiness probes flip first.
         if not self.ready and not self.closing:
             raise NotReadyError("the model is not ready (starting up)")
-        deadline: float | None = None
-        if deadline_ms is not None:
-            deadline = time.monotonic() + deadline_ms / 1000.0
-        thresholds = resolved.thresholds.as_array()
+        deadline = None if deadline_ms is None else start + deadline_ms / 1000.0
         self.inflight += 1
-        try:  # the scheduler enforces settings.request_timeout_s (one sweeper, no timer per request)
-            results = await self.scheduler.submit(images, thresholds, early_exit=resolved.early_exit, deadline=deadline)
+        try:  # the scheduler enforces the request timeout (one sweeper, no timer per request)
+            results = await self.scheduler.submit(
+                images, resolved.thresholds.as_array(), early_exit=resolved.early_exit, deadline=deadline
+            )
         finally:
             self.inflight -= 1
-        cumulative = self.manifest.cumulative_macs
-        out: list[Classified] = []
-        for r in results:
-            probabilities = np.asarray(r.probabilities, dtype=np.float32)
-            exit_index = int(r.exit_index)
-            out.append(
-                Classified(
-                    label=int(probabilities.argmax()),
-                    confidence=float(r.confidence),
-                    probabilities=probabilities,
-                    exit=exit_index + 1,
-                    macs=int(getattr(r, "macs", cumulative[exit_index])),
-                    deadline_hit=bool(getattr(r, "deadline_hit", False)),
-                )
+        answers = [
+            Classified(
+                label=int(r.probabilities.argmax()),
+                confidence=float(r.confidence),
+                probabilities=r.probabilities,
+                exit=r.exit_index + 1,
+                macs=int(r.macs),
+                deadline_hit=r.deadline_hit,
             )
-        return out
-
-
-def budget_json(budget: Budget) -> dict[str, Any]:
-    """The budget as given; `policy` only where it matters (budget_macs, max_accuracy_drop)."""
-    raw = budget.model_dump(mode="json", exclude_none=True)
-    if not budget.uses_policy:
-        raw.pop("policy", None)
-    return raw
+            for r in results
+        ]
+        return ClassifyResult(answers=answers, budget=resolved, extras=options.extras)
 
 
 def _frozen(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def _opt_list(value: Any) -> list[float] | None:
-    return None if value is None else [float(v) for v in value]
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

@@ -50,7 +50,13 @@ class NotFoundError(BoostServeError):
 
 
 class UnauthorizedError(BoostServeError):
+    """No or a wrong credential; `www_authenticate` is the challenge the client should answer."""
+
     error_type = "unauthorized"
+
+    def __init__(self, message: str, www_authenticate: str = 'Bearer realm="boostserve"') -> None:
+        super().__init__(message)
+        self.www_authenticate = www_authenticate
 
 
 class ForbiddenError(BoostServeError):

@@ -26,16 +26,21 @@ takes the Pillow path above with its conversions and error messages.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+import anyio
 import numpy as np
 import pyspng
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from service.core.artifact import Preprocessing
-from service.core.errors import InvalidImageError, PayloadTooLargeError, ValidationFailedError
+from service.core.errors import BoostServeError, InvalidImageError, PayloadTooLargeError, ValidationFailedError
 
 # Truncated files are errors, not silently grey-padded images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -65,6 +70,31 @@ class Limits:
     max_image_pixels: int
 
 
+@dataclass(frozen=True)
+class EncodedImages:
+    """Image files as the client sent them (PNG, JPEG, ...), or their base64 text (v1 JSON)."""
+
+    blobs: Sequence[bytes] | Sequence[str]
+    base64: bool = False
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+
+@dataclass(frozen=True)
+class PixelTensor:
+    """A batch of pixels: raw uint8 (B, H, W, C), or already preprocessed float32 (B, C, H, W)."""
+
+    array: np.ndarray
+    layout: Literal["uint8_hwc", "float_chw"]
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0]) if self.array.ndim == 4 else 1
+
+
+ImageInput = EncodedImages | PixelTensor
+
+
 class Preprocessor:
     """Precomputed normalisation for one manifest; thread-safe (no mutable state)."""
 
@@ -78,6 +108,37 @@ class Preprocessor:
         # x * input_scale then (x - mean) / std, fused into one multiply-add.
         self._scale = (np.float32(spec.input_scale) / std).astype(np.float32)
         self._offset = (-mean / std).astype(np.float32)
+
+    # -- the one entry point ----------------------------------------------------------------------
+    async def prepare(self, images: ImageInput) -> np.ndarray:
+        """Any request's images -> float32 (B, C, H, W) for the engine.
+
+        Decode placement: small files decode on the event loop (cheaper than a thread hop), big
+        ones in the threadpool so one large upload does not hold the loop while it decodes.
+        """
+        if isinstance(images, PixelTensor):
+            if images.layout == "uint8_hwc":
+                return self.from_uint8_hwc(images.array)
+            return self.check_chw_batch(images.array)
+        blobs: Sequence[bytes | str] = images.blobs
+        out = np.empty((len(blobs), *self.shape), dtype=np.float32)  # (B, C, H, W)
+        for i, blob in enumerate(blobs):
+            try:
+                data = decode_base64(blob) if images.base64 else blob
+                assert isinstance(data, bytes)
+                if self.decode_plain_png(data, out=out[i]) is not None:
+                    continue
+                image = self.open(data)
+                if self.pixels(image) <= INLINE_DECODE_PIXELS:
+                    out[i] = self.to_tensor(image)
+                else:
+                    out[i] = await anyio.to_thread.run_sync(self.to_tensor, image)
+            except BoostServeError as exc:
+                if len(blobs) > 1:
+                    exc.message = f"image {i}: {exc.message}"
+                    exc.args = (exc.message,)
+                raise
+        return out
 
     # -- bytes ---------------------------------------------------------------------------------
     def open(self, data: bytes) -> Image.Image:
@@ -261,3 +322,19 @@ class Preprocessor:
         if not np.isfinite(batch).all():
             raise ValidationFailedError("FP32 input contains NaN or Inf")
         return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def decode_base64(text: bytes | str) -> bytes:
+    """Standard or URL-safe base64, with or without padding or a data: URI prefix."""
+    payload = text.decode("latin-1") if isinstance(text, bytes) else text
+    payload = payload.strip()
+    if payload.startswith("data:"):
+        payload = payload.partition(",")[2]
+    payload = "".join(payload.split())
+    payload += "=" * (-len(payload) % 4)
+    try:
+        if "-" in payload or "_" in payload:
+            return base64.urlsafe_b64decode(payload)
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImageError(f"not valid base64: {exc}") from exc

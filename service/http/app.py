@@ -27,21 +27,23 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from boostserve import __version__
 from service.core.artifact import ArtifactError, CalibrationData, Manifest, load_calibration, load_manifest
-from service.core.budget import Budget, BudgetResolver
-from service.core.classify import NEEDS_CALIBRATION, ResolvedBudget, Runtime
+from service.core.budget import BudgetResolver
+from service.core.classify import ClassifyService, ResolvedBudget
 from service.core.engine import Engine
 from service.core.errors import ValidationFailedError
+from service.core.knobs import Budget
 from service.core.preprocess import Limits, Preprocessor
 from service.core.scheduler import Scheduler
-from service.http import middleware
+from service.http import middleware, probes
 from service.http.errors import install_error_handlers
 from service.http.metrics import Metrics
-from service.http.schemas import ClassifyJSON, InferenceRequest
+from service.http.schemas import budget_fields_schema, classify_json_schema
 from service.http.settings import Settings
-from service.http.v1 import routes as api_v1
-from service.http.v1.fast_path import OPTIONS_KEY as FAST_PATH_OPTIONS
-from service.http.v1.fast_path import RawClassifyFastPath
-from service.http.v2 import routes as api_v2
+from service.http.v1 import request as v1_request
+from service.http.v1 import routes as v1_routes
+from service.http.v1.fast_path import CLASSIFY_PATH, RawClassifyFastPath
+from service.http.v2 import routes as v2_routes
+from service.http.v2.schemas import InferenceRequest
 
 log = logging.getLogger("boostserve.app")
 
@@ -54,7 +56,9 @@ full network.
 * **v2**: the Open Inference Protocol (KServe v2 / Triton REST, JSON).
 * **ops**: `/livez`, `/readyz`, `/metrics` (Prometheus).
 
-Every error has the body `{"error": {"type": ..., "message": ...}}` and every response an
+Errors have one of two bodies: `{"error": {"type": ..., "message": ...}}` on every route outside
+`/v2/`, and the Open Inference Protocol's `{"error": "<message>", "error_type": ...}` on `/v2/`
+routes; the status code for an `error_type` is the same on both. Every response has an
 `X-Request-ID` header.
 """
 
@@ -65,21 +69,20 @@ TAGS = [
 ]
 
 
-def _default_budget(settings: Settings, manifest: Manifest, calibrated: bool, resolver: BudgetResolver) -> Budget:
-    raw = settings.budget_dict()
-    if not calibrated and any(raw.get(k) is not None for k in NEEDS_CALIBRATION):
+def _default_budget(settings: Settings, manifest: Manifest, resolver: BudgetResolver) -> Budget:
+    budget = settings.budget()
+    if budget.needs_calibration and not resolver.calibrated:
         log.warning(
             "the artifact has no calibration data, so the default budget %s cannot be resolved; "
             "falling back to max_exit=%d (every image answered by the last stage)",
-            raw,
+            budget.describe(),
             manifest.num_stages,
         )
-        raw = {"max_exit": manifest.num_stages}
+        budget = Budget("max_exit", manifest.num_stages)
     try:
-        budget = Budget.parse(raw)
         resolver.resolve(budget)
     except ValidationFailedError as exc:
-        raise ArtifactError(f"the default budget {raw} does not fit this model: {exc}") from exc
+        raise ArtifactError(f"the default budget {budget.describe()} does not fit this model: {exc}") from exc
     return budget
 
 
@@ -93,15 +96,12 @@ def _load_calibration(settings: Settings, manifest: Manifest) -> CalibrationData
     return load_calibration(settings.artifacts_dir, manifest)
 
 
-def _startup(app: FastAPI) -> Runtime:
+def _startup(settings: Settings, metrics: Metrics) -> ClassifyService:
     """Everything blocking (file hashing, ORT session creation); runs in a worker thread."""
-    settings: Settings = app.state.settings
-    metrics: Metrics = app.state.metrics
     manifest = load_manifest(settings.artifacts_dir, verify=True)
-    calibration = _load_calibration(settings, manifest)
-    resolver = BudgetResolver(manifest, calibration)
+    resolver = BudgetResolver(manifest, _load_calibration(settings, manifest))
     resolver.warmup()  # the one-off threshold searches happen now, not in the first request
-    budget = _default_budget(settings, manifest, calibration is not None, resolver)
+    budget = _default_budget(settings, manifest, resolver)
     engine = Engine(
         manifest,
         settings.artifacts_dir,
@@ -119,16 +119,14 @@ def _startup(app: FastAPI) -> Runtime:
         run_on_loop=settings.runs_stages_on_loop(),
         request_timeout_s=settings.request_timeout_s,
     )
-    return Runtime(
-        settings=settings,
+    return ClassifyService(
         manifest=manifest,
-        engine=engine,
-        scheduler=scheduler,
         resolver=resolver,
         preprocessor=Preprocessor(manifest.preprocessing, Limits(max_image_pixels=settings.max_image_pixels)),
-        metrics=metrics,
-        calibrated=calibration is not None,
+        scheduler=scheduler,
         global_budget=ResolvedBudget(budget, resolver.resolve(budget), settings.early_exit),
+        max_images_per_request=settings.max_images_per_request,
+        observer=metrics,
     )
 
 
@@ -138,10 +136,10 @@ def _freeze_startup_objects() -> None:
     Why: the start-up objects (imported modules, FastAPI, pydantic schemas, the engine; hundreds of
     thousands) never become garbage, yet every full (generation-2) collection walks them. Under load
     those collections come every second or two, because request objects that live across a couple of
-    young collections are promoted, and each one stopped the event loop for ~45 ms: that stall was
-    the p99 latency at 64 clients (docs/benchmarks.md). Frozen objects are skipped by the collector
-    (they are still freed normally by reference counting), so a full collection only walks what
-    requests left behind.
+    young collections are promoted, and each one stopped the event loop for tens of milliseconds:
+    that stall was the p99 latency at 64 clients (docs/benchmarks.md). Frozen objects are skipped by
+    the collector (they are still freed normally by reference counting), so a full collection only
+    walks what requests left behind.
     """
     gc.collect()
     gc.freeze()
@@ -153,59 +151,58 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     try:
-        runtime = await anyio.to_thread.run_sync(_startup, app)
+        service = await anyio.to_thread.run_sync(_startup, settings, metrics)
     except ArtifactError as exc:
         # Kept for `boostserve serve`, which turns it into exit code 2 and a one-line message.
         app.state.startup_error = exc
         log.error("cannot serve %s: %s", settings.artifacts_dir, exc)
         raise
-    engine = runtime.engine
+    scheduler = service.scheduler
+    engine = scheduler.engine
     await anyio.to_thread.run_sync(engine.warmup, settings.max_batch_size)
-    await runtime.scheduler.start()
-    manifest = runtime.manifest
+    await scheduler.start()
+    manifest = service.manifest
     metrics.bind_model(
         name=manifest.name,
         version=manifest.version,
         cumulative_macs=manifest.cumulative_macs,
-        providers=list(getattr(engine, "providers", settings.providers)),
+        providers=list(engine.providers),
         exit_rule=manifest.exit_rule.confidence,
     )
-    metrics.bind_live_gauges(queue_depths=runtime.scheduler.queue_depths, inflight=lambda: runtime.inflight)
-    runtime.publish_budget()
-    app.state.runtime = runtime
-    app.state.engine = engine
-    app.state.scheduler = runtime.scheduler
+    metrics.bind_live_gauges(queue_depths=scheduler.queue_depths, inflight=lambda: service.inflight)
+    service.publish_budget()
+    app.state.service = service
     if settings.gc_freeze:
         _freeze_startup_objects()
-    runtime.ready = True
+    service.ready = True
     metrics.set_ready(True)
     log.info(
         "ready: model %s version %s, %d stages, providers %s, stages run on the %s, default budget %s, early_exit=%s",
         manifest.name,
         manifest.version,
         manifest.num_stages,
-        getattr(engine, "providers", None),
-        "event loop" if runtime.scheduler.run_on_loop else "ORT worker thread",
-        runtime.global_budget.budget.describe(),
-        runtime.global_budget.early_exit,
+        engine.providers,
+        "event loop" if scheduler.run_on_loop else "ORT worker thread",
+        service.global_budget.budget.describe(),
+        service.global_budget.early_exit,
     )
     try:
         yield
     finally:
-        runtime.closing = True
-        runtime.ready = False
+        service.closing = True
+        service.ready = False
         metrics.set_ready(False)
         log.info("shutting down: draining the scheduler (up to %.1f s)", settings.shutdown_grace_s)
-        await runtime.scheduler.stop(drain=True, timeout=settings.shutdown_grace_s)
+        await scheduler.stop(drain=True, timeout=settings.shutdown_grace_s)
         log.info("shutdown complete")
 
 
 def _install_openapi(app: FastAPI) -> None:
-    """Add the request models of the routes that read their body themselves to the schema.
+    """Add the request-body schemas of the routes that read their body themselves.
 
     /v1/classify and /v2/.../infer parse their body by hand (content negotiation, body limit ->
-    413), so FastAPI does not see their request models; their `openapi_extra` refers to these
-    components, which we register here so /docs shows them.
+    413, the core's knob table), so FastAPI does not see their request models; their
+    `openapi_extra` refers to these components, which we register here so /docs shows them.
     """
     base = app.openapi
 
@@ -214,11 +211,13 @@ def _install_openapi(app: FastAPI) -> None:
             return app.openapi_schema
         schema = base()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (ClassifyJSON, InferenceRequest):
-            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            for name, definition in js.pop("$defs", {}).items():
-                components.setdefault(name, definition)
-            components[model.__name__] = js
+        js = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in js.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components["InferenceRequest"] = js
+        components["BudgetFields"] = budget_fields_schema()
+        request_knobs = [v1_request.knob(name) for name in v1_request.JSON_KNOBS]
+        components["ClassifyJSON"] = classify_json_schema(request_knobs)
         app.openapi_schema = schema
         return schema
 
@@ -228,24 +227,20 @@ def _install_openapi(app: FastAPI) -> None:
 class BoostServeApp(FastAPI):
     """FastAPI with a front door for the hot path (see service.http.v1.fast_path for why).
 
-    Eligible raw-image `POST /v1/classify` requests go to `front` (RequestMiddleware around the
-    fast-path handler); everything else, and every request when the fast path is off, is FastAPI's.
+    Raw-image `POST /v1/classify` requests go to `front` (RequestMiddleware around the fast-path
+    handler); everything else, and every request when the fast path is off, is FastAPI's.
     """
 
-    fast_path: RawClassifyFastPath | None = None
     front: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        fast, front = self.fast_path, self.front
-        if fast is not None and front is not None:
-            options = fast.options(scope)
-            if options is not None:
-                scope["app"] = self
-                if self.root_path:
-                    scope["root_path"] = self.root_path
-                scope[FAST_PATH_OPTIONS] = options
-                await front(scope, receive, send)
-                return
+        front = self.front
+        if front is not None and RawClassifyFastPath.takes(scope):
+            scope["app"] = self
+            if self.root_path:
+                scope["root_path"] = self.root_path
+            await front(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
 
 
@@ -262,16 +257,17 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.runtime = None
+    app.state.service = None
     app.state.startup_error = None
     install_error_handlers(app)
     middleware.install(app, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.include_router(v1_routes.router, tags=["v1"])
+    app.include_router(v2_routes.router)
+    app.include_router(probes.router)
     if settings.fast_path:
-        app.fast_path = RawClassifyFastPath()
-        app.front = middleware.RequestMiddleware(app.fast_path, metrics=metrics, max_body_bytes=settings.max_body_bytes)
-    app.include_router(api_v1.router, tags=["v1"])
-    app.include_router(api_v2.router)
-    app.include_router(api_v1.probes, tags=["ops"])
+        route = next(r for r in v1_routes.router.routes if getattr(r, "path", None) == CLASSIFY_PATH)
+        fast_path = RawClassifyFastPath(route)
+        app.front = middleware.RequestMiddleware(fast_path, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     _install_openapi(app)
     return app
 

@@ -16,8 +16,8 @@ it, our dashboards and scripts can still branch on it). Everywhere else keeps th
 Choices documented here:
   - too many images in one request -> 413 (it is a size limit, like the body limit)
   - v2 tensor problems (shape, datatype, NaN/Inf, wrong length) -> 422 validation_error
-  - PUT /v1/budget with a wrong token -> 401 (same as a missing one; no oracle for token guesses),
-    with no token configured on the server -> 403
+  - PUT /v1/budget with a missing or wrong token -> 401 (the message and the WWW-Authenticate
+    challenge say which), with no token configured on the server -> 403
   - 500 never echoes the exception: a generic message plus the request id, traceback in the log.
 """
 
@@ -118,7 +118,7 @@ def error_response(request: Request, exc: BoostServeError) -> JSONResponse:
     elif isinstance(exc, NotReadyError):
         headers["Retry-After"] = str(NOT_READY_RETRY_AFTER_S)
     elif isinstance(exc, UnauthorizedError):
-        headers["WWW-Authenticate"] = getattr(exc, "www_authenticate", 'Bearer realm="boostserve"')
+        headers["WWW-Authenticate"] = exc.www_authenticate
     if status >= 500 and error_type == "internal_error":
         log.error("internal error (request id %s): %s", request_id_of(request), exc.message, exc_info=exc)
         message = INTERNAL_MESSAGE.format(request_id=request_id_of(request))

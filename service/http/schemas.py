@@ -1,16 +1,18 @@
-"""Pydantic request/response models of the HTTP API (what /docs shows).
+"""Response models of the HTTP API and the JSON schemas of its request bodies (what /docs shows).
 
-v1 is our own JSON API; v2 follows the Open Inference Protocol (KServe v2 / Triton REST) JSON
-exactly: field names, `id` echo, tensors as {name, shape, datatype, data}. Budget overrides are
-validated by `service.core.budget.Budget` (exactly one of budget_macs, max_accuracy_drop, max_exit,
-thresholds); the models here only carry them.
+Request bodies are parsed by the adapters and the core's knob table, not by pydantic models, so
+their schemas are generated from that table here and cannot drift from what the server accepts.
+The v2 (Open Inference Protocol) shapes are in `service.http.v2.schemas`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from service.core.knobs import BUDGET_KNOBS, KNOB_BY_NAME, Knob
 
 # ---------------------------------------------------------------------------------------------
 # common
@@ -51,42 +53,15 @@ OIP_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class BudgetFields(BaseModel):
-    """A budget override: exactly one of the four, optionally with a policy."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    budget_macs: float | None = Field(
-        default=None, gt=0, description="average MACs per image the thresholds must fit", examples=[2.5e6]
-    )
-    max_accuracy_drop: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        description="accepted held-out accuracy loss vs. the last exit",
-        examples=[0.01],
-    )
-    max_exit: int | None = Field(default=None, ge=1, description="1-based last exit allowed", examples=[2])
-    thresholds: list[float | None] | None = Field(
-        default=None,
-        description="one confidence threshold per exit; null = never exit there; the last exit always answers",
-        examples=[[0.9, 0.8, 0.0]],
-    )
-    policy: str | None = Field(default=None, description="threshold policy for budget_macs")
-
-    def given(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
-
-
 class BudgetInfo(BaseModel):
     """A budget and the thresholds it resolved to, with what calibration expects of them."""
 
     budget: dict[str, Any] = Field(description="the budget as given", examples=[{"max_accuracy_drop": 0.01}])
     thresholds: list[float | None] = Field(
         description="per-exit thresholds in force (null = never exit there; last = 0.0 always answers)",
-        examples=[[0.93, 0.81, 0.0]],
+        examples=[[0.93, 0.81, 0.72, 0.0]],
     )
-    policy: str | None = Field(default=None, examples=["budgeted_batch"])
+    policy: str | None = Field(default=None, examples=["optimal"])
     expected_accuracy: float | None = Field(default=None, description="held-out accuracy under these thresholds")
     expected_macs: float | None = Field(default=None, description="expected MACs per image")
     expected_macs_fraction: float | None = Field(default=None, description="expected_macs / full network MACs")
@@ -100,27 +75,34 @@ class BudgetInfo(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
-class ClassifyJSON(BaseModel):
-    """JSON form of POST /v1/classify: base64 image(s) plus options."""
+def budget_fields_schema() -> dict[str, Any]:
+    """JSON schema of a budget object (one budget knob, with its policy), from the core's knob table."""
+    return {
+        "title": "BudgetFields",
+        "type": "object",
+        "additionalProperties": False,
+        "description": "override of the global budget: at most one budget knob, plus policy where it applies",
+        "properties": {k.name: k.json_schema() for k in (*BUDGET_KNOBS, KNOB_BY_NAME["policy"])},
+    }
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"image": "iVBORw0KGgoAAAANSUhEUgAA...", "top_k": 3, "budget": {"max_accuracy_drop": 0.01}},
-                {"images": ["iVBORw0...", "iVBORw0..."], "budget": {"max_exit": 2}, "early_exit": True},
-            ]
+
+def classify_json_schema(request_knobs: Sequence[Knob]) -> dict[str, Any]:
+    """JSON schema of the JSON form of POST /v1/classify (base64 images plus knobs)."""
+    return {
+        "title": "ClassifyJSON",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "image": {"type": "string", "description": "one image, base64 (standard or URL-safe, data: URI ok)"},
+            "images": {"type": "array", "items": {"type": "string"}, "description": "several images, base64"},
+            "budget": {"$ref": "#/components/schemas/BudgetFields"},
+            **{k.name: k.json_schema() for k in request_knobs},
         },
-    )
-
-    image: str | None = Field(default=None, description="one image, base64 (standard or URL-safe, data: URI ok)")
-    images: list[str] | None = Field(default=None, description="several images, base64")
-    budget: BudgetFields | None = Field(default=None, description="override of the global budget")
-    top_k: int = Field(default=5, ge=1, le=1000)
-    early_exit: bool | None = Field(default=None, description="false: run every stage (A/B)")
-    deadline_ms: float | None = Field(
-        default=None, gt=0, le=600_000, description="answer with the best exit reached by then"
-    )
+        "examples": [
+            {"image": "iVBORw0KGgoAAAANSUhEUgAA...", "top_k": 3, "budget": {"max_accuracy_drop": 0.01}},
+            {"images": ["iVBORw0...", "iVBORw0..."], "budget": {"max_exit": 2}, "deadline_ms": 50},
+        ],
+    }
 
 
 class TopK(BaseModel):
@@ -135,10 +117,10 @@ class ImageResult(BaseModel):
     confidence: float = Field(description="max softmax at the exit taken", examples=[0.97])
     top_k: list[TopK]
     exit: int = Field(description="1-based stage that answered", examples=[1])
-    exits_total: int = Field(examples=[3])
-    macs: int = Field(description="MACs spent on this image", examples=[1_200_000])
-    macs_fraction: float = Field(description="macs / MACs of the full network", examples=[0.31])
-    deadline_hit: bool = Field(description="true: answered early because the deadline passed")
+    exits_total: int = Field(examples=[4])
+    macs: int = Field(description="MACs spent on this image", examples=[1_908_506])
+    macs_fraction: float = Field(description="macs / MACs of the full network", examples=[0.05004])
+    deadline_hit: bool = Field(description="true: answered early because the deadline passed", examples=[False])
 
 
 class ClassifyResponse(BaseModel):
@@ -147,94 +129,6 @@ class ClassifyResponse(BaseModel):
     model_name: str
     model_version: str
     budget: BudgetInfo
-
-
-# ---------------------------------------------------------------------------------------------
-# v2: Open Inference Protocol
-# ---------------------------------------------------------------------------------------------
-
-
-class MetadataTensor(BaseModel):
-    name: str
-    datatype: str
-    shape: list[int]
-
-
-class ServerMetadata(BaseModel):
-    name: str
-    version: str
-    extensions: list[str]
-
-
-class ModelMetadata(BaseModel):
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[MetadataTensor]
-    outputs: list[MetadataTensor]
-    parameters: dict[str, Any] | None = None
-
-
-class Liveness(BaseModel):
-    live: bool
-
-
-class Readiness(BaseModel):
-    ready: bool
-
-
-class ModelReadiness(BaseModel):
-    name: str
-    ready: bool
-
-
-class InferInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any]
-
-
-class InferRequestedOutput(BaseModel):
-    name: str
-    parameters: dict[str, Any] | None = None
-
-
-class InferenceRequest(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "42",
-                    "parameters": {"max_exit": 2, "early_exit": True},
-                    "inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "UINT8", "data": [0] * 4}],
-                    "outputs": [{"name": "label"}, {"name": "exit"}],
-                }
-            ]
-        }
-    )
-
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[InferInput] = Field(min_length=1)
-    outputs: list[InferRequestedOutput] | None = None
-
-
-class InferOutput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any]
-
-
-class InferenceResponse(BaseModel):
-    model_name: str
-    model_version: str | None = None
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    outputs: list[InferOutput]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.core.errors import ValidationFailedError
+from service.core.knobs import BUDGET_KNOBS, POLICIES, Budget
+
 #: The model shipped inside the package (written by `boostserve export --embed`); the default artifact.
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "embedded_model"
 
@@ -33,8 +36,6 @@ PROVIDER_ALIASES: dict[str, str] = {
     "openvino": "OpenVINOExecutionProvider",
     "dml": "DmlExecutionProvider",
 }
-
-_BUDGET_KEYS = ("budget_macs", "max_accuracy_drop", "max_exit", "thresholds")
 
 
 def usable_cpus() -> float:
@@ -113,11 +114,10 @@ class Settings(BaseSettings):
     # -- budget ------------------------------------------------------------------------------------
     default_budget: Annotated[dict[str, Any], NoDecode] = Field(
         default_factory=lambda: {"max_accuracy_drop": 0.01},
-        description="global budget, JSON: exactly one of "
-        "budget_macs, max_accuracy_drop, max_exit, thresholds "
+        description=f"global budget, JSON: exactly one of {', '.join(k.name for k in BUDGET_KNOBS)} "
         '(and optionally "policy")',
     )
-    default_policy: Literal["optimal", "reference"] | None = Field(
+    default_policy: str | None = Field(
         default=None, description="policy used for budget_macs budgets that do not name one"
     )
     early_exit: bool = Field(default=True, description="false: every request runs every stage (A/B)")
@@ -195,12 +195,20 @@ class Settings(BaseSettings):
                 ) from exc
         return value
 
+    @field_validator("default_policy")
+    @classmethod
+    def _known_policy(cls, value: str | None) -> str | None:
+        if value is not None and value not in POLICIES:
+            raise ValueError(f"default_policy must be one of {', '.join(POLICIES)}, got {value!r}")
+        return value
+
     @field_validator("default_budget")
     @classmethod
-    def _one_budget_key(cls, value: dict[str, Any]) -> dict[str, Any]:
-        given = [k for k in _BUDGET_KEYS if value.get(k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"default_budget needs exactly one of {', '.join(_BUDGET_KEYS)}; got {given or 'none'}")
+    def _valid_budget(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            Budget.parse(value)
+        except ValidationFailedError as exc:
+            raise ValueError(f"default_budget: {exc.message}") from exc
         return value
 
     @model_validator(mode="after")
@@ -215,9 +223,9 @@ class Settings(BaseSettings):
             return usable_cpus() <= 1
         return self.stage_execution == "loop"
 
-    def budget_dict(self) -> dict[str, Any]:
-        """The default budget with the default policy filled in where the budget names none."""
-        budget = dict(self.default_budget)
-        if self.default_policy is not None and "policy" not in budget:
-            budget["policy"] = self.default_policy
+    def budget(self) -> Budget:
+        """The default budget, with the default policy where the budget takes one and names none."""
+        budget = Budget.parse(self.default_budget)
+        if self.default_policy is not None and budget.policy is not None and "policy" not in self.default_budget:
+            budget = Budget(budget.kind, budget.value, self.default_policy)
         return budget

@@ -427,7 +427,7 @@ def client(rel_artifact: Path) -> Iterator[Any]:
 
 @pytest.mark.parametrize("case", [_param(c) for c in CORPUS])
 def test_bad_image_in_process(client: Any, case: BadCase) -> None:
-    model = client.app.state.runtime.manifest.name
+    model = client.app.state.service.manifest.name
     response = client.request(**_resolve(case.request(), model))
     problems = _check(case, response.status_code, response.headers, response.content)
     after = client.post("/v1/classify", content=img.valid_png(), headers={"Content-Type": "image/png"})

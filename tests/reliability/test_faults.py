@@ -230,8 +230,8 @@ def test_stage_failure_fails_only_its_batch_and_recovers(rel_artifact: Path) -> 
 
     async def scenario() -> dict[str, Any]:
         async with app.router.lifespan_context(app):
-            runtime = app.state.runtime
-            engine = runtime.engine
+            runtime = app.state.service
+            engine = runtime.scheduler.engine
             pre = runtime.manifest.preprocessing
             level = (POISON_VALUE / 255.0 - pre.mean[0]) / pre.std[0]
             wrapper = PoisonedSession(engine._sessions[0], level)

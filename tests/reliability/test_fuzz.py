@@ -119,7 +119,7 @@ def run_fuzz(artifacts: Path, *, examples_per_mode: int, label: str, time_limit_
     try:
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         client = asgi.get_client(app)
-        served = app.state.runtime.manifest
+        served = app.state.service.manifest
         operations = [result.ok() for result in schema.get_all_operations()]
         assert operations, "the OpenAPI document lists no operations"
         labels = sorted(op.label for op in operations)

@@ -244,7 +244,7 @@ def test_no_endpoint_reads_client_named_files(
     monkeypatch.setattr(io, "open", spy_io_open)
     monkeypatch.setattr(os, "open", spy_os_open)
 
-    model = admin_client.app.state.runtime.manifest.name
+    model = admin_client.app.state.service.manifest.name
     leaks: list[str] = []
     statuses: dict[str, int] = {}
     for label, kwargs in _path_payloads(secret_file):
@@ -471,7 +471,7 @@ def test_logs_carry_no_image_data_in_process(rel_artifact: Path, caplog: pytest.
     caplog.set_level(logging.DEBUG)
     app = create_app(make_settings(rel_artifact, log_level="debug"))
     with TestClient(app, raise_server_exceptions=False) as client:
-        model = app.state.runtime.manifest.name
+        model = app.state.service.manifest.name
         statuses = [client.request(**kw).status_code for kw in _requests_with_canary(model)]
     assert statuses[0] == statuses[1] == statuses[2] == statuses[3] == 200, statuses
     # Server-side loggers only: the test's own HTTP client (httpx) logs the URLs it requests.

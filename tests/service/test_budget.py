@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 
 import pytest
-from pydantic import ValidationError
 
 from service.core import policies as P
 from service.core.artifact import CalibrationData
-from service.core.budget import Budget, BudgetResolver, format_macs
+from service.core.budget import BudgetResolver, budget_key
 from service.core.errors import InvalidBudgetError, ValidationFailedError
+from service.core.knobs import KNOBS, Budget, format_macs, parse_options
 from tests.fixtures.synthetic_calibration import synthetic_calibration
 from tests.service.test_thresholds_cli import build_manifest
 
@@ -28,83 +29,138 @@ def resolver() -> BudgetResolver:
 # Budget
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "fields",
-    [{"budget_macs": 3e7}, {"max_accuracy_drop": 0.01}, {"max_exit": 2}, {"thresholds": [0.9, None, 0.0]}],
+    ("fields", "policy"),
+    [
+        ({"budget_macs": 3e7}, "optimal"),
+        ({"budget_macs": "3e7", "policy": "reference"}, "reference"),  # text form, as a query string gives it
+        ({"max_accuracy_drop": 0.01}, "optimal"),
+        ({"max_exit": 2}, None),
+        ({"max_exit": "2"}, None),
+        ({"thresholds": [0.9, None, 0.0]}, None),
+        ({"thresholds": "0.9,never,0"}, None),
+    ],
 )
-def test_exactly_one_knob_accepted(fields: dict[str, object]) -> None:
+def test_exactly_one_knob_accepted(fields: dict[str, object], policy: str | None) -> None:
     budget = Budget.parse(fields)
     assert budget.kind == next(iter(fields))
-    assert budget.policy == "optimal"
+    assert budget.policy == policy  # only the knobs that take a policy carry one
 
 
 @pytest.mark.parametrize(
-    ("fields", "match"),
+    ("fields", "message"),
     [
-        ({}, "exactly one"),
-        ({"budget_macs": 3e7, "max_exit": 2}, "exactly one"),
-        ({"budget_macs": -1}, "budget_macs"),
-        ({"budget_macs": float("nan")}, "finite"),
-        ({"budget_macs": float("inf")}, "finite"),
-        ({"max_accuracy_drop": 1.5}, "max_accuracy_drop"),
-        ({"max_exit": 0}, "max_exit"),
-        ({"max_exit": True}, "boolean"),
-        ({"max_exit": 2.5}, "max_exit"),
-        ({"thresholds": []}, "thresholds"),
-        ({"thresholds": [0.5, -0.1]}, "threshold 2"),
-        ({"max_exit": 1, "policy": "greedy"}, "policy"),
-        ({"max_exit": 1, "extra": 1}, "extra"),
+        ({}, "give exactly one of budget_macs, max_accuracy_drop, max_exit, thresholds"),
+        (
+            {"budget_macs": 3e7, "max_exit": 2},
+            "give at most one budget knob (budget_macs, max_accuracy_drop, max_exit, thresholds), "
+            "got budget_macs, max_exit",
+        ),
+        ({"budget_macs": -1}, "budget_macs must be > 0, got -1"),
+        ({"budget_macs": float("nan")}, "budget_macs must be a finite number, got nan"),
+        ({"budget_macs": float("inf")}, "budget_macs must be a finite number, got inf"),
+        ({"budget_macs": "1e400"}, "budget_macs must be a finite number, got '1e400'"),
+        ({"budget_macs": True}, "budget_macs must be a number, got True"),
+        ({"max_accuracy_drop": 1.5}, "max_accuracy_drop must be in [0, 1], got 1.5"),
+        ({"max_exit": 0}, "max_exit must be >= 1, got 0"),
+        ({"max_exit": True}, "max_exit must be a whole number, got True"),
+        ({"max_exit": 2.5}, "max_exit must be a whole number, got 2.5"),
+        ({"max_exit": "1.0"}, "max_exit must be a whole number, got '1.0'"),
+        ({"thresholds": []}, "thresholds must be a list of numbers or nulls, or text such as '0.9,0.8,never,0'"),
+        ({"thresholds": [0.5, -0.1]}, "thresholds[2] must be >= 0 or never, got -0.1"),
+        ({"thresholds": "0.5,x"}, "thresholds[2] must be a number, got 'x'"),
+        ({"max_exit": 1, "policy": "greedy"}, "policy must be one of optimal, reference, got 'greedy'"),
+        (
+            {"max_exit": 1, "policy": "reference"},
+            "policy applies to budget_macs, max_accuracy_drop only, not to max_exit",
+        ),
+        ({"policy": "reference"}, "policy needs a budget knob that takes one: budget_macs, max_accuracy_drop"),
+        (
+            {"max_exit": 1, "extra": 1},
+            "unknown budget field 'extra'; accepted: budget_macs, max_accuracy_drop, max_exit, thresholds, policy",
+        ),
     ],
 )
-def test_invalid_budgets(fields: dict[str, object], match: str) -> None:
-    with pytest.raises(InvalidBudgetError, match=match) as exc:
+def test_invalid_budgets(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidBudgetError) as exc:
         Budget.parse(fields)
+    assert exc.value.message == message
     assert isinstance(exc.value, ValidationFailedError)
     assert exc.value.error_type == "validation_error"
-    with pytest.raises(ValidationError):
-        Budget.model_validate(fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"early_exit": "yes"}, "early_exit must be a boolean (true, false, 1 or 0), got 'yes'"),
+        ({"early_exit": 1}, "early_exit must be a boolean (true, false, 1 or 0), got 1"),
+        (
+            {"early_exit": False, "max_exit": 2},
+            "early_exit=false runs every stage, so max_exit would be ignored: give one or the other",
+        ),
+        ({"deadline_ms": 0}, "deadline_ms must be in (0, 600000], got 0"),
+        ({"deadline_ms": 600_001}, "deadline_ms must be in (0, 600000], got 600001"),
+    ],
+)
+def test_invalid_request_options(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationFailedError) as exc:
+        parse_options(fields)
+    assert exc.value.message == message
+
+
+def test_booleans_are_spelled_alike_in_text_and_json() -> None:
+    for raw, value in (
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        (True, True),
+        ("false", False),
+        ("0", False),
+        (False, False),
+    ):
+        assert parse_options({"early_exit": raw}).early_exit is value
 
 
 def test_budget_is_frozen_and_describes_itself() -> None:
-    budget = Budget(budget_macs=3e7)
-    with pytest.raises(ValidationError):
-        budget.budget_macs = 1.0  # type: ignore[misc]
+    budget = Budget.of(budget_macs=3e7)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        budget.value = 1.0  # type: ignore[misc]
     assert budget.describe() == "budget_macs=30M (optimal)"
-    assert Budget(max_accuracy_drop=0.01, policy="reference").describe() == "max_accuracy_drop=1% (reference)"
-    assert Budget(max_exit=3).describe() == "max_exit=3"
-    assert Budget(thresholds=[0.9, None, 2.0]).describe() == "thresholds=[0.9, never, never]"
-    assert Budget.of(max_exit=1) == Budget(max_exit=1)
+    assert Budget.of(max_accuracy_drop=0.01, policy="reference").describe() == "max_accuracy_drop=1% (reference)"
+    assert Budget.of(max_exit=3).describe() == "max_exit=3"
+    assert Budget.of(thresholds=[0.9, None, 2.0]).describe() == "thresholds=[0.9, never, never]"
+    assert Budget.of(thresholds="0.9,never,0").to_json() == {"thresholds": [0.9, None, 0.0]}
+    assert Budget.of(budget_macs="2e6").to_json() == {"budget_macs": 2e6, "policy": "optimal"}
     assert format_macs(1.5e7) == "15M" and format_macs(2.5e9) == "2.5G" and format_macs(512) == "512"
 
 
 def test_canonical_keys() -> None:
-    # policy is irrelevant for max_exit / thresholds; None, +inf and > 1 all mean "never"; the last is ignored
-    assert Budget(max_exit=2, policy="reference").key() == Budget(max_exit=2).key()
-    assert Budget(thresholds=[None, 0.5, 0.3]).key() == Budget(thresholds=[2.0, 0.5, 0.9]).key()
-    assert Budget(budget_macs=3e7).key() != Budget(budget_macs=3e7, policy="reference").key()
-    assert hash(Budget(budget_macs=3e7).key()) == hash(Budget(budget_macs=30_000_000).key())
+    # None, +inf and > 1 all mean "never"; the last value is ignored (the last exit always answers)
+    assert budget_key(Budget.of(thresholds=[None, 0.5, 0.3])) == budget_key(Budget.of(thresholds=[2.0, 0.5, 0.9]))
+    assert budget_key(Budget.of(budget_macs=3e7)) != budget_key(Budget.of(budget_macs=3e7, policy="reference"))
+    assert hash(budget_key(Budget.of(budget_macs=3e7))) == hash(budget_key(Budget.of(budget_macs=30_000_000)))
 
 
-def test_openapi_schema_has_descriptions() -> None:
-    schema = Budget.model_json_schema()
-    for name in ("budget_macs", "max_accuracy_drop", "max_exit", "thresholds", "policy"):
-        assert schema["properties"][name]["description"]
+def test_every_knob_has_a_description_and_a_valid_example() -> None:
+    for knob in KNOBS:
+        assert knob.description and knob.json_schema()["description"] == knob.description
+        assert knob.parse(knob.example) is not None
 
 
 # ------------------------------------------------------------------------------------------------
 # BudgetResolver
 # ------------------------------------------------------------------------------------------------
 def test_resolve_each_knob(resolver: BudgetResolver) -> None:
-    assert resolver.resolve(Budget(budget_macs=25e6)) == P.budget_macs(CAL, 25e6)
+    assert resolver.resolve(Budget.of(budget_macs=25e6)) == P.budget_macs(CAL, 25e6)
     assert resolver.resolve({"budget_macs": 25e6, "policy": "reference"}) == P.budget_macs(CAL, 25e6, "reference")
-    assert resolver.resolve(Budget(max_accuracy_drop=0.02)) == P.max_accuracy_drop(CAL, 0.02)
-    assert resolver.resolve(Budget(max_exit=4)) == P.max_exit(CAL, 4, 5)
-    explicit = resolver.resolve(Budget(thresholds=[0.9, None, 0.8, 0.7, 0.0]))
+    assert resolver.resolve(Budget.of(max_accuracy_drop=0.02)) == P.max_accuracy_drop(CAL, 0.02)
+    assert resolver.resolve(Budget.of(max_exit=4)) == P.max_exit(CAL, 4, 5)
+    explicit = resolver.resolve(Budget.of(thresholds=[0.9, None, 0.8, 0.7, 0.0]))
     assert explicit.thresholds == (0.9, math.inf, 0.8, 0.7, -math.inf)
     assert explicit.expected_accuracy is not None
 
 
 def test_resolve_is_cached(resolver: BudgetResolver) -> None:
-    first = resolver.resolve(Budget(budget_macs=33e6))
+    first = resolver.resolve(Budget.of(budget_macs=33e6))
     second = resolver.resolve({"budget_macs": 33_000_000})
     assert second is first
     info = resolver.cache_info()
@@ -114,31 +170,31 @@ def test_resolve_is_cached(resolver: BudgetResolver) -> None:
 def test_cache_is_bounded() -> None:
     small = BudgetResolver(MANIFEST, CAL, cache_size=2)
     for k in (1, 2, 3):
-        small.resolve(Budget(max_exit=k))
+        small.resolve(Budget.of(max_exit=k))
     assert small.cache_info()["size"] == 2
 
 
 def test_errors_are_not_cached_and_raise_invalid_budget(resolver: BudgetResolver) -> None:
     for _ in range(2):
         with pytest.raises(InvalidBudgetError, match="below the cost of the first exit"):
-            resolver.resolve(Budget(budget_macs=5e6))
+            resolver.resolve(Budget.of(budget_macs=5e6))
         with pytest.raises(InvalidBudgetError, match="between 1 and 5"):
-            resolver.resolve(Budget(max_exit=6))
+            resolver.resolve(Budget.of(max_exit=6))
         with pytest.raises(InvalidBudgetError, match="one value per exit"):
-            resolver.resolve(Budget(thresholds=[0.5, 0.5]))
+            resolver.resolve(Budget.of(thresholds=[0.5, 0.5]))
     assert resolver.cache_info()["size"] == 0
 
 
 def test_without_calibration() -> None:
     bare = BudgetResolver(build_manifest(CAL, with_calibration=False), None)
-    anytime = bare.resolve(Budget(max_exit=2))
+    anytime = bare.resolve(Budget.of(max_exit=2))
     assert anytime.thresholds == (math.inf, -math.inf, -math.inf, -math.inf, -math.inf)
     assert anytime.expected_macs is None
-    assert bare.resolve(Budget(thresholds=[0.5, None, None, None, None])).expected_accuracy is None
+    assert bare.resolve(Budget.of(thresholds=[0.5, None, None, None, None])).expected_accuracy is None
     with pytest.raises(InvalidBudgetError, match="budget_macs needs calibration data"):
-        bare.resolve(Budget(budget_macs=3e7))
+        bare.resolve(Budget.of(budget_macs=3e7))
     with pytest.raises(InvalidBudgetError, match="max_accuracy_drop needs calibration data"):
-        bare.resolve(Budget(max_accuracy_drop=0.01))
+        bare.resolve(Budget.of(max_accuracy_drop=0.01))
     with pytest.raises(InvalidBudgetError, match="calibration"):
         bare.curve()
 
@@ -165,7 +221,7 @@ def test_curves(resolver: BudgetResolver) -> None:
 
 def test_concurrent_resolves_agree() -> None:
     shared = BudgetResolver(MANIFEST, CAL)
-    budgets = [Budget(budget_macs=m) for m in (12e6, 18e6, 27e6, 35e6, 49e6)] + [Budget(max_accuracy_drop=0.01)]
+    budgets = [Budget.of(budget_macs=m) for m in (12e6, 18e6, 27e6, 35e6, 49e6)] + [Budget.of(max_accuracy_drop=0.01)]
     results: list[list[P.ThresholdResult]] = []
     lock = threading.Lock()
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from boostserve.cli import main
-from service.commands.thresholds import parse_drop, parse_macs, parse_thresholds
+from service.commands.thresholds import _knob_type, parse_drop, parse_macs
 from service.core import policies as P
 from service.core.artifact import (
     CalibrationData,
@@ -22,6 +22,7 @@ from service.core.artifact import (
     sha256_file,
     write_manifest,
 )
+from service.core.knobs import KNOB_BY_NAME
 from tests.fixtures.synthetic_calibration import synthetic_calibration
 
 
@@ -171,13 +172,19 @@ def test_human_output(artifact: Path, capsys: pytest.CaptureFixture[str]) -> Non
     [
         (["--budget-macs", "1M"], "below the cost of the first exit"),
         (["--max-exit", "9"], "between 1 and 5"),
-        (["--max-accuracy-drop", "150%"], "max_accuracy_drop"),
+        (["--max-accuracy-drop", "150%"], "max_accuracy_drop must be in [0, 1], got 1.5"),
         (["--thresholds", "0.5,0.5"], "one value per exit"),
-        (["--thresholds=-0.5,0.5,0.5,0.5,0.5"], "threshold 1"),
+        (["--thresholds=-0.5,0.5,0.5,0.5,0.5"], "thresholds[1] must be >= 0 or never, got '-0.5'"),
+        (["--max-exit", "2", "--policy", "reference"], "policy applies to budget_macs, max_accuracy_drop only"),
     ],
 )
 def test_errors_exit_2(artifact: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
-    assert main(["thresholds", "--artifacts", str(artifact), *argv, "--json"]) == 2
+    """Range and spelling errors are the table's (argparse reports them), the others the resolver's."""
+    try:
+        code = main(["thresholds", "--artifacts", str(artifact), *argv, "--json"])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    assert code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert needle in captured.err
@@ -231,9 +238,13 @@ def test_parsers_reject_garbage() -> None:
     assert parse_drop("1%") == pytest.approx(0.01) and parse_drop("0.02") == 0.02
     with pytest.raises(argparse.ArgumentTypeError):
         parse_drop("one")
-    assert parse_thresholds("0.9, none,-,inf,0") == [0.9, None, None, None, 0.0]
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_thresholds("0.9,x")
+    thresholds = _knob_type(KNOB_BY_NAME["thresholds"])
+    assert thresholds("0.9, none,never,inf,0") == (0.9, None, None, None, 0.0)  # the server's spellings
+    for bad in ("0.9,x", "0.9,-,0", "0.9,-1,0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            thresholds(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="max_exit must be >= 1"):
+        _knob_type(KNOB_BY_NAME["max_exit"])("0")
 
 
 def test_command_module_imports_are_light() -> None:

@@ -80,7 +80,17 @@ def test_put_invalid_budget_is_422(client: TestClient) -> None:
     for body, contains in (
         ({"max_exit": 7}, "max_exit"),
         ({}, "give one of"),
-        ({"max_exit": 1, "budget_macs": 5}, "exactly one"),
+        (
+            {"max_exit": 1, "budget_macs": 5},
+            "give at most one budget knob (budget_macs, max_accuracy_drop, max_exit, thresholds), "
+            "got budget_macs, max_exit",
+        ),
+        ({"early_exit": False, "max_exit": 1}, "early_exit=false runs every stage, so max_exit would be ignored"),
+        (
+            {"max_exit": 1, "policy": "reference"},
+            "policy applies to budget_macs, max_accuracy_drop only, not to max_exit",
+        ),
+        ({"max_exit": None}, "every field is null"),
         ({"bogus": 1}, "bogus"),
     ):
         assert_error(client.put("/v1/budget", json=body, headers=AUTH), 422, "validation_error", contains)
@@ -109,7 +119,7 @@ def test_put_budget_with_a_broken_body_says_what_is_wrong(client: TestClient) ->
     )
     assert_error(
         client.put("/v1/budget", content=b"max_exit=1", headers={**AUTH, "content-type": "text/plain"}),
-        422,
-        "validation_error",
-        "valid dictionary",
+        415,
+        "unsupported_media_type",
+        "unsupported Content-Type 'text/plain': send application/json",
     )

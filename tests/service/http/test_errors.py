@@ -94,7 +94,7 @@ def test_body_over_the_limit_is_413(make_client: ClientFactory) -> None:
         ("budget_macs=-5", "budget_macs"),
         ("thresholds=0.5,abc,0", "thresholds"),
         ("thresholds=0.5,0.5", "thresholds"),
-        ("max_exit=1&budget_macs=1000", "exactly one"),
+        ("max_exit=1&budget_macs=1000", "give at most one budget knob"),
         ("budget_macs=1e6&policy=nonsense", "policy"),
         ("top_k=0", "top_k"),
         ("deadline_ms=-1", "deadline_ms"),
@@ -110,7 +110,7 @@ def test_invalid_budget_values_are_422(client: TestClient, query: str, contains:
         ({}, "no image"),
         ({"image": "", "images": []}, "not both"),
         ({"image": "x", "unknown_field": 1}, "unknown_field"),
-        ({"image": "x", "budget": {"max_exit": 1, "thresholds": [0.5, 0.5, 0]}}, "exactly one"),
+        ({"image": "x", "budget": {"max_exit": 1, "thresholds": [0.5, 0.5, 0]}}, "give at most one budget knob"),
         ({"image": "x", "top_k": 0}, "top_k"),
     ],
 )
@@ -133,7 +133,7 @@ def test_over_capacity_is_429_with_retry_after(client: TestClient, monkeypatch: 
     async def full(*args: Any, **kwargs: Any) -> Any:
         raise OverCapacityError("queue full", retry_after=2.5)
 
-    monkeypatch.setattr(client.app.state.runtime.scheduler, "submit", full)  # type: ignore[attr-defined]
+    monkeypatch.setattr(client.app.state.service.scheduler, "submit", full)  # type: ignore[attr-defined]
     response = post_raw(client, images.png())
     assert_error(response, 429, "over_capacity", "queue full")
     assert response.headers["retry-after"] == "3"
@@ -143,13 +143,13 @@ def test_deadline_without_answer_is_504(client: TestClient, monkeypatch: pytest.
     async def late(*args: Any, **kwargs: Any) -> Any:
         raise DeadlineExceededError("the deadline passed before the first stage ran")
 
-    monkeypatch.setattr(client.app.state.runtime.scheduler, "submit", late)  # type: ignore[attr-defined]
+    monkeypatch.setattr(client.app.state.service.scheduler, "submit", late)  # type: ignore[attr-defined]
     assert_error(post_raw(client, images.png(), "/v1/classify?deadline_ms=1"), 504, "deadline_exceeded")
 
 
 def test_request_timeout_is_504_from_the_settings(make_client: ClientFactory) -> None:
     with make_client(request_timeout_s=0.2, stage_execution="thread") as client:
-        engine = client.app.state.runtime.engine  # type: ignore[attr-defined]
+        engine = client.app.state.service.scheduler.engine  # type: ignore[attr-defined]
         real = engine.run_stage_batch
 
         def stuck(k: int, state: Any) -> Any:
@@ -169,7 +169,7 @@ def test_internal_error_is_a_generic_500_with_request_id(
         raise RuntimeError("secret internal detail")
 
     with monkeypatch.context() as patch:
-        patch.setattr(client.app.state.runtime.scheduler, "submit", boom)  # type: ignore[attr-defined]
+        patch.setattr(client.app.state.service.scheduler, "submit", boom)  # type: ignore[attr-defined]
         response = post_raw(client, images.png(), **{"x-request-id": "req-500"})
     body = assert_error(response, 500, "internal_error", "req-500")
     assert "secret" not in body["error"]["message"]
@@ -210,7 +210,14 @@ def test_multipart_edge_cases(make_client: ClientFactory) -> None:
         files = [("file", (f"{i}.png", images.png(seed=i), "image/png")) for i in range(5)]
         assert_error(client.post("/v1/classify", files=files), 413, "too_many_images", "limit is 2")
         no_file = client.post("/v1/classify", data={"other": "x"}, files={"notfile": ("a.png", b"x", "image/png")})
-        assert_error(no_file, 422, "validation_error", "no image")
+        assert_error(
+            no_file,
+            422,
+            "validation_error",
+            "unknown multipart field 'notfile'; accepted: file (put knobs in the query)",
+        )
+        empty = client.post("/v1/classify", files={"file": ("a.png", b"", "image/png")})
+        assert_error(empty, 400, "invalid_image", "empty image")
         broken = client.post(
             "/v1/classify",
             content=b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc',

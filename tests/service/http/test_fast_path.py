@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 import service.http.v1.fast_path as fast_path
-from service.http.v1.fast_path import parse_simple_query
+from service.core.errors import ValidationFailedError
+from service.http.v1 import request as wire
 from tests.service.http import images
 from tests.service.http.conftest import ClientFactory
 
@@ -19,41 +20,19 @@ PNG = {"content-type": "image/png"}
     ("query", "expected"),
     [
         (b"", {}),
-        (b"max_exit=2", {"max_exit": 2}),
-        (b"budget_macs=1.5e3", {"budget_macs": 1500.0}),
-        (b"max_accuracy_drop=.01&top_k=3", {"max_accuracy_drop": 0.01, "top_k": 3}),
-        (b"early_exit=FALSE&deadline_ms=250", {"early_exit": False, "deadline_ms": 250.0}),
+        (b"max_exit=2", {"max_exit": "2"}),
         (b"thresholds=0.9%2C0.8%2C0&policy=optimal", {"thresholds": "0.9,0.8,0", "policy": "optimal"}),
         (b"thresholds=", {"thresholds": ""}),
+        (b"a+b=c%20d", {"a b": "c d"}),
     ],
 )
-def test_simple_queries_are_parsed(query: bytes, expected: dict[str, Any]) -> None:
-    parsed = parse_simple_query(query)
-    assert parsed is not None
-    flat = {**parsed["budget"], **{k: v for k, v in parsed.items() if k != "budget"}}
-    assert {k: v for k, v in flat.items() if v is not None} == expected
+def test_the_query_becomes_knobs_as_text(query: bytes, expected: dict[str, str]) -> None:
+    assert wire.query_options(query) == expected
 
 
-@pytest.mark.parametrize(
-    "query",
-    [
-        b"max_exit=0",  # ge=1
-        b"max_exit=1.0",  # FastAPI decides what a float max_exit means
-        b"max_exit=",  # blank
-        b"top_k=1001",  # le=1000
-        b"budget_macs=0",  # gt=0
-        b"budget_macs=nan",
-        b"budget_macs=inf",
-        b"max_accuracy_drop=1.5",  # le=1
-        b"deadline_ms=600001",  # le=600000
-        b"early_exit=maybe",
-        b"early_exit=yes",  # valid for FastAPI, but not in our narrow form: FastAPI parses it
-        b"max_exit=1&max_exit=2",  # repeated
-        b"unknown=1",
-    ],
-)
-def test_anything_unusual_goes_to_fastapi(query: bytes) -> None:
-    assert parse_simple_query(query) is None
+def test_a_query_parameter_given_twice_is_refused() -> None:
+    with pytest.raises(ValidationFailedError, match="'max_exit' is given more than once"):
+        wire.query_options(b"max_exit=1&max_exit=2")
 
 
 CASES: list[tuple[str, dict[str, Any]]] = [
@@ -70,7 +49,17 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("?policy=nope&budget_macs=1000", {"content": images.png()}),  # 422: unknown policy
     ("", {"content": b"not an image"}),  # 400
     ("", {"content": b""}),  # 400, empty body
-    ("?max_exit=0", {"content": images.png()}),  # delegated: FastAPI's 422
+    ("?max_exit=0", {"content": images.png()}),  # 422: exits are 1-based
+    ("?max_exit=1.0", {"content": images.png()}),  # 422: a whole number
+    ("?top_k=1001", {"content": images.png()}),  # 422: top_k <= 1000
+    ("?budget_macs=nan", {"content": images.png()}),  # 422: finite
+    ("?deadline_ms=600001", {"content": images.png()}),  # 422: at most ten minutes
+    ("?early_exit=yes", {"content": images.png()}),  # 422: true/false/1/0 only
+    ("?max_acuracy_drop=0.001", {"content": images.png()}),  # 422: misspelt knob
+    ("?foo=bar", {"content": images.png()}),  # 422: unknown parameter
+    ("?early_exit=false&max_exit=1", {"content": images.png()}),  # 422: the budget would be ignored
+    ("?policy=reference&max_exit=1", {"content": images.png()}),  # 422: max_exit takes no policy
+    ("?max_exit=1&max_exit=2", {"content": images.png()}),  # 422: given twice
 ]
 
 
@@ -85,21 +74,33 @@ def _normalised(response: Any) -> tuple[int, str, Any]:
 def test_fast_path_answers_like_the_fastapi_route(
     make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, query: str, kwargs: dict[str, Any]
 ) -> None:
-    decisions: list[bool] = []  # True: the fast path served it; False: handed to FastAPI
-    real = fast_path.parse_simple_query
+    served: list[str] = []  # one entry per request the fast path handled
+    real = fast_path.RawClassifyFastPath.__call__
 
-    def spy(query_string: bytes) -> dict[str, Any] | None:
-        parsed = real(query_string)
-        decisions.append(parsed is not None)
-        return parsed
+    async def spy(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        served.append(scope["path"])
+        await real(self, scope, receive, send)
 
-    monkeypatch.setattr(fast_path, "parse_simple_query", spy)
+    monkeypatch.setattr(fast_path.RawClassifyFastPath, "__call__", spy)
     answers = []
     for enabled in (True, False):
         with make_client(fast_path=enabled) as client:
             answers.append(_normalised(client.post(f"/v1/classify{query}", headers=PNG, **kwargs)))
     assert answers[0] == answers[1], json.dumps(answers, indent=1)[:2000]
-    assert decisions == [query != "?max_exit=0"]  # asked once: the disabled app never looks
+    assert served == ["/v1/classify"]  # every raw-image request: the disabled app never takes it
+
+
+def test_unknown_parameters_name_the_key_and_list_the_accepted_ones(make_client: ClientFactory) -> None:
+    with make_client() as client:
+        response = client.post("/v1/classify?max_acuracy_drop=0.001", content=images.png(), headers=PNG)
+    assert response.status_code == 422
+    assert response.json() == {
+        "error": {
+            "type": "validation_error",
+            "message": "unknown query parameter 'max_acuracy_drop'; accepted: budget_macs, max_accuracy_drop, "
+            "max_exit, thresholds, policy, early_exit, deadline_ms, top_k",
+        }
+    }
 
 
 def test_fast_path_requests_are_counted_under_the_route_template(make_client: ClientFactory) -> None:
@@ -120,34 +121,35 @@ def test_body_limit_and_request_id_still_apply(make_client: ClientFactory) -> No
 
 
 def test_the_no_escape_query_split_equals_parse_qsl() -> None:
-    """split_query skips parse_qsl when there is nothing to unquote; the pairs must not change."""
+    """query_options skips parse_qsl when there is nothing to unquote; the knobs must not change."""
     import random
     from urllib.parse import parse_qsl
-
-    from service.http.v1.fast_path import split_query
 
     rng = random.Random(0)
     for _ in range(5000):
         text = "".join(rng.choice("ab=&;1.%+") for _ in range(rng.randint(0, 12)))
-        assert split_query(text) == parse_qsl(text, keep_blank_values=True), text
+        pairs = parse_qsl(text, keep_blank_values=True)
+        if len({n for n, _ in pairs}) != len(pairs):
+            continue  # a repeated name is refused, not split
+        assert wire.query_options(text.encode()) == dict(pairs), text
 
 
 def test_a_repeated_query_is_parsed_once_and_answered_alike(
     make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Parsed options are memoised per query string, so nothing may mutate them between requests."""
+    """Parsed queries are memoised per query string, so nothing may mutate them between requests."""
     calls: list[bytes] = []
-    real = fast_path.parse_simple_query
+    real = wire.query_options
 
-    def spy(query_string: bytes) -> dict[str, Any] | None:
+    def spy(query_string: bytes) -> dict[str, str]:
         calls.append(query_string)
         return real(query_string)
 
-    monkeypatch.setattr(fast_path, "parse_simple_query", spy)
+    monkeypatch.setattr(fast_path.wire, "query_options", spy)
     with make_client() as client:
         good = [client.post("/v1/classify?thresholds=0.9,0.5,0", content=images.png(), headers=PNG) for _ in range(3)]
         bad = [client.post("/v1/classify?thresholds=0.9,x,0", content=images.png(), headers=PNG) for _ in range(2)]
     assert [r.status_code for r in good] == [200] * 3 and [r.status_code for r in bad] == [422] * 2
     assert all(r.json()["budget"]["thresholds"] == [0.9, 0.5, 0.0] for r in good)
     assert len({r.json()["error"]["message"] for r in bad}) == 1
-    assert calls == [b"thresholds=0.9,0.5,0", b"thresholds=0.9,x,0"]
+    assert calls == [b"thresholds=0.9,0.5,0", b"thresholds=0.9,x,0"]  # errors come from the core, not the split

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from service.core.knobs import Budget
 from service.http.settings import EMBEDDED_MODEL_DIR, Settings
 from tests.service.http.conftest import ClientFactory
 
@@ -50,7 +51,7 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BOOSTSERVE_LOG_LEVEL", "DEBUG")
     s = Settings()
     assert s.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert s.budget_dict() == {"budget_macs": 1e6, "policy": "reference"}
+    assert s.budget() == Budget("budget_macs", 1e6, "reference")
     assert s.early_exit is False and s.log_level == "debug"
     assert s.admin_token is not None and s.admin_token.get_secret_value() == "s3cr3t-value"
     assert "s3cr3t" not in repr(s)
@@ -60,8 +61,8 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     ("field", "value", "contains"),
     [
         ("default_budget", "{not json", "must be JSON"),
-        ("default_budget", '{"max_exit": 1, "budget_macs": 5}', "exactly one"),
-        ("default_budget", "{}", "exactly one"),
+        ("default_budget", '{"max_exit": 1, "budget_macs": 5}', "give at most one budget knob"),
+        ("default_budget", "{}", "give exactly one of budget_macs, max_accuracy_drop, max_exit, thresholds"),
         ("providers", "quantum", "unknown execution provider"),
         ("max_batch_size", "0", "greater than or equal to 1"),
         ("log_format", "xml", "text"),

@@ -99,7 +99,7 @@ def test_shutdown_flips_readiness_and_stops_the_scheduler(make_client) -> None: 
     with make_client() as c:
         app = c.app
         assert c.get("/readyz").status_code == 200
-        runtime = app.state.runtime  # type: ignore[attr-defined]
+        runtime = app.state.service  # type: ignore[attr-defined]
     assert runtime.ready is False and runtime.closing is True
     assert runtime.scheduler.running is False
     assert "boostserve_ready 0.0" in app.state.metrics.render().decode()  # type: ignore[attr-defined]

@@ -111,8 +111,9 @@ def test_thresholds_zero_exit_at_1(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("url", "body"),
     [
-        ("/v1/classify?early_exit=false&thresholds=0,0,0", None),
-        ("/v1/classify", {"early_exit": False, "budget": {"max_exit": 1}}),
+        ("/v1/classify?early_exit=false", None),
+        ("/v1/classify?early_exit=0", None),
+        ("/v1/classify", {"early_exit": False}),
     ],
 )
 def test_early_exit_false_runs_every_stage(client: TestClient, url: str, body: dict | None) -> None:
@@ -158,8 +159,59 @@ def test_generated_request_ids_are_unique_hex(client: TestClient) -> None:
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
-def test_json_options_body_wins_over_query(client: TestClient) -> None:
+@pytest.mark.parametrize(
+    ("url", "body", "message"),
+    [
+        ("/v1/classify?early_exit=false&thresholds=0,0,0", None, "thresholds would be ignored"),
+        ("/v1/classify", {"early_exit": False, "budget": {"max_exit": 1}}, "max_exit would be ignored"),
+    ],
+)
+def test_early_exit_false_with_a_budget_is_refused(
+    client: TestClient, url: str, body: dict | None, message: str
+) -> None:
+    data = images.png()
+    if body is None:
+        response = client.post(url, content=data, headers={"content-type": "image/png"})
+    else:
+        response = client.post(url, json={**body, "image": base64.b64encode(data).decode()})
+    assert response.status_code == 422
+    assert response.json() == {
+        "error": {
+            "type": "validation_error",
+            "message": f"early_exit=false runs every stage, so {message}: give one or the other",
+        }
+    }
+
+
+def test_json_options_come_from_the_body_or_the_query_not_both(client: TestClient) -> None:
     one = base64.b64encode(images.png()).decode()
     assert len(client.post("/v1/classify?top_k=1", json={"image": one}).json()["results"][0]["top_k"]) == 1
-    body = {"image": one, "top_k": 3}
-    assert len(client.post("/v1/classify?top_k=1", json=body).json()["results"][0]["top_k"]) == 3
+    assert len(client.post("/v1/classify", json={"image": one, "top_k": 3}).json()["results"][0]["top_k"]) == 3
+    both = client.post("/v1/classify?top_k=1", json={"image": one, "top_k": 3})
+    assert both.status_code == 422
+    assert both.json() == {
+        "error": {
+            "type": "validation_error",
+            "message": "top_k is given both in the JSON body and in the query: give it once",
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"image": "x", "budgte": {"max_exit": 1}},
+            "unknown field 'budgte'; accepted: image, images, budget, early_exit, deadline_ms, top_k",
+        ),
+        (
+            {"image": "x", "budget": {"max_exits": 1}},
+            "unknown budget field 'max_exits'; accepted: budget_macs, max_accuracy_drop, max_exit, thresholds, policy",
+        ),
+        ({"image": "x", "early_exit": "yes"}, "early_exit must be a boolean (true, false, 1 or 0), got 'yes'"),
+    ],
+)
+def test_json_body_is_strict(client: TestClient, body: dict, message: str) -> None:
+    response = client.post("/v1/classify", json=body)
+    assert response.status_code == 422
+    assert response.json() == {"error": {"type": "validation_error", "message": message}}

@@ -105,7 +105,7 @@ def test_outputs_filter_and_budget_parameters(client: TestClient) -> None:
     out = response.json()["outputs"]
     assert [o["name"] for o in out] == ["exit", "label"]
     assert out[0]["data"] == [1, 1, 1]
-    body["parameters"] = {"max_exit": 1, "early_exit": False}
+    body["parameters"] = {"early_exit": False}
     assert infer(client, body).json()["outputs"][0]["data"] == [3, 3, 3]
     body["parameters"] = {"thresholds": [0, 0, 0]}
     assert infer(client, body).json()["outputs"][0]["data"] == [1, 1, 1]

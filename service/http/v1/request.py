@@ -1,0 +1,189 @@
+"""`POST /v1/classify` wire formats -> `ClassifyRequest`: raw image body, multipart, JSON + base64.
+
+Why its own module: the FastAPI route and the fast path (`service.http.v1.fast_path`) read the same
+requests and must answer them identically, so both call these functions and nothing else of v1.
+Knob values are not parsed here: they go to the core as received (query text or JSON values), and
+`service.core.budget` parses them with the same rules for every protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+
+from service.core.classify import ClassifyRequest
+from service.core.errors import (
+    PayloadTooLargeError,
+    TooManyImagesError,
+    UnsupportedMediaTypeError,
+    ValidationFailedError,
+)
+from service.core.knobs import BUDGET_KNOBS, KNOB_BY_NAME, KNOBS, Knob
+from service.core.preprocess import EncodedImages
+
+#: v1's own knob: how many classes each answer lists.
+TOP_K = Knob("top_k", "int", "request", "how many classes each result lists, most probable first", 5, low=1, high=1000)
+V1_KNOBS: tuple[Knob, ...] = (TOP_K,)
+DEFAULT_TOP_K = 5
+QUERY = "query parameter"
+FIELD = "field"
+
+#: Members of the JSON body besides the knobs.
+JSON_IMAGE_FIELDS = ("image", "images")
+#: Members of the JSON body's `budget` object.
+BUDGET_FIELDS = (*(k.name for k in BUDGET_KNOBS), "policy")
+#: Top-level knobs of the JSON body (the budget knobs go inside `budget`).
+JSON_KNOBS = tuple(k.name for k in (*KNOBS, *V1_KNOBS) if k.role == "request")
+
+RAW_IMAGE_TYPES = frozenset(
+    {
+        "image/png",
+        "image/jpeg",
+        "image/jpg",
+        "image/pjpeg",
+        "image/webp",
+        "image/gif",
+        "image/bmp",
+        "image/x-ms-bmp",
+        "image/tiff",
+        "image/x-portable-anymap",
+        "image/x-portable-graymap",
+        "application/octet-stream",
+    }
+)
+
+
+def normalize_media_type(header: str) -> str:
+    return header.split(";")[0].strip().lower()
+
+
+def is_raw_image_type(kind: str) -> bool:
+    """A Content-Type that /v1/classify reads as one raw image body."""
+    return kind in RAW_IMAGE_TYPES or kind.startswith("image/")
+
+
+def query_options(query_string: bytes) -> dict[str, str]:
+    """The query string as knobs; a name given twice is a 422 (which one would win is a guess)."""
+    text = query_string.decode("latin-1")
+    if "%" in text or "+" in text:
+        pairs = parse_qsl(text, keep_blank_values=True)
+    else:  # skip parse_qsl's per-item unquote when there is nothing to unquote (the common case)
+        pairs = [(n, v) for n, _, v in (item.partition("=") for item in text.split("&") if item)]
+    options: dict[str, str] = {}
+    for name, value in pairs:
+        if name in options:
+            raise ValidationFailedError(f"query parameter {name!r} is given more than once")
+        options[name] = value
+    return options
+
+
+def raw_request(body: bytes, query: Mapping[str, str]) -> ClassifyRequest:
+    """A raw image body (one image) with its knobs in the query string."""
+    return ClassifyRequest(EncodedImages([body]), query, QUERY, V1_KNOBS)
+
+
+def json_request(body: bytes, query: Mapping[str, str]) -> ClassifyRequest:
+    """JSON: `image` or `images` (base64), `budget` {one knob, policy}, `top_k`, `early_exit`, `deadline_ms`.
+
+    Knobs may also come in the query string, but each knob in one place only.
+    """
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationFailedError(f"the request body is not valid JSON ({exc})") from exc
+    if not isinstance(payload, dict):
+        raise ValidationFailedError("the JSON body must be an object with `image` or `images`")
+    accepted = (*JSON_IMAGE_FIELDS, "budget", *JSON_KNOBS)
+    for name in payload:
+        if name not in accepted:
+            raise ValidationFailedError(f"unknown field {name!r}; accepted: {', '.join(accepted)}")
+    options: dict[str, Any] = {k: v for k, v in payload.items() if k in JSON_KNOBS}
+    budget = payload.get("budget")
+    if budget is not None:
+        if not isinstance(budget, dict):
+            raise ValidationFailedError('budget must be an object such as {"max_accuracy_drop": 0.01}')
+        for name in budget:
+            if name not in BUDGET_FIELDS:
+                raise ValidationFailedError(f"unknown budget field {name!r}; accepted: {', '.join(BUDGET_FIELDS)}")
+        options.update(budget)
+    for name in query:
+        if name in options:
+            raise ValidationFailedError(f"{name} is given both in the JSON body and in the query: give it once")
+    options.update(query)
+    return ClassifyRequest(EncodedImages(_base64_images(payload), base64=True), options, FIELD, V1_KNOBS)
+
+
+def _base64_images(payload: Mapping[str, Any]) -> list[str]:
+    image, images = payload.get("image"), payload.get("images")
+    if image is not None and images is not None:
+        raise ValidationFailedError("give either `image` or `images`, not both")
+    if image is not None:
+        if not isinstance(image, str):
+            raise ValidationFailedError("image must be a base64 string")
+        return [image]
+    if images is None:
+        return []
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise ValidationFailedError("images must be a list of base64 strings")
+    return images
+
+
+async def multipart_request(
+    request: Request, query: Mapping[str, str], max_images: int, max_part: int
+) -> ClassifyRequest:
+    """multipart/form-data with one or more `file` parts; knobs in the query string."""
+    form = await _read_form(request, max_images, max_part)
+    try:
+        names = {name for name, _ in form.multi_items()}
+        if names - {"file"}:
+            extra = sorted(names - {"file"})[0]
+            raise ValidationFailedError(f"unknown multipart field {extra!r}; accepted: file (put knobs in the query)")
+        parts = form.getlist("file")
+        uploads = [p for p in parts if not isinstance(p, str)]
+        if len(uploads) != len(parts):
+            raise ValidationFailedError("multipart `file` fields must be file uploads")
+        blobs = [await upload.read() for upload in uploads]
+    finally:
+        await form.close()
+    return ClassifyRequest(EncodedImages(blobs), query, QUERY, V1_KNOBS)
+
+
+async def _read_form(request: Request, max_images: int, max_part: int) -> FormData:
+    """Parse multipart with our limits; Starlette's parser errors (a bare 400) become ours."""
+    try:
+        return await request.form(max_files=max_images, max_fields=64, max_part_size=max_part)
+    except StarletteHTTPException as exc:
+        detail = str(exc.detail)
+        if "too many files" in detail.lower():
+            raise TooManyImagesError(f"more than {max_images} files in one request, the limit is {max_images}") from exc
+        if "maximum size" in detail.lower():
+            raise PayloadTooLargeError(f"a multipart part is over the limit: {detail}") from exc
+        raise ValidationFailedError(f"malformed multipart body: {detail}") from exc
+
+
+def unsupported_media_type(kind: str) -> UnsupportedMediaTypeError:
+    if not kind:
+        return UnsupportedMediaTypeError(
+            "missing Content-Type: send multipart/form-data, application/json or an image type such as image/png"
+        )
+    return UnsupportedMediaTypeError(
+        f"unsupported Content-Type {kind!r}: send multipart/form-data (`file` parts), application/json "
+        "(base64 `image`/`images`) or a raw image body (image/png, image/jpeg, image/webp, image/gif, "
+        "image/bmp, application/octet-stream)"
+    )
+
+
+def top_k_of(extras: Mapping[str, Any]) -> int:
+    value = extras.get(TOP_K.name)
+    return DEFAULT_TOP_K if value is None else int(value)
+
+
+def knob(name: str) -> Knob:
+    """A knob of the v1 vocabulary by name (for the OpenAPI text)."""
+    return TOP_K if name == TOP_K.name else KNOB_BY_NAME[name]
