@@ -158,6 +158,23 @@ class Metrics:
         self.stage_batch_size = ArrayHistogram(
             "boostserve_stage_batch_size", "images per stage batch", BATCH_BUCKETS, ["stage"], registry=r
         )
+        # How well batching works: the cross-request batches and the merged survivor batches.
+        self.multi_request_batches = Counter(
+            "boostserve_multi_request_batches",
+            "stage batches holding images of two or more requests",
+            ["stage"],
+            registry=r,
+        )
+        self.merged_batches = Counter(
+            "boostserve_merged_batches",
+            "stage batches combining images from two or more sources "
+            "(stage 1: requests; deeper stages: the batches whose survivors they are)",
+            ["stage"],
+            registry=r,
+        )
+        self.merged_batch_images = Counter(
+            "boostserve_merged_batch_images", "images in merged stage batches", ["stage"], registry=r
+        )
         self.queue_depth = Gauge("boostserve_queue_depth", "images waiting per stage queue", ["stage"], registry=r)
         self.inflight = Gauge("boostserve_inflight_requests", "classification requests in progress", registry=r)
         self.deadline_hits = Counter(
@@ -227,6 +244,8 @@ class Metrics:
             self.exit_confidence.labels(label)
             self.stage_duration.labels(label)
             self.stage_batch_size.labels(label)
+            for counter in (self.multi_request_batches, self.merged_batches, self.merged_batch_images):
+                counter.labels(stage=label)
 
     def bind_live_gauges(self, *, queue_depths: Callable[[], Sequence[int]], inflight: Callable[[], int]) -> None:
         """Read queue depths per stage and requests in flight at scrape time (nothing per request)."""
@@ -274,10 +293,15 @@ class Metrics:
         self.errors.labels(error_type=error_type if error_type in ERROR_TYPES else "internal_error").inc()
 
     # -- scheduler observer protocol ----------------------------------------------------------------
-    def on_stage_batch(self, stage: int, batch_size: int, seconds: float) -> None:
+    def on_stage_batch(self, stage: int, batch_size: int, seconds: float, requests: int, sources: int) -> None:
         label = str(stage + 1)
         self.stage_duration.observe(seconds, label)
         self.stage_batch_size.observe(batch_size, label)
+        if requests > 1:
+            self._child(self.multi_request_batches, label).inc()
+        if sources > 1:
+            self._child(self.merged_batches, label).inc()
+            self._child(self.merged_batch_images, label).inc(batch_size)
 
     def on_exits(self, stage: int, confidences: np.ndarray, macs: float, deadline_hit: bool) -> None:
         label = str(stage + 1)

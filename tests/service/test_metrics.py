@@ -70,3 +70,26 @@ def test_queue_depth_and_inflight_are_read_at_scrape_time() -> None:
     depths[1], inflight[0] = 7, 3
     assert samples(metrics.registry, "boostserve_queue_depth")[("boostserve_queue_depth", (("stage", "2"),))] == 7
     assert samples(metrics.registry, "boostserve_inflight_requests")[("boostserve_inflight_requests", ())] == 3
+
+
+def test_stage_batches_count_cross_request_and_merged_batches() -> None:
+    """The scheduler's merge counters, one observer call per batch."""
+    metrics = Metrics()
+    metrics.bind_model(name="m", version="1", cumulative_macs=[10, 20, 30], providers=["CPU"], exit_rule="x")
+    metrics.on_stage_batch(0, 8, 0.001, 3, 3)  # three requests arriving together
+    metrics.on_stage_batch(0, 2, 0.001, 1, 1)  # one request alone
+    metrics.on_stage_batch(1, 5, 0.001, 1, 2)  # one request's survivors from two stage-1 batches
+    metrics.on_stage_batch(2, 4, 0.001, 2, 1)  # two requests' survivors from one stage-2 batch
+
+    def counts(name: str) -> dict[str, float]:
+        return {dict(labels)["stage"]: v for (_, labels), v in samples(metrics.registry, name).items()}
+
+    assert counts("boostserve_multi_request_batches") == {"1": 1, "2": 0, "3": 1}
+    assert counts("boostserve_merged_batches") == {"1": 1, "2": 1, "3": 0}
+    assert counts("boostserve_merged_batch_images") == {"1": 8, "2": 5, "3": 0}
+    assert (
+        samples(metrics.registry, "boostserve_stage_batch_size")[
+            ("boostserve_stage_batch_size_count", (("stage", "1"),))
+        ]
+        == 2
+    )

@@ -9,7 +9,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import pytest
@@ -82,13 +82,22 @@ def run(scheduler: Scheduler, body: Callable[[Scheduler], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
+class Batch(NamedTuple):
+    """What the observer hears of one stage batch."""
+
+    stage: int
+    size: int
+    requests: int
+    sources: int
+
+
 class RecordingObserver:
     def __init__(self) -> None:
-        self.batches: list[tuple[int, int]] = []
+        self.batches: list[Batch] = []
         self.exits: list[tuple[int, bool]] = []
 
-    def on_stage_batch(self, stage: int, batch_size: int, seconds: float) -> None:
-        self.batches.append((stage, batch_size))
+    def on_stage_batch(self, stage: int, batch_size: int, seconds: float, requests: int, sources: int) -> None:
+        self.batches.append(Batch(stage, batch_size, requests, sources))
 
     def on_exits(self, stage: int, confidences: np.ndarray, macs: float, deadline_hit: bool) -> None:
         self.exits.extend([(stage, deadline_hit)] * len(confidences))
@@ -115,15 +124,16 @@ def test_concurrent_requests_match_engine_classify(engine: SlowEngine, on_loop: 
             assert not g.deadline_hit
     total = sum(len(x) for x, _ in requests)
     assert len(observer.exits) == total
-    assert sum(b for _, b in observer.batches) == sum(s.items for s in sched.stats.stages)
-    assert sched.stats.stages[0].multi_request_batches >= 1  # requests arriving together share stage 1
-    assert max(b for _, b in observer.batches) <= 8
+    assert sum(b.size for b in observer.batches) == sum(s.items for s in sched.stats.stages)
+    assert any(b.stage == 0 and b.requests > 1 for b in observer.batches)  # arriving together, they share stage 1
+    assert max(b.size for b in observer.batches) <= 8
     assert sched.queue_depths() == [0, 0, 0] and sched.pending == 0
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
 def test_threshold_zero_exits_at_first_stage_in_one_batch(engine: SlowEngine, on_loop: bool) -> None:
-    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=20, run_on_loop=on_loop)
+    observer = RecordingObserver()
+    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=20, observer=observer, run_on_loop=on_loop)
 
     async def body(s: Scheduler) -> list[list[Any]]:
         return list(await asyncio.gather(*(s.submit(_images(3, seed=i), EXIT_FIRST) for i in range(4))))
@@ -132,7 +142,7 @@ def test_threshold_zero_exits_at_first_stage_in_one_batch(engine: SlowEngine, on
     assert all(r.exit_index == 0 for a in answers for r in a)
     st = sched.stats.stages
     assert (st[0].batches, st[0].items, st[1].items, st[2].items) == (1, 12, 0, 0)
-    assert st[0].merged_batches == 1 and st[0].merged_items == 12
+    assert observer.batches == [Batch(stage=0, size=12, requests=4, sources=4)]
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
@@ -150,25 +160,42 @@ def test_survivors_of_different_batches_are_merged(engine: SlowEngine, on_loop: 
     """Under load (stage 0 full), survivors of two stage-1 batches share one stage-2 batch."""
     # Rows 0-1 exit at stage 1, rows 2-3 run to the end.
     thr = np.stack([EXIT_FIRST, EXIT_FIRST, NEVER, NEVER])
-    sched = Scheduler(engine, max_batch_size=4, max_wait_ms=0, merge_wait_ms=2000, run_on_loop=on_loop)
+    observer = RecordingObserver()
+    sched = Scheduler(
+        engine, max_batch_size=4, max_wait_ms=0, merge_wait_ms=2000, observer=observer, run_on_loop=on_loop
+    )
 
     async def body(s: Scheduler) -> list[list[Any]]:
         return list(await asyncio.gather(*(s.submit(_images(4, seed=i), thr) for i in range(3))))
 
     answers = run(sched, body)
     assert [[r.exit_index for r in a] for a in answers] == [[0, 0, 2, 2]] * 3
-    st = sched.stats.stages
-    assert [s.items for s in st] == [12, 6, 6]
-    assert st[1].merged_batches >= 1 and st[1].merged_items >= 4
-    assert st[1].multi_request_batches >= 1
+    assert [s.items for s in sched.stats.stages] == [12, 6, 6]
+    merged = [b for b in observer.batches if b.stage == 1 and b.sources > 1]
+    assert merged and sum(b.size for b in merged) >= 4
+    assert any(b.stage == 1 and b.requests > 1 for b in observer.batches)
     # Compaction: a stage-2 batch never holds more rows than the survivors it was given.
-    assert all(b.size <= 4 for b in sched.stats.recent_batches)
+    assert all(b.size <= 4 for b in observer.batches)
+
+
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_sources_are_the_batches_survivors_come_from(engine: SlowEngine, on_loop: bool) -> None:
+    """Two requests in one stage-1 batch: two sources there, one (that batch) at every deeper stage."""
+    observer = RecordingObserver()
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, observer=observer, run_on_loop=on_loop)
+
+    async def body(s: Scheduler) -> None:
+        await asyncio.gather(*(s.submit(_images(1, seed=i), NEVER) for i in range(2)))
+
+    run(sched, body)
+    assert observer.batches == [Batch(0, 2, 2, 2), Batch(1, 2, 2, 1), Batch(2, 2, 2, 1)]
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
 def test_deeper_stages_go_first(engine: SlowEngine, on_loop: bool) -> None:
     engine.delays = {0: 0.05}
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, run_on_loop=on_loop)
+    observer = RecordingObserver()
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, observer=observer, run_on_loop=on_loop)
 
     async def body(s: Scheduler) -> None:
         first = asyncio.create_task(s.submit(_images(1, seed=1), NEVER))
@@ -177,21 +204,20 @@ def test_deeper_stages_go_first(engine: SlowEngine, on_loop: bool) -> None:
         await asyncio.gather(first, second)
 
     run(sched, body)
-    assert [b.stage for b in sched.stats.recent_batches] == [0, 1, 2, 0, 1, 2]
+    assert [b.stage for b in observer.batches] == [0, 1, 2, 0, 1, 2]
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
 def test_batching_off_serves_each_request_alone(engine: SlowEngine, on_loop: bool) -> None:
-    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=50, batching=False, run_on_loop=on_loop)
+    observer = RecordingObserver()
+    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=50, batching=False, observer=observer, run_on_loop=on_loop)
 
     async def body(s: Scheduler) -> None:
         await asyncio.gather(*(s.submit(_images(n, seed=n), NEVER) for n in (1, 2, 3)))
 
     run(sched, body)
-    records = list(sched.stats.recent_batches)
-    assert all(b.requests == 1 for b in records)
-    assert sorted(b.size for b in records if b.stage == 0) == [1, 2, 3]
-    assert sched.stats.stages[0].multi_request_batches == 0
+    assert all(b.requests == 1 for b in observer.batches)
+    assert sorted(b.size for b in observer.batches if b.stage == 0) == [1, 2, 3]
 
 
 def test_deadline_returns_best_so_far(engine: SlowEngine) -> None:
@@ -282,7 +308,8 @@ def test_over_capacity_is_immediate(engine: SlowEngine) -> None:
 @pytest.mark.parametrize("on_loop", EXECUTION)
 def test_broken_stage_fails_only_its_batch_then_recovers(engine: SlowEngine, on_loop: bool) -> None:
     engine.failures = {1: 1}  # the first stage-2 run raises
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, run_on_loop=on_loop)
+    observer = RecordingObserver()
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, observer=observer, run_on_loop=on_loop)
 
     async def body(s: Scheduler) -> None:
         deep = s.submit(_images(2, seed=1), NEVER)  # reaches stage 2 -> that batch fails
@@ -295,7 +322,8 @@ def test_broken_stage_fails_only_its_batch_then_recovers(engine: SlowEngine, on_
 
     run(sched, body)
     assert sched.stats.stages[1].failed_batches == 1 and sched.stats.failed == 1
-    assert sched.stats.stages[0].multi_request_batches == 1
+    # deep + shallow share stage 1; the failed stage-2 batch is not reported; `again` runs alone.
+    assert [(b.stage, b.requests) for b in observer.batches] == [(0, 2), (0, 1), (1, 1), (2, 1)]
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)

@@ -9,7 +9,8 @@ Design
 ------
 * Work unit: a `Chunk` (.work) = some rows of one request at one stage: the request, the row indices
   (n,), the rows' state (`StageBatch`, batch-first arrays) and where the rows came from (the
-  request for stage 0, the producing batch for deeper stages; used for the merge statistics).
+  request for stage 0, the producing batch for deeper stages; the observer is told how many
+  sources each batch merged).
   One queue (deque of chunks) per stage. Per-row work is numpy on whole chunks/batches: batches are
   built with one `np.concatenate` per state key, exits are one vectorised comparison, survivors
   are one `take` per batch; the only per-row Python is building each exiting row's `ExitResult`.
@@ -61,6 +62,6 @@ Modules: `.policy` (which stage runs next, which chunks form its batch: pure fun
 """
 
 from service.core.scheduler.lifecycle import Scheduler
-from service.core.scheduler.stats import BatchRecord, SchedulerObserver, SchedulerStats, StageStats
+from service.core.scheduler.stats import SchedulerObserver, SchedulerStats, StageStats
 
-__all__ = ["BatchRecord", "Scheduler", "SchedulerObserver", "SchedulerStats", "StageStats"]
+__all__ = ["Scheduler", "SchedulerObserver", "SchedulerStats", "StageStats"]

@@ -30,7 +30,7 @@ from service.core.errors import (
 )
 from service.core.exit_rule import confidence, exits, softmax
 from service.core.scheduler.policy import BatchingSettings, Pick, pick_stage, plan_batch
-from service.core.scheduler.stats import BatchRecord, SchedulerObserver, SchedulerStats, StageStats
+from service.core.scheduler.stats import SchedulerObserver, SchedulerStats, StageStats
 from service.core.scheduler.work import Chunk, Computed, RequestState
 
 LOG = logging.getLogger("boostserve.scheduler")
@@ -199,7 +199,6 @@ class Scheduler:
             req.timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, req)
         self._requests[req.id] = req
         self._pending += n
-        self.stats.submitted += 1
         self._enqueue(0, Chunk(req, np.arange(n), self.engine.initial_state(arr), req.id, loop.time(), whole=True))
         self._wake()
         try:
@@ -289,9 +288,8 @@ class Scheduler:
         comp = await self._run_batch(k, chunks, size)
         if comp is None:
             return
-        batch_id = next(self._batch_ids)
-        self._record_batch(k, chunks, size, comp, batch_id)
-        self._distribute(k, chunks, comp, batch_id)
+        self._record_batch(k, chunks, size, comp)
+        self._distribute(k, chunks, comp, next(self._batch_ids))
 
     async def _run_batch(self, k: int, chunks: list[Chunk], size: int) -> Computed | None:
         """`_compute` on the worker thread (or the loop); None when it failed (its requests are failed)."""
@@ -317,15 +315,13 @@ class Scheduler:
             self.stats.failed += 1
             self._fail(req, err)
 
-    def _record_batch(self, k: int, chunks: list[Chunk], size: int, comp: Computed, batch_id: int) -> None:
-        """Statistics and the observer's per-batch event."""
-        requests = len({id(c.request) for c in chunks})
-        sources = len({c.source for c in chunks})
-        self.stats.record_batch(k, size, comp.seconds, requests, sources)
-        record = BatchRecord(batch_id, k, size, requests, sources, int(comp.leave.sum()))
-        self.stats.recent_batches.append(record)
+    def _record_batch(self, k: int, chunks: list[Chunk], size: int, comp: Computed) -> None:
+        """Statistics and the observer's per-batch event (with how many requests and sources merged)."""
+        self.stats.record_batch(k, size, comp.seconds)
         if self.observer is not None:
-            self._safe(self.observer.on_stage_batch, k, size, comp.seconds)
+            requests = len({id(c.request) for c in chunks})
+            sources = len({c.source for c in chunks})
+            self._safe(self.observer.on_stage_batch, k, size, comp.seconds, requests, sources)
 
     def _distribute(self, k: int, chunks: list[Chunk], comp: Computed, batch_id: int) -> None:
         """Exits answer their rows; survivors go to stage k+1 as one chunk per request segment."""

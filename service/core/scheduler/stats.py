@@ -1,27 +1,32 @@
 """What the scheduler tells the outside: the events it pushes and the counters it keeps.
 
 Events go to a `SchedulerObserver` (service.http.metrics implements it; the core imports no
-metrics library), called on the event loop thread with 0-based stages. The counters
-(`SchedulerStats`) are plain numbers since start(): the retry-after estimate of a refused submit
-is computed from them, and tests read them.
+metrics library), called on the event loop thread with 0-based stages. How well batches merge
+requests and survivors is reported only that way, per batch, so it is visible in production (as
+Prometheus counters) and nothing keeps a per-batch log. The counters (`SchedulerStats`) are plain
+numbers since start(): the retry-after estimate of a refused submit is computed from them, and
+tests read them.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-__all__ = ["BatchRecord", "SchedulerObserver", "SchedulerStats", "StageStats"]
+__all__ = ["SchedulerObserver", "SchedulerStats", "StageStats"]
 
 
 class SchedulerObserver(Protocol):
     """Receives scheduler events on the event loop thread; stage indices are 0-based."""
 
-    def on_stage_batch(self, stage: int, batch_size: int, seconds: float) -> None: ...
+    def on_stage_batch(self, stage: int, batch_size: int, seconds: float, requests: int, sources: int) -> None:
+        """One batch of `batch_size` rows ran in `seconds`; its rows came from `requests` requests
+        and `sources` sources (stage 0: submits; deeper stages: the batches that produced them, so
+        sources > 1 means survivors of several batches were merged)."""
+        ...
 
     def on_exits(self, stage: int, confidences: np.ndarray, macs: float, deadline_hit: bool) -> None:
         """Images answered at `stage`, all at once: (n,) max-softmax values, each at `macs` MACs."""
@@ -36,28 +41,11 @@ class StageStats:
     items: int = 0
     seconds: float = 0.0
     failed_batches: int = 0
-    max_batch: int = 0
-    multi_request_batches: int = 0  # batches holding rows of >= 2 requests
-    merged_batches: int = 0  # batches combining >= 2 sources (stage 0: submits; k > 0: upstream batches)
-    merged_items: int = 0  # items in merged batches
-
-
-@dataclass(frozen=True)
-class BatchRecord:
-    """One executed batch, kept in a bounded log (tests and debugging)."""
-
-    batch_id: int
-    stage: int
-    size: int
-    requests: int
-    sources: int
-    exits: int
 
 
 @dataclass
 class SchedulerStats:
     stages: list[StageStats]
-    submitted: int = 0
     completed: int = 0
     rejected: int = 0  # over capacity
     failed: int = 0  # stage failures
@@ -65,20 +53,13 @@ class SchedulerStats:
     deadline_exceeded: int = 0  # requests with no answer by their deadline
     timed_out: int = 0  # requests failed by the request timeout
     cancelled: int = 0
-    recent_batches: deque[BatchRecord] = field(default_factory=lambda: deque(maxlen=1024))
 
-    def record_batch(self, stage: int, size: int, seconds: float, requests: int, sources: int) -> None:
-        """A batch of `size` rows from `requests` requests and `sources` sources ran in `seconds`."""
+    def record_batch(self, stage: int, size: int, seconds: float) -> None:
+        """A batch of `size` rows ran at `stage` in `seconds` (worker time)."""
         st = self.stages[stage]
         st.batches += 1
         st.items += size
         st.seconds += seconds
-        st.max_batch = max(st.max_batch, size)
-        if requests > 1:
-            st.multi_request_batches += 1
-        if sources > 1:
-            st.merged_batches += 1
-            st.merged_items += size
 
     def drain_seconds(self, pending: int) -> float:
         """Seconds until `pending` admitted images should have drained (0.1 .. 30; 1 without data).
