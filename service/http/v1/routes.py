@@ -100,7 +100,7 @@ _BUDGET_UPDATE_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
     "description": "a new global budget (one knob, with its policy) and/or the global early-exit switch",
     "properties": {k.name: k.json_schema() for k in BUDGET_UPDATE_KNOBS},
-    "examples": [{"max_accuracy_drop": 0.02}, {"budget_macs": 1500000, "policy": "reference"}, {"early_exit": False}],
+    "examples": [{"max_accuracy_drop": 0.02}, {"budget_macs": 5000000, "policy": "reference"}, {"early_exit": False}],
 }
 
 

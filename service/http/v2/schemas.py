@@ -64,7 +64,7 @@ class InferenceRequest(BaseModel):
                 {
                     "id": "42",
                     "parameters": {"max_exit": 2, "early_exit": True},
-                    "inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "UINT8", "data": [0] * 4}],
+                    "inputs": [{"name": "image", "shape": [1, 2, 2, 1], "datatype": "UINT8", "data": [0, 255, 255, 0]}],
                     "outputs": [{"name": "label"}, {"name": "exit"}],
                 }
             ]

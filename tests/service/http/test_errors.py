@@ -225,3 +225,30 @@ def test_multipart_edge_cases(make_client: ClientFactory) -> None:
         )
         assert broken.status_code in (400, 422), broken.text
         assert broken.json()["error"]["type"] in ("validation_error", "invalid_image")
+
+
+def test_a_deadline_hit_reaches_the_answer_in_v1_and_v2(make_client: ClientFactory) -> None:
+    """Stage 2 is slow: with a 300 ms deadline the images answer from exit 1, flagged deadline_hit."""
+    with make_client(stage_execution="thread") as client:
+        engine = client.app.state.service.scheduler.engine  # type: ignore[attr-defined]
+        real = engine.run_stage_batch
+
+        def slow_after_the_first(k: int, state: Any) -> Any:
+            if k > 0:
+                time.sleep(1.0)
+            return real(k, state)
+
+        engine.run_stage_batch = slow_after_the_first
+        v1 = post_raw(client, images.png(), "/v1/classify?thresholds=never,never,0&deadline_ms=300")
+        assert v1.status_code == 200, v1.text
+        (result,) = v1.json()["results"]
+        assert (result["exit"], result["deadline_hit"]) == (1, True)
+        time.sleep(1.1)  # the abandoned stage-2 batch still holds the worker; let it finish
+        body = {
+            "inputs": [{"name": "image", "shape": [8, 8, 1], "datatype": "UINT8", "data": [7] * 64}],
+            "parameters": {"thresholds": "never,never,0", "deadline_ms": 300},
+        }
+        v2 = client.post("/v2/models/synthetic-boostnet/infer", json=body)
+        assert v2.status_code == 200, v2.text
+        assert v2.json()["parameters"]["deadline_hits"] == 1
+        assert next(o for o in v2.json()["outputs"] if o["name"] == "exit")["data"] == [1]

@@ -198,3 +198,60 @@ def test_v2_errors_have_the_oip_body_on_every_path(make_client: Any) -> None:
         assert too_big.json()["error_type"] == "payload_too_large" and "2048" in too_big.json()["error"]
         # v1 keeps the richer envelope
         assert set(c.get("/v1/nope").json()["error"]) == {"type", "message"}
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        (
+            {"max_acuracy_drop": 0.001},
+            "unknown parameters key 'max_acuracy_drop'; accepted: budget_macs, max_accuracy_drop, max_exit, "
+            "thresholds, policy, early_exit, deadline_ms",
+        ),
+        (
+            {"top_k": 3},
+            "unknown parameters key 'top_k'; accepted: budget_macs, max_accuracy_drop, max_exit, "
+            "thresholds, policy, early_exit, deadline_ms",
+        ),
+        ({"deadline_ms": 600_001}, "deadline_ms must be in (0, 600000], got 600001"),
+        ({"deadline_ms": "soon"}, "deadline_ms must be a number, got 'soon'"),
+        ({"early_exit": "yes"}, "early_exit must be a boolean (true, false, 1 or 0), got 'yes'"),
+        (
+            {"early_exit": False, "max_exit": 1},
+            "early_exit=false runs every stage, so max_exit would be ignored: give one or the other",
+        ),
+        (
+            {"max_exit": 1, "budget_macs": 5},
+            "give at most one budget knob (budget_macs, max_accuracy_drop, "
+            "max_exit, thresholds), got budget_macs, max_exit",
+        ),
+    ],
+)
+def test_v2_parameters_are_strict(client: TestClient, parameters: dict[str, Any], message: str) -> None:
+    response = infer(client, {"inputs": [fp32_input()], "parameters": parameters})
+    assert response.status_code == 422
+    assert response.json() == {"error": message, "error_type": "validation_error"}
+
+
+def test_v2_accepts_what_the_protocol_reserves_and_the_text_spellings(client: TestClient) -> None:
+    """Triton/MLServer clients send these; the knobs take the same text forms as the v1 query string."""
+    body = {
+        "inputs": [fp32_input(batch=2)],
+        "outputs": [{"name": "exit"}],
+        "parameters": {"priority": 0, "timeout": 1000, "binary_data_output": False, "thresholds": "0,never,0"},
+    }
+    response = infer(client, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == [1, 1]
+    body["parameters"] = {"early_exit": "FALSE"}
+    assert infer(client, body).json()["outputs"][0]["data"] == [3, 3]
+
+
+def test_repeated_output_names_are_422(client: TestClient) -> None:
+    body = {"inputs": [fp32_input()], "outputs": [{"name": "probabilities"}, {"name": "probabilities"}]}
+    response = infer(client, body)
+    assert response.status_code == 422
+    assert response.json() == {
+        "error": "output(s) ['probabilities'] requested more than once",
+        "error_type": "validation_error",
+    }
