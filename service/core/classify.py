@@ -114,6 +114,7 @@ class ClassifyService:
         self._budget_lock = asyncio.Lock()
         # (where, knobs, frozen options) -> (global budget it was resolved against, resolved, options)
         self._memo: dict[Any, tuple[ResolvedBudget, ResolvedBudget, RequestOptions]] = {}
+        self._info_memo: dict[int, tuple[ResolvedBudget, dict[str, Any]]] = {}
 
     @property
     def calibrated(self) -> bool:
@@ -187,7 +188,20 @@ class ClassifyService:
         )
 
     def budget_info(self, resolved: ResolvedBudget) -> dict[str, Any]:
-        """The budget as given, thresholds in force and what calibration expects of them."""
+        """The budget as given, thresholds in force and what calibration expects of them.
+
+        Memoised per resolved-budget object (requests repeat a handful); treat the dict as read-only.
+        """
+        hit = self._info_memo.get(id(resolved))
+        if hit is not None and hit[0] is resolved:
+            return hit[1]
+        info = self._budget_info(resolved)
+        if len(self._info_memo) >= _MEMO_SIZE:
+            self._info_memo.clear()
+        self._info_memo[id(resolved)] = (resolved, info)  # the object is kept, so its id is not reused
+        return info
+
+    def _budget_info(self, resolved: ResolvedBudget) -> dict[str, Any]:
         info = resolved.thresholds.to_json()
         expected_macs = _finite_or_none(info["expected_macs"])
         return {
@@ -217,7 +231,6 @@ class ClassifyService:
         deadline_ms = options.deadline_ms
         self.check_count(len(request.images))
         images = await self.preprocessor.prepare(request.images)  # (B, C, H, W) float32
-        self.check_count(int(images.shape[0]))
         # While draining (closing) requests still go to the scheduler: it answers what it admits
         # and refuses (503) once stopped; only the readiness probes flip first.
         if not self.ready and not self.closing:

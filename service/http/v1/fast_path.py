@@ -93,7 +93,7 @@ class RawClassifyFastPath:
             query = self._query(scope.get("query_string", b""))
             result = await service.classify(wire.raw_request(await _read_body(receive), query))
             latency_ms = (time.perf_counter() - start) * 1000.0
-            body = render_classify(service, result, wire.top_k_of(result.extras), latency_ms)
+            body = render_classify(service, result, latency_ms)
         except BoostServeError as exc:
             await error_response(Request(scope, receive), exc)(scope, receive, send)
             return

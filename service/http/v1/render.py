@@ -21,7 +21,11 @@ import numpy as np
 import orjson
 
 from service.core.classify import Classified, ClassifyResult, ClassifyService, ResolvedBudget
+from service.core.knobs import Knob
 from service.http.schemas import BudgetInfo
+
+#: v1's rendering knob: how many classes each result lists.
+TOP_K = Knob("top_k", "int", "request", "how many classes each result lists, most probable first", 5, low=1, high=1000)
 
 #: Budget JSON per resolved budget object (id -> (object, bytes)); the object is kept so its id
 #: cannot be reused while the entry lives. Clients use a handful of budgets; bounded anyway.
@@ -83,8 +87,9 @@ def classify_response_json(
     return orjson.dumps(head)[:-1] + b',"budget":' + budget + b"}"
 
 
-def render_classify(service: ClassifyService, result: ClassifyResult, top_k: int, latency_ms: float) -> bytes:
-    """The `POST /v1/classify` answer for a core result."""
+def render_classify(service: ClassifyService, result: ClassifyResult, latency_ms: float) -> bytes:
+    """The `POST /v1/classify` answer for a core result (top_k from the request, default its example)."""
+    top_k = int(result.extras.get(TOP_K.name, TOP_K.example))
     manifest = service.manifest
     results = image_results(result.answers, manifest.classes, manifest.num_stages, manifest.full_macs, top_k)
     return classify_response_json(

@@ -26,11 +26,10 @@ from service.core.errors import (
 )
 from service.core.knobs import BUDGET_KNOBS, KNOB_BY_NAME, KNOBS, Knob
 from service.core.preprocess import EncodedImages
+from service.http.v1.render import TOP_K
 
-#: v1's own knob: how many classes each answer lists.
-TOP_K = Knob("top_k", "int", "request", "how many classes each result lists, most probable first", 5, low=1, high=1000)
+#: v1's own knobs, parsed by the core like the others (their values come back in the result's extras).
 V1_KNOBS: tuple[Knob, ...] = (TOP_K,)
-DEFAULT_TOP_K = 5
 QUERY = "query parameter"
 FIELD = "field"
 
@@ -177,11 +176,6 @@ def unsupported_media_type(kind: str) -> UnsupportedMediaTypeError:
         "(base64 `image`/`images`) or a raw image body (image/png, image/jpeg, image/webp, image/gif, "
         "image/bmp, application/octet-stream)"
     )
-
-
-def top_k_of(extras: Mapping[str, Any]) -> int:
-    value = extras.get(TOP_K.name)
-    return DEFAULT_TOP_K if value is None else int(value)
 
 
 def knob(name: str) -> Knob:

@@ -91,7 +91,7 @@ async def classify(request: Request, service: ServiceDep) -> Response:
         raise wire.unsupported_media_type(kind)
     result = await service.classify(classify_request)
     latency_ms = (time.perf_counter() - start) * 1000.0
-    body = render_classify(service, result, wire.top_k_of(result.extras), latency_ms)
+    body = render_classify(service, result, latency_ms)
     return Response(content=body, media_type="application/json")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -228,27 +229,31 @@ def test_multipart_edge_cases(make_client: ClientFactory) -> None:
 
 
 def test_a_deadline_hit_reaches_the_answer_in_v1_and_v2(make_client: ClientFactory) -> None:
-    """Stage 2 is slow: with a 300 ms deadline the images answer from exit 1, flagged deadline_hit."""
+    """Stage 2 is held until the test releases it: the images answer at their 1 s deadline from exit 1,
+    flagged deadline_hit. Only stage 1 has to finish within the second, so load cannot flip it."""
     with make_client(stage_execution="thread") as client:
         engine = client.app.state.service.scheduler.engine  # type: ignore[attr-defined]
         real = engine.run_stage_batch
+        gate = [threading.Event()]  # one gate per request: releasing one never holds the next
 
-        def slow_after_the_first(k: int, state: Any) -> Any:
+        def held_after_the_first(k: int, state: Any) -> Any:
             if k > 0:
-                time.sleep(1.0)
+                gate[0].wait(timeout=30)
             return real(k, state)
 
-        engine.run_stage_batch = slow_after_the_first
-        v1 = post_raw(client, images.png(), "/v1/classify?thresholds=never,never,0&deadline_ms=300")
+        engine.run_stage_batch = held_after_the_first
+        v1 = post_raw(client, images.png(), "/v1/classify?thresholds=never,never,0&deadline_ms=1000")
         assert v1.status_code == 200, v1.text
         (result,) = v1.json()["results"]
         assert (result["exit"], result["deadline_hit"]) == (1, True)
-        time.sleep(1.1)  # the abandoned stage-2 batch still holds the worker; let it finish
+        first, gate[0] = gate[0], threading.Event()
+        first.set()  # the abandoned stage-2 batch finishes and frees the worker
         body = {
             "inputs": [{"name": "image", "shape": [8, 8, 1], "datatype": "UINT8", "data": [7] * 64}],
-            "parameters": {"thresholds": "never,never,0", "deadline_ms": 300},
+            "parameters": {"thresholds": "never,never,0", "deadline_ms": 1000},
         }
         v2 = client.post("/v2/models/synthetic-boostnet/infer", json=body)
+        gate[0].set()
         assert v2.status_code == 200, v2.text
         assert v2.json()["parameters"]["deadline_hits"] == 1
         assert next(o for o in v2.json()["outputs"] if o["name"] == "exit")["data"] == [1]
