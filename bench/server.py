@@ -119,8 +119,12 @@ class ServerProcess:
     def describe(self) -> dict[str, Any]:
         return {"command": self.command, "env": self.env, "cpus": self.cpus, "startup_s": self.startup_s}
 
+    def process_env(self) -> dict[str, str]:
+        """The environment the server starts with: ours plus its settings."""
+        return {**os.environ, **self.env}
+
     def start(self) -> None:
-        env = {**os.environ, **self.env}
+        env = self.process_env()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
         t0 = time.perf_counter()
