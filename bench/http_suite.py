@@ -11,7 +11,9 @@ ablations of the request path at drop_0.01 with 1 and 64 clients: `fastapi_path`
 (BOOSTSERVE_FAST_PATH=false: raw-image classify through FastAPI routing), `thread_stages`
 (BOOSTSERVE_STAGE_EXECUTION=thread: stage batches on the ORT worker thread although the server has
 one CPU) and `gc_unfrozen` (BOOSTSERVE_GC_FREEZE=false: start-up objects left to the garbage
-collector), each differing from `batching` in that one setting.
+collector), each differing from `batching` in that one setting. With `--compare-with DIR`, a
+`compare` server (bench.compare) serves the same artifact with the code of another checkout and
+the settings of `batching`, drop_0.01 at 1 and 64 clients: the same cells, old code vs new.
 
 Every answer is checked: HTTP status, predicted label vs the Fashion-MNIST ground truth, and —
 when the artifact's test calibration arrays are in the dataset's order — the exit against the one
@@ -41,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import Artifact, Progress, simulate_exits
+from bench.compare import COMPARE_SERVER, Checkout, CheckoutServerProcess, read_checkout, this_checkout
 from bench.data import TestSet, encode_png
 from bench.loadgen import LoadResult, run_closed_loop, summarize_latency
 from bench.server import ServerProcess, metric_sum
@@ -61,6 +64,7 @@ class ServerConfig:
     env: dict[str, str]
     modes: tuple[str, ...]
     concurrencies: tuple[int, ...]
+    code_dir: str | None = None  # another checkout whose code serves (bench.compare); None: this one
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,13 @@ def default_servers(
     concurrencies: tuple[int, ...],
     max_batch_size: int | None = None,
     max_batch_wait_ms: float | None = None,
+    compare_with: str | None = None,
 ) -> tuple[ServerConfig, ...]:
-    """The issue's matrix; quick mode keeps only the cells the targets need."""
+    """The issue's matrix; quick mode keeps only the cells the targets need.
+
+    `compare_with`: a checkout of another commit, served as `compare` with exactly the env of
+    `batching`, so that the code is the only difference between the two.
+    """
     base = {
         "BOOSTSERVE_LOG_LEVEL": "warning",  # no access log: logging is not what we measure
         "BOOSTSERVE_INTRA_OP_THREADS": str(threads),
@@ -107,6 +116,11 @@ def default_servers(
         ),
         ServerConfig("gc_unfrozen", {**base, "BOOSTSERVE_GC_FREEZE": "false"}, ("drop_0.01",), ablation_clients),
     )
+    compare = (
+        (ServerConfig(COMPARE_SERVER, base, ("drop_0.01",), ablation_clients, code_dir=compare_with),)
+        if compare_with is not None
+        else ()
+    )
     if quick:
         return (
             ServerConfig(
@@ -117,11 +131,13 @@ def default_servers(
             ),
             ServerConfig("no_batching", no_batch, ("drop_0.01",), (64,) if 64 in concurrencies else concurrencies[-1:]),
             *ablations,
+            *compare,
         )
     return (
         ServerConfig("batching", base, ("all_stages", "drop_0.005", "drop_0.01"), concurrencies),
         ServerConfig("no_batching", no_batch, ("all_stages", "drop_0.01"), concurrencies),
         *ablations,
+        *compare,
     )
 
 
@@ -304,14 +320,22 @@ def run_http(
             shift = r % max(len(pairs), 1)
             plan += [(r, concurrency, s, m) for s, m in pairs[shift:] + pairs[:shift]]
     floor: dict[str, Any] | None = None
+    # Read before the servers start: the commit whose code `batching` imports, even if one lands mid-run.
+    this = this_checkout() if any(s.code_dir for s in settings.servers) else None
     with progress.task("http", len(plan)) as advance, pinned(settings.client_cpus):
         try:
             for config in settings.servers:
-                server = ServerProcess(
-                    artifact.path,
-                    config.env,
-                    cpus=settings.server_cpus,
-                    log_path=logs_dir / f"server-{config.name}.log",
+                log_path = logs_dir / f"server-{config.name}.log"
+                server = (
+                    ServerProcess(artifact.path, config.env, cpus=settings.server_cpus, log_path=log_path)
+                    if config.code_dir is None
+                    else CheckoutServerProcess(
+                        read_checkout(Path(config.code_dir)),
+                        artifact.path,
+                        config.env,
+                        cpus=settings.server_cpus,
+                        log_path=log_path,
+                    )
                 )
                 servers[config.name] = server
                 server.start()
@@ -385,6 +409,7 @@ def run_http(
         "png_bytes_mean": float(np.mean([len(b) for b in bodies])),
         "paired_with_calibration": aligned is not None,
         "servers": servers_out,
+        "compare_with": _compare_with(servers_out, this),
         "cells": cells,
         "client_check": client_check,
         "profiles": profiles,
@@ -392,6 +417,14 @@ def run_http(
         "aggregate": aggregate_cells(cells),
         "pooled": [_pooled_summary(server, mode, parts, labels, aligned) for (server, mode), parts in pooled.items()],
     }
+
+
+def _compare_with(servers_out: list[dict[str, Any]], this: Checkout | None) -> dict[str, Any] | None:
+    """Both checkouts of a side-by-side run (None without --compare-with): what `compare` is."""
+    other = next((s["checkout"] for s in servers_out if s["name"] == COMPARE_SERVER and "checkout" in s), None)
+    if other is None:
+        return None
+    return {"server": COMPARE_SERVER, "this": this.as_dict() if this else None, "other": other}
 
 
 class FloorServerProcess(ServerProcess):

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bench.stats import safe_ratio
 from bench.targets import TARGET_SPEEDUP, Target, evaluate, limits_analysis, limits_bounds
 
 SUITES = ("offline", "engine", "http")
@@ -170,13 +171,17 @@ def plot_http(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     plt = _pyplot()
     agg = doc["result"]["aggregate"]
     keys = sorted({(c["server"], c["mode"]) for c in agg})
+    compare = doc["result"].get("compare_with")
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     for server, mode in keys:
         cs = sorted((c for c in agg if c["server"] == server and c["mode"] == mode), key=lambda c: c["concurrency"])
         xs = [c["concurrency"] for c in cs]
         style = "-" if server == "batching" else "--"
-        ax.plot(xs, [_num(c["req_per_s"]) for c in cs], style, marker="o", label=f"{mode} ({server})")
-        ax2.plot(xs, [_num(c["p99_ms"]) for c in cs], style, marker="o", label=f"{mode} ({server})")
+        label = f"{mode} ({server})"
+        if compare and server == compare["server"]:
+            style, label = ":", f"{mode} ({server}: {compare['other']['short']})"
+        ax.plot(xs, [_num(c["req_per_s"]) for c in cs], style, marker="o", label=label)
+        ax2.plot(xs, [_num(c["p99_ms"]) for c in cs], style, marker="o", label=label)
     for a, ylabel, title in (
         (ax, "requests/s (median over rounds)", "HTTP throughput, closed loop"),
         (ax2, "p99 latency (ms)", "HTTP p99 latency"),
@@ -413,6 +418,7 @@ def _http_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
             f"| {c['errors']} |"
         )
     lines += _ablation_lines(r["aggregate"])
+    lines += _compare_lines(r.get("compare_with"), r["aggregate"], doc["machine"].get("git_sha"))
     lines += _floor_lines(r.get("floor"), r["aggregate"])
     if r.get("pooled"):
         lines += [
@@ -600,6 +606,49 @@ def _ablation_lines(aggregate: list[dict[str, Any]]) -> list[str]:
                 f"| {_f(c['p99_ms'], '{:.2f}')} | {_f(c['server_cpu_ms_per_request'], '{:.3f}')} "
                 f"| {_f(ratio, '{:.2f}')}× |"
             )
+    return lines
+
+
+def _compare_lines(compare: dict[str, Any] | None, aggregate: list[dict[str, Any]], this_sha: str | None) -> list[str]:
+    """This checkout (`batching`) vs another commit (`compare`, bench.compare), cell by cell."""
+    if not compare:
+        return []
+    other_name = compare["server"]
+    cells = {(c["server"], c["concurrency"]): c for c in aggregate if c["mode"] == "drop_0.01"}
+    clients = sorted(k for (name, k) in cells if name == other_name)
+    other, this = compare["other"], compare.get("this")
+    old = f"`{other['short']}`"
+    new = f"`{this['short']}`" if this else f"`{this_sha}`" if this_sha else "unknown commit"
+    dirty = [
+        f"{name} has uncommitted changes" for name, c in (("this checkout", this), (old, other)) if c and c["dirty"]
+    ]
+    subject = other["subject"] if len(other["subject"]) <= 80 else other["subject"][:79] + "…"
+    lines = [
+        "",
+        f"This checkout ({new}) vs {old} (“{subject}”), side by side: server `{other_name}` runs the code of "
+        f"{old} from `{other['path']}` on the same artifact with the settings of `batching`, drop_0.01, cells "
+        "interleaved in the same rounds"
+        + (f" ({'; '.join(dirty)})" if dirty else "")
+        + ". req/s: median and min–max over rounds; p99: median over rounds.",
+        "",
+        f"| clients | rounds | req/s this | min–max | req/s {old} | min–max | this ÷ {old} "
+        f"| p99 ms this | p99 ms {old} | server CPU ms/req this | server CPU ms/req {old} | errors (this / {old}) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in clients:
+        a, b = cells.get(("batching", k)), cells[(other_name, k)]
+        if a is None:
+            continue
+        lines.append(
+            f"| {k} | {min(a['rounds'], b['rounds'])} | {_f(a['req_per_s'], '{:.0f}')} "
+            f"| {_f(a['req_per_s_min'], '{:.0f}')}–{_f(a['req_per_s_max'], '{:.0f}')} "
+            f"| {_f(b['req_per_s'], '{:.0f}')} "
+            f"| {_f(b['req_per_s_min'], '{:.0f}')}–{_f(b['req_per_s_max'], '{:.0f}')} "
+            f"| {_f(safe_ratio(_num(a['req_per_s']), _num(b['req_per_s'])), '{:.3f}')}× "
+            f"| {_f(a['p99_ms'])} | {_f(b['p99_ms'])} "
+            f"| {_f(a['server_cpu_ms_per_request'], '{:.3f}')} | {_f(b['server_cpu_ms_per_request'], '{:.3f}')} "
+            f"| {a['errors']} / {b['errors']} |"
+        )
     return lines
 
 

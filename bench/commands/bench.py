@@ -33,7 +33,17 @@ Suites (--suite, comma-separated; default all):
            of the garbage collector) and a floor server (the HTTP
            stack alone, with and without the PNG decode) that bounds what the server can reach.
            Every label is checked; reports req/s, p50/p95/p99, served accuracy, MACs, exits,
-           client/server CPU.
+           client/server CPU. --compare-with DIR adds the same cells served by another commit.
+
+Old code vs new, side by side (e.g. "does this change cost early-exit req/s?"):
+  git worktree add /tmp/prev <commit>
+  boostserve bench --suite http --quick --http-rounds 5 --compare-with /tmp/prev --out results/compare
+The `compare` server runs /tmp/prev's own `python -S -P -m boostserve serve` with PYTHONPATH=
+/tmp/prev:<this environment's site-packages> (so its boostserve and service packages, nothing of
+this checkout; checked before it starts) on the same --artifacts with the settings of the
+`batching` server, drop_0.01 at 1 and 64 clients, interleaved in the same rounds: two more cells
+per round. The summary gets a "this checkout vs <commit>" table; http.json records both commits.
+Remove the checkout afterwards with `git worktree remove /tmp/prev`.
 
 Measured durations on the 2-core dev machine with the embedded model: --quick about 70 s for all
 suites (offline <1 s, engine ~5 s, http ~65 s); full about 12.5 min (offline <1 s, engine ~64 s,
@@ -210,6 +220,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="BOOSTSERVE_MAX_BATCH_WAIT_MS of the batching server (default: the service default)",
     )
+    web.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a checkout of another commit of this repository (git worktree add DIR <commit>): also "
+        "serve the same artifact with DIR's code, as server `compare` with the batching server's "
+        "settings, drop_0.01 at 1 and 64 clients in the same rounds, and report it side by side; "
+        "DIR's commit is recorded",
+    )
 
 
 def _default_artifacts() -> Path:
@@ -277,6 +297,18 @@ def run(args: argparse.Namespace) -> int:
             baseline = _tidy(candidate)
         elif args.baseline != str(DEFAULT_BASELINE):
             print(f"no manifest.json in --baseline {candidate}", file=sys.stderr)
+            return 2
+    compare_with: str | None = None
+    if args.compare_with is not None and not args.report_only:
+        from bench.compare import read_checkout
+
+        if "http" not in args.suite:
+            print("--compare-with needs the http suite (--suite http)", file=sys.stderr)
+            return 2
+        try:
+            compare_with = str(read_checkout(args.compare_with).path)
+        except ValueError as exc:
+            print(f"--compare-with: {exc}", file=sys.stderr)
             return 2
     command = (
         "boostserve bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
@@ -348,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
                     concurrencies=concurrencies,
                     max_batch_size=args.max_batch_size,
                     max_batch_wait_ms=args.max_batch_wait_ms,
+                    compare_with=compare_with,
                 ),
                 duration_s=_pick(args.duration, 10.0, 4.0, quick),
                 max_requests=_pick(args.max_requests, 30_000, 4_000, quick),

@@ -8,12 +8,16 @@ import asyncio
 import itertools
 import json
 import math
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench.common import load_artifact, simulate_exits
+from bench.compare import COMPARE_SERVER
 from bench.fullgraph import build_full_network
 from bench.loadgen import run_closed_loop
 from bench.server import metric_sum, parse_prometheus
@@ -189,20 +193,47 @@ def test_raw_load_generator_against_a_stub_server() -> None:
     asyncio.run(scenario())
 
 
-def test_http_suite_end_to_end(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
-    """A tiny HTTP run against a real `boostserve serve` subprocess: every answer is a 200 and the
-    served exits agree with the offline simulation of the same thresholds."""
+@pytest.fixture(scope="module")
+def head_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path | None]:
+    """A `git worktree` of HEAD for the compare server (None outside a git checkout); removed after."""
+    repo = Path(__file__).resolve().parents[2]
+    path = tmp_path_factory.mktemp("compare") / "head"
+    added = subprocess.run(
+        ["git", "-C", str(repo), "worktree", "add", "--detach", str(path), "HEAD"], capture_output=True, check=False
+    )
+    if added.returncode != 0:
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(path)], check=False)
+
+
+@pytest.fixture(scope="module")
+def http_out(
+    artifacts: tuple[Path, Path], head_checkout: Path | None, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """One tiny HTTP run against real `boostserve serve` subprocesses, with a compare server when git allows."""
     model, _ = artifacts
-    out = tmp_path / "http"
+    out = tmp_path_factory.mktemp("http")
+    compare = ["--compare-with", str(head_checkout)] if head_checkout is not None else []
     argv = [
         "bench", "--suite", "http", "--quick", "--no-progress", "--artifacts", str(model),
         "--data", "synthetic", "--out", str(out), "--concurrency", "2", "--duration", "0.4",
-        "--warmup", "0.1", "--max-requests", "200", "--http-images", "64",
+        "--warmup", "0.1", "--max-requests", "200", "--http-images", "64", *compare,
     ]  # fmt: skip
     assert main(argv) == 0
+    return out
+
+
+def test_http_suite_end_to_end(http_out: Path) -> None:
+    """A tiny HTTP run against a real `boostserve serve` subprocess: every answer is a 200 and the
+    served exits agree with the offline simulation of the same thresholds."""
+    out = http_out
     doc = json.loads((out / "http.json").read_text())
     r = doc["result"]
-    assert {s["name"] for s in r["servers"]} == {
+    assert {s["name"] for s in r["servers"]} - {COMPARE_SERVER} == {
         "batching",
         "no_batching",
         "fastapi_path",
@@ -230,6 +261,70 @@ def test_http_suite_end_to_end(artifacts: tuple[Path, Path], tmp_path: Path) -> 
         v["req_per_s"] > 0 and v["errors"] == 0 and v["server_cpu_ms_per_request"] > 0 for v in floor["variants"]
     ), floor["variants"]
     assert "What limits the early-exit / all-stages ratio" in text and "| floor: uvicorn + httptools" in text
+
+
+def test_compare_server_runs_the_other_checkout(http_out: Path, head_checkout: Path | None) -> None:
+    """--compare-with: a `compare` server with the other checkout's code and batching's settings
+    answers drop_0.01 cells next to batching; its commit is in the JSON and the side-by-side table."""
+    if head_checkout is None:
+        pytest.skip("not a git checkout: no worktree to compare with")
+    doc = json.loads((http_out / "http.json").read_text())
+    r = doc["result"]
+    servers = {s["name"]: s for s in r["servers"]}
+    other = servers[COMPARE_SERVER]
+    head = subprocess.run(["git", "-C", str(head_checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert other["checkout"]["commit"] == head.stdout.strip() == r["compare_with"]["other"]["commit"]
+    assert other["env"] == servers["batching"]["env"]  # the code is the only difference
+    root = head_checkout.resolve()
+    assert set(other["imports"]) == {"boostserve", "service"}
+    assert all(Path(f).is_relative_to(root) for f in other["imports"].values()), other["imports"]
+    assert other["command"][1:3] == ["-S", "-P"] and other["pythonpath"].split(os.pathsep)[0] == str(root)
+    cells = [c for c in r["aggregate"] if c["server"] == COMPARE_SERVER]
+    assert [(c["mode"], c["concurrency"]) for c in cells] == [("drop_0.01", 2)]
+    assert cells[0]["requests"] > 0 and cells[0]["errors"] == 0
+    text = (http_out / "README.md").read_text()
+    short = r["compare_with"]["other"]["short"]
+    assert f"vs `{short}`" in text and f"| req/s this | min–max | req/s `{short}` |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 2 | 1 | "))
+    assert row.endswith("| 0 / 0 |"), row
+
+
+def test_compare_isolation_keeps_this_checkout_out(tmp_path: Path) -> None:
+    """The compare interpreter imports only the other checkout: not this checkout's boostserve (the
+    working directory, here this repository), nor a submodule the other checkout lacks (the editable
+    install's finder would supply service.core from this checkout)."""
+    from bench.compare import isolated_command, isolated_environment, verify_imports
+
+    other = tmp_path / "old"
+    for package in ("boostserve", "service"):
+        (other / package).mkdir(parents=True)
+        (other / package / "__init__.py").write_text("")
+    (other / "boostserve" / "cli.py").write_text("")
+    env = isolated_environment(other)
+    repo = Path(__file__).resolve().parents[2]
+    files = verify_imports(other, env, cwd=repo)  # from this repository's directory, as the bench runs
+    assert {k: Path(f).resolve() for k, f in files.items()} == {
+        "boostserve": (other / "boostserve" / "cli.py").resolve(),
+        "service": (other / "service" / "__init__.py").resolve(),
+    }
+    probe = subprocess.run(
+        isolated_command("-c", "import service.core"),
+        env={**os.environ, **env},
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    assert probe.returncode != 0 and "No module named 'service.core'" in probe.stderr, probe.stderr
+    numpy = subprocess.run(isolated_command("-c", "import numpy"), env={**os.environ, **env}, cwd=repo)
+    assert numpy.returncode == 0  # third-party packages still come from this environment
+
+
+def test_compare_with_refuses_what_is_not_a_checkout(tmp_path: Path) -> None:
+    """A directory without this repository's packages, or no http suite to run it in: exit 2, no run."""
+    out = ["--no-progress", "--out", str(tmp_path / "out"), "--compare-with", str(tmp_path)]
+    assert main(["bench", "--suite", "http", *out]) == 2
+    assert main(["bench", "--suite", "offline", *out]) == 2
+    assert not (tmp_path / "out" / "http.json").exists()
 
 
 def test_profile_summary_attributes_innermost_component(tmp_path: Path) -> None:
