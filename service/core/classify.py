@@ -258,7 +258,10 @@ class ClassifyService:
 
 
 def _frozen(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+    """A hashable key that keeps the JSON type: 1, 1.0 and true are equal in Python, not to the parser."""
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return (type(value).__name__, value)
 
 
 def _finite_or_none(value: float | None) -> float | None:

@@ -214,7 +214,7 @@ def parse_bool(raw: Any, name: str) -> bool:
             return True
         if lowered in _FALSE:
             return False
-    raise ValidationFailedError(f"{name} must be a boolean (true, false, 1 or 0), got {raw!r}")
+    raise ValidationFailedError(f"{name} must be a boolean: true or false (in text also 1 or 0), got {raw!r}")
 
 
 def _parse_float(raw: Any, name: str) -> float:

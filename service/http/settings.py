@@ -118,7 +118,9 @@ class Settings(BaseSettings):
         '(and optionally "policy")',
     )
     default_policy: str | None = Field(
-        default=None, description="policy used for budget_macs budgets that do not name one"
+        default=None,
+        description="policy for the default budget (default_budget) when it takes one and names none; "
+        "request and PUT budgets without a policy get optimal",
     )
     early_exit: bool = Field(default=True, description="false: every request runs every stage (A/B)")
     fast_path: bool = Field(

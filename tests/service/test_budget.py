@@ -91,8 +91,8 @@ def test_invalid_budgets(fields: dict[str, object], message: str) -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"early_exit": "yes"}, "early_exit must be a boolean (true, false, 1 or 0), got 'yes'"),
-        ({"early_exit": 1}, "early_exit must be a boolean (true, false, 1 or 0), got 1"),
+        ({"early_exit": "yes"}, "early_exit must be a boolean: true or false (in text also 1 or 0), got 'yes'"),
+        ({"early_exit": 1}, "early_exit must be a boolean: true or false (in text also 1 or 0), got 1"),
         (
             {"early_exit": False, "max_exit": 2},
             "early_exit=false runs every stage, so max_exit would be ignored: give one or the other",

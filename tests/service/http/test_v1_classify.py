@@ -208,10 +208,31 @@ def test_json_options_come_from_the_body_or_the_query_not_both(client: TestClien
             {"image": "x", "budget": {"max_exits": 1}},
             "unknown budget field 'max_exits'; accepted: budget_macs, max_accuracy_drop, max_exit, thresholds, policy",
         ),
-        ({"image": "x", "early_exit": "yes"}, "early_exit must be a boolean (true, false, 1 or 0), got 'yes'"),
+        (
+            {"image": "x", "early_exit": "yes"},
+            "early_exit must be a boolean: true or false (in text also 1 or 0), got 'yes'",
+        ),
     ],
 )
 def test_json_body_is_strict(client: TestClient, body: dict, message: str) -> None:
     response = client.post("/v1/classify", json=body)
     assert response.status_code == 422
     assert response.json() == {"error": {"type": "validation_error", "message": message}}
+
+
+def test_the_options_memo_keeps_json_types_apart(client: TestClient) -> None:
+    """1 == True and 2.0 == 2 in Python: a memo keyed on values alone let a refused body through once an
+    accepted look-alike had been seen."""
+    one = base64.b64encode(images.png()).decode()
+    for accepted, refused, message in (
+        (
+            {"early_exit": True},
+            {"early_exit": 1},
+            "early_exit must be a boolean: true or false (in text also 1 or 0), got 1",
+        ),
+        ({"budget": {"max_exit": 2}}, {"budget": {"max_exit": 2.0}}, "max_exit must be a whole number, got 2.0"),
+    ):
+        assert client.post("/v1/classify", json={"image": one, **accepted}).status_code == 200
+        response = client.post("/v1/classify", json={"image": one, **refused})
+        assert response.status_code == 422
+        assert response.json() == {"error": {"type": "validation_error", "message": message}}

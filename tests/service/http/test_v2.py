@@ -215,7 +215,7 @@ def test_v2_errors_have_the_oip_body_on_every_path(make_client: Any) -> None:
         ),
         ({"deadline_ms": 600_001}, "deadline_ms must be in (0, 600000], got 600001"),
         ({"deadline_ms": "soon"}, "deadline_ms must be a number, got 'soon'"),
-        ({"early_exit": "yes"}, "early_exit must be a boolean (true, false, 1 or 0), got 'yes'"),
+        ({"early_exit": "yes"}, "early_exit must be a boolean: true or false (in text also 1 or 0), got 'yes'"),
         (
             {"early_exit": False, "max_exit": 1},
             "early_exit=false runs every stage, so max_exit would be ignored: give one or the other",
