@@ -141,3 +141,17 @@ def test_gc_freeze_after_start_up(make_client: ClientFactory) -> None:
         gc.unfreeze()
     with make_client():  # the tests' default (off): nothing frozen
         assert gc.get_freeze_count() == 0
+
+
+def test_no_import_cycle_in_service() -> None:
+    """Modules of service/ import each other one way only (runtime.py <-> classify_json.py was a cycle)."""
+    import grimp
+
+    graph = grimp.build_graph("service")
+    modules = sorted(m for m in graph.modules if m.startswith("service"))
+    cycles = []
+    for module in modules:
+        for imported in graph.find_modules_directly_imported_by(module):
+            if imported.startswith("service") and graph.chain_exists(importer=imported, imported=module):
+                cycles.append((module, imported))
+    assert cycles == []
