@@ -185,13 +185,27 @@ def content_version(manifest_without_version: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def cannot_read(path: Path, exc: OSError) -> ArtifactError:
+    """One line for a file the artifact names but the process cannot open (e.g. "permission denied").
+
+    Why here, for every file opened: an unreadable file is a deployment mistake (a mounted artifact
+    owned by another user, mode 0600), and the operator needs its path and the reason, not a
+    PermissionError traceback or "is not valid JSON".
+    """
+    reason = exc.strerror.lower() if exc.strerror else str(exc)
+    return ArtifactError(f"cannot read {path}: {reason}")
+
+
 def _verified_path(artifacts_dir: Path, relative: str, expected_sha256: str, what: str) -> Path:
     path = (artifacts_dir / relative).resolve()
     if artifacts_dir.resolve() not in path.parents:
         raise ArtifactError(f"{what} path {relative!r} escapes the artifact directory")
-    if not path.is_file():
-        raise ArtifactError(f"{what} file missing: {path}")
-    actual = sha256_file(path)
+    try:
+        if not path.is_file():
+            raise ArtifactError(f"{what} file missing: {path}")
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise cannot_read(path, exc) from exc
     if actual != expected_sha256:
         raise ArtifactError(
             f"{what} file {path} is corrupted or was changed: sha256 {actual[:16]}… != manifest {expected_sha256[:16]}…"
@@ -203,14 +217,18 @@ def load_manifest(artifacts_dir: str | Path, verify: bool = True) -> Manifest:
     """Read and validate `manifest.json`; with verify, check the sha256 of every file it names."""
     root = Path(artifacts_dir)
     manifest_path = root / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise ArtifactError(
-            f"no {MANIFEST_FILE} in {root}: point --artifacts / BOOSTSERVE_ARTIFACTS_DIR at a directory "
-            "written by `boostserve export`"
-        )
     try:
-        raw = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if not manifest_path.is_file():
+            raise ArtifactError(
+                f"no {MANIFEST_FILE} in {root}: point --artifacts / BOOSTSERVE_ARTIFACTS_DIR at a directory "
+                "written by `boostserve export`"
+            )
+        text = manifest_path.read_bytes()
+    except OSError as exc:
+        raise cannot_read(manifest_path, exc) from exc
+    try:
+        raw = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from exc
     if isinstance(raw, dict) and raw.get("schema_version") not in (None, SCHEMA_VERSION):
         raise ArtifactError(
@@ -306,6 +324,8 @@ def load_calibration(artifacts_dir: str | Path, manifest: Manifest, split: str =
             correct = np.asarray(data[f"{split}_correct"], dtype=bool)
     except KeyError as exc:
         raise ArtifactError(f"calibration file {path} has no {split!r} split") from exc
+    except (PermissionError, IsADirectoryError) as exc:
+        raise cannot_read(path, exc) from exc
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # BadZipFile: not an npz at all
         raise ArtifactError(f"cannot read calibration file {path}: {exc}") from exc
     if confidence.shape[0] != manifest.num_stages:
