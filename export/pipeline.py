@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 import torch
@@ -243,6 +243,22 @@ def _new_temp_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
 
 
+#: An artifact is immutable, public model data (no secrets) read by another user: the serving
+#: container runs as UID 10001 on a mounted directory. mkdtemp creates its directory 0700 and a
+#: umask of 077 would make the files 0600, so the modes are set explicitly, not left to either.
+ARTIFACT_DIR_MODE: Final = 0o755
+ARTIFACT_FILE_MODE: Final = 0o644
+
+
+def make_world_readable(root: Path) -> None:
+    """Give `root` and everything under it the artifact modes (links are left alone)."""
+    root.chmod(ARTIFACT_DIR_MODE)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod(ARTIFACT_DIR_MODE if path.is_dir() else ARTIFACT_FILE_MODE)
+
+
 def _publish(temp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished temp dir into place (same filesystem: atomic for the new directory)."""
     if out.exists():
@@ -380,6 +396,7 @@ def export_artifact(
             manifest = _validated(body)
         write_manifest(temp, manifest)
         load_manifest(temp, verify=True)  # what the service will do: re-read and verify every hash
+        make_world_readable(temp)
         _publish(temp, out, options.overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

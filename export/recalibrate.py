@@ -26,7 +26,7 @@ import numpy as np
 
 from export.calibrate import SplitResult, make_engine, run_split
 from export.errors import ExportError
-from export.pipeline import _Hashing, _validated, dataset_batches
+from export.pipeline import ARTIFACT_FILE_MODE, _Hashing, _validated, dataset_batches
 from export.source import SplitSettings, load_export_data
 from service.core.artifact import (
     Manifest,
@@ -127,7 +127,8 @@ def recalibrate(
         "changed_confidences": {c.split: c.changed for c in changes},
     }
     updated = _validated(body)
+    temporary.chmod(ARTIFACT_FILE_MODE)  # the serving user must read it, whatever the umask (see export.pipeline)
     os.replace(temporary, calibration_path)
-    write_manifest(root, updated)
+    write_manifest(root, updated).chmod(ARTIFACT_FILE_MODE)
     load_manifest(root, verify=True)  # what the service will do: re-read and verify every hash
     return RecalibrationResult(updated, manifest.version, changes, written=True)
