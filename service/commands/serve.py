@@ -115,10 +115,12 @@ def _graceful_exit(signum: int, frame: object) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from service.http.settings import describe_errors
+
     try:
         settings = build_settings(args)
     except ValidationError as exc:
-        print(f"boostserve serve: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"boostserve serve: invalid settings: {describe_errors(exc)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
     import uvicorn
@@ -128,9 +130,14 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_level, settings.log_format)
     try:
-        load_manifest(settings.artifacts_dir, verify=True)
+        manifest = load_manifest(settings.artifacts_dir, verify=True)
     except ArtifactError as exc:
         print(f"boostserve serve: cannot serve {settings.artifacts_dir}: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
+        settings.check_model_input(manifest.preprocessing.height, manifest.preprocessing.width)
+    except ValueError as exc:
+        print(f"boostserve serve: invalid settings: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
     from service.http.app import create_app

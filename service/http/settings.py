@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.core.errors import ValidationFailedError
@@ -50,10 +50,33 @@ def usable_cpus() -> float:
     return cpus
 
 
+#: Upper bound for intra-/inter-op threads. Why a fixed number and not the CPU count: a setting
+#: must mean the same on every host it is deployed to (a config validated on a laptop must not be
+#: refused on the node), and 256 is above any core count this service is scaled on per replica
+#: while far below the ~32,000 threads (16.9 GB, never ready) that `intra_op_threads=100000` made.
+MAX_THREADS = 256
+
+
 def normalize_provider(name: str) -> str:
     """'cuda' -> 'CUDAExecutionProvider'; full ONNX Runtime names pass through unchanged."""
     cleaned = name.strip()
     return PROVIDER_ALIASES.get(cleaned.lower(), cleaned)
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """A settings ValidationError as one line naming each variable: `BOOSTSERVE_X='v': reason; ...`.
+
+    Why one line: `boostserve serve` prints it as its only output before exiting 2, and an
+    orchestrator shows the last line of a crashed container's log.
+    """
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        name = f"BOOSTSERVE_{field.upper()}" if field else "settings"
+        shown = f"={error.get('input')!r}" if field else ""
+        message = str(error["msg"]).removeprefix("Value error, ").replace("\n", " ")
+        parts.append(f"{name}{shown}: {message}")
+    return "; ".join(parts)
 
 
 class Settings(BaseSettings):
@@ -78,9 +101,14 @@ class Settings(BaseSettings):
         "empty = CUDA when ONNX Runtime offers it, else CPU",
     )
     intra_op_threads: int = Field(
-        default=1, ge=0, description="ORT intra-op threads per session (0 = ORT default: all cores)"
+        default=1,
+        ge=0,
+        le=MAX_THREADS,
+        description=f"ORT intra-op threads per session (0 = ORT default: all cores; at most {MAX_THREADS})",
     )
-    inter_op_threads: int = Field(default=1, ge=0, description="ORT inter-op threads (0 = ORT default)")
+    inter_op_threads: int = Field(
+        default=1, ge=0, le=MAX_THREADS, description=f"ORT inter-op threads (0 = ORT default; at most {MAX_THREADS})"
+    )
     stage_execution: Literal["auto", "thread", "loop"] = Field(
         default="auto",
         description="where stage batches run: 'thread' = one ORT worker thread beside the event loop, "
@@ -102,12 +130,26 @@ class Settings(BaseSettings):
         description="how long stage 1 waits for more images before running a partial batch; 0 = run "
         "as soon as the worker is free (batches still form while it is busy)",
     )
-    max_queue: int = Field(default=1024, ge=1, description="images admitted and not yet answered; more -> 429")
+    max_queue: int = Field(
+        default=1024,
+        ge=1,
+        le=65536,
+        description="images admitted and not yet answered; more -> 429 (1..65536)",
+    )
 
     # -- input limits ------------------------------------------------------------------------------
-    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="request body limit (413)")
+    max_body_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="request body limit (413); 1 KiB..256 MiB (a body is held in memory while parsed)",
+    )
     max_image_pixels: int = Field(
-        default=4096 * 4096, ge=1, description="decoded width*height limit, checked from the header (413)"
+        default=4096 * 4096,
+        ge=1,
+        le=1 << 31,
+        description="decoded width*height limit, checked from the header (413); at least the model's own "
+        "input (height*width, checked at start), at most 2**31",
     )
     max_images_per_request: int = Field(default=64, ge=1, le=4096, description="more images -> 413")
 
@@ -141,8 +183,10 @@ class Settings(BaseSettings):
     # -- operations ------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["text", "json"] = "text"
-    request_timeout_s: float = Field(default=30.0, gt=0.0, description="per-request limit -> 504")
-    shutdown_grace_s: float = Field(default=10.0, ge=0.0, description="drain time on SIGTERM")
+    request_timeout_s: float = Field(
+        default=30.0, ge=0.01, le=3600.0, description="per-request limit -> 504 (0.01..3600 s)"
+    )
+    shutdown_grace_s: float = Field(default=10.0, ge=0.0, le=600.0, description="drain time on SIGTERM (0..600 s)")
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -213,11 +257,18 @@ class Settings(BaseSettings):
             raise ValueError(f"default_budget: {exc.message}") from exc
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Settings:
-        if self.max_image_pixels > 1 << 31:
-            raise ValueError("max_image_pixels above 2**31 would let a single image exhaust memory")
-        return self
+    def check_model_input(self, height: int, width: int) -> None:
+        """Refuse a pixel limit below the model's own input (height x width).
+
+        Why at start and not in the field: the bound depends on the artifact, known only once its
+        manifest is loaded; below it even an image already at the model's resolution is a 413, so
+        the server would start and refuse everything.
+        """
+        if self.max_image_pixels < height * width:
+            raise ValueError(
+                f"BOOSTSERVE_MAX_IMAGE_PIXELS={self.max_image_pixels} is below the model's input "
+                f"{height}x{width} = {height * width} pixels: every image would be refused"
+            )
 
     def runs_stages_on_loop(self) -> bool:
         """The resolved `stage_execution`."""
