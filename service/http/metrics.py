@@ -122,6 +122,16 @@ class ArrayHistogram:
         yield family
 
 
+#: The `method` label's closed set. The method is request data: a client (or h11, which accepts
+#: any token) sending made-up methods would otherwise create two series per method and route.
+STANDARD_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The request method if standard, else "other"."""
+    return method if method in STANDARD_METHODS else "other"
+
+
 class Metrics:
     """The series of one app, on one registry."""
 
@@ -286,8 +296,9 @@ class Metrics:
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         cls = status_class(status)
-        self._child(self.request_duration, route, method, cls).observe(seconds)
-        self._child(self.requests, route, method, cls).inc()
+        label = method_label(method)
+        self._child(self.request_duration, route, label, cls).observe(seconds)
+        self._child(self.requests, route, label, cls).inc()
 
     def count_error(self, error_type: str) -> None:
         self.errors.labels(error_type=error_type if error_type in ERROR_TYPES else "internal_error").inc()
