@@ -97,6 +97,8 @@ def _server_class() -> Any:
         """
 
         def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                _start_exit_watchdog(float(self.config.timeout_graceful_shutdown or 0.0))
             app: Any = self.config.app
             service = getattr(getattr(app, "state", None), "service", None)
             if service is not None:
@@ -106,6 +108,49 @@ def _server_class() -> Any:
             super().handle_exit(sig, frame)
 
     return Server
+
+
+#: Time after the grace that the exit watchdog leaves the normal path (uvicorn's shutdown, the
+#: scheduler drain, interpreter teardown) before it ends the process; within the documented
+#: "exit within shutdown_grace_s + 1 s" with room for the flush.
+WATCHDOG_SLACK_S = 0.5
+
+
+def _start_exit_watchdog(grace_s: float) -> None:
+    """After the first SIGTERM/SIGINT: end the process at grace + WATCHDOG_SLACK_S whatever still runs.
+
+    Why os._exit: an image decode runs in a threadpool thread inside Pillow's C code, which
+    nothing can interrupt, and those threads are non-daemon, so the interpreter's exit joins them
+    (a progressive-JPEG scan bomb kept the process 22 s past a 1 s grace). By then every client
+    has had its answer (uvicorn answers what is left with 503 at the grace), so the only thing a
+    hard exit skips is teardown; logs and stdio are flushed first. Exit code 0, as for any drain
+    that a SIGTERM started (see _graceful_exit). The timer thread is a daemon: when the normal
+    path finishes first, the process exits without waiting for it.
+    """
+    import contextlib
+    import logging
+    import os
+    import threading
+
+    def fire() -> None:
+        logging.getLogger("boostserve").warning(
+            "shutdown grace (%.1f s) over: exiting now; %d thread(s) still running",
+            grace_s,
+            threading.active_count() - 1,
+        )
+        # A broken handler or closed stream must not keep the process alive.
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(0)
+
+    timer = threading.Timer(grace_s + WATCHDOG_SLACK_S, fire)
+    timer.daemon = True
+    timer.name = "boostserve-exit-watchdog"
+    timer.start()
 
 
 def _graceful_exit(signum: int, frame: object) -> None:
