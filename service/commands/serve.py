@@ -186,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
 
     from service.http.app import create_app
+    from service.http.connection import bounded_protocol
 
     app = create_app(settings)
     config = uvicorn.Config(
@@ -201,6 +202,16 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.shutdown_grace_s,
         proxy_headers=False,
         server_header=False,
+        # Connection limits (issue 15): uvicorn's own, then what its httptools protocol lacks.
+        limit_concurrency=settings.limit_concurrency,
+        backlog=settings.backlog,
+        timeout_keep_alive=settings.keep_alive_s,  # typed int there; call_later takes the float
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        http=bounded_protocol(
+            max_header_bytes=settings.max_header_bytes,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+        ),
     )
     server = _server_class()(config)
     # uvicorn re-raises the signal it caught once shutdown is complete; a SIGTERM that led to a

@@ -120,6 +120,39 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="bind address (0.0.0.0 in containers)")
     port: int = Field(default=8000, ge=0, le=65535)
 
+    # -- connections (uvicorn + service.http.connection) -------------------------------------------
+    limit_concurrency: int = Field(
+        default=1024,
+        ge=1,
+        le=65536,
+        description="open connections (or running requests) beyond which a new request gets uvicorn's "
+        "plain-text 503; 1..65536",
+    )
+    keep_alive_s: float = Field(
+        default=5.0, ge=0.1, le=300.0, description="an idle keep-alive connection is closed after this (s)"
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="request line + headers larger than this -> 431 and the connection closed; 1 KiB..1 MiB",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        ge=0.1,
+        le=300.0,
+        description="a request head not complete this long after its first byte (or after the connection "
+        "opened) -> 408 and closed (closed silently if nothing was sent)",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        ge=0.1,
+        le=3600.0,
+        description="no request body bytes for this long while the body is incomplete (slow or short body) "
+        "-> 408 and closed",
+    )
+    backlog: int = Field(default=2048, ge=1, le=65535, description="listen() backlog of the server socket")
+
     # -- batching / admission ----------------------------------------------------------------------
     batching: bool = Field(default=True, description="batch images of concurrent requests per stage")
     max_batch_size: int = Field(default=32, ge=1, le=4096)

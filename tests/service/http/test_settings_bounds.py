@@ -45,6 +45,11 @@ def _serve(artifacts: Path, **env_settings: str) -> subprocess.CompletedProcess[
         ("max_body_bytes", str(256 * 1024 * 1024 + 1), "less than or equal to 268435456"),
         ("max_queue", "65537", "less than or equal to 65536"),
         ("max_image_pixels", str((1 << 31) + 1), "less than or equal to 2147483648"),
+        ("limit_concurrency", "0", "greater than or equal to 1"),
+        ("keep_alive_s", "301", "less than or equal to 300"),
+        ("max_header_bytes", str(1024 * 1024 + 1), "less than or equal to 1048576"),
+        ("header_timeout_s", "0.01", "greater than or equal to 0.1"),
+        ("body_timeout_s", "3601", "less than or equal to 3600"),
     ],
 )
 def test_out_of_range_setting_exits_2_with_one_line(tmp_path: Path, field: str, value: str, reason: str) -> None:
