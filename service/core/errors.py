@@ -105,6 +105,8 @@ ERROR_TYPES: frozenset[str] = frozenset(
         "over_capacity",
         "not_ready",
         "deadline_exceeded",
+        "headers_too_large",
+        "request_timeout",
         "internal_error",
     }
 )

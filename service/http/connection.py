@@ -28,7 +28,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.http.errors import error_body
+from service.http.errors import error_body, status_for
 
 HEADERS_TOO_LARGE = "headers_too_large"
 REQUEST_TIMEOUT = "request_timeout"
@@ -88,11 +88,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if not self.transport.is_closing():
                 self.transport.close()
             return
-        self._refuse(408, REQUEST_TIMEOUT, f"request head not received within {self.header_timeout_s:g} s")
+        self._refuse(
+            status_for(REQUEST_TIMEOUT),
+            REQUEST_TIMEOUT,
+            f"request head not received within {self.header_timeout_s:g} s",
+        )
 
     def _body_timed_out(self) -> None:
         self._read_timer = None
-        self._refuse(408, REQUEST_TIMEOUT, f"no request body bytes for {self.body_timeout_s:g} s")
+        self._refuse(
+            status_for(REQUEST_TIMEOUT), REQUEST_TIMEOUT, f"no request body bytes for {self.body_timeout_s:g} s"
+        )
 
     # -- protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -112,7 +118,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(self.body_timeout_s, self._body_timed_out)
         super().data_received(data)
         if self._in_head and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
-            self._refuse(431, HEADERS_TOO_LARGE, f"request line and headers exceed {self.max_header_bytes} bytes")
+            self._refuse(
+                status_for(HEADERS_TOO_LARGE),
+                HEADERS_TOO_LARGE,
+                f"request line and headers exceed {self.max_header_bytes} bytes",
+            )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -56,6 +56,8 @@ STATUS_BY_ERROR_TYPE: dict[str, int] = {
     "over_capacity": 429,
     "not_ready": 503,
     "deadline_exceeded": 504,
+    "headers_too_large": 431,  # answered by service.http.connection before any route runs
+    "request_timeout": 408,  # likewise: head or body not received in time
     "internal_error": 500,
 }
 assert set(STATUS_BY_ERROR_TYPE) == set(ERROR_TYPES), "every error_type needs a status code"
