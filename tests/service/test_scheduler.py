@@ -6,6 +6,7 @@ Each test drives its own event loop with asyncio.run (no pytest-asyncio needed).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -239,19 +240,115 @@ def test_deadline_returns_best_so_far(engine: SlowEngine) -> None:
     assert observer.exits == [(0, True)] * 3 and sched.stats.deadline_hits == 3
 
 
-def test_deadline_before_first_exit_raises(engine: SlowEngine) -> None:
-    engine.delays = {0: 0.2}
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0)
+class GatedEngine(SlowEngine):
+    """Stage `held` waits for `gate` (a threading.Event) before it runs: the test decides when."""
 
-    async def body(s: Scheduler) -> None:
-        with pytest.raises(DeadlineExceededError):
-            await s.submit(_images(2), NEVER, deadline=time.monotonic() + 0.05)
-        with pytest.raises(DeadlineExceededError):
-            await s.submit(_images(2), NEVER, deadline=time.monotonic() - 1)
-        assert s.pending == 0
+    held: int
+    gate: threading.Event
 
-    run(sched, body)
-    assert sched.stats.deadline_exceeded == 2
+    def run_stage_batch(self, k: int, state: StageBatch) -> StageOutput:
+        if k == self.held:
+            assert self.gate.wait(timeout=30), "the test never released the held stage"
+        return super().run_stage_batch(k, state)
+
+
+@pytest.fixture()
+def gated(manifest: Manifest, synthetic_artifact: Path) -> GatedEngine:
+    eng = GatedEngine(manifest, synthetic_artifact, providers=[CPU], intra_op_threads=1)
+    eng.delays, eng.failures = {}, {}
+    eng.held, eng.gate = 0, threading.Event()
+    return eng
+
+
+async def _until(cond: Callable[[], bool]) -> None:
+    """Yield to the loop until cond() holds (a timer or a batch has done its part)."""
+    for _ in range(3000):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+def _late_answers(answers: list[Any], engine: Engine, x: np.ndarray) -> None:
+    """Every row answered by stage 1 (exit 1), flagged deadline_hit, with stage 1's own F."""
+    assert [(r.exit_index, r.deadline_hit) for r in answers] == [(0, True)] * len(x)
+    np.testing.assert_allclose(np.stack([r.logits for r in answers]), engine.run_all_stages(x)[0], rtol=1e-6)
+    assert all(r.macs == engine.manifest.stages[0].cumulative_macs for r in answers)
+
+
+@pytest.mark.parametrize("on_loop", EXECUTION)
+def test_deadline_passed_at_submit_is_answered_by_stage_1(engine: SlowEngine, on_loop: bool) -> None:
+    """Anytime semantics: a deadline already gone (a tiny deadline_ms) is no failure: stage 1 answers."""
+    observer = RecordingObserver()
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, observer=observer, run_on_loop=on_loop)
+    x = _images(2)
+
+    async def body(s: Scheduler) -> list[Any]:
+        out = await s.submit(x, NEVER, deadline=time.monotonic() - 1)
+        assert s.pending == 0 and s.queue_depths() == [0, 0, 0]
+        return out
+
+    _late_answers(run(sched, body), engine, x)
+    assert [b.stage for b in observer.batches] == [0]  # nothing deeper ran
+    assert observer.exits == [(0, True)] * 2
+    assert (sched.stats.deadline_late, sched.stats.deadline_hits) == (1, 2)
+
+
+def test_deadline_passing_during_stage_1_is_answered_by_it(gated: GatedEngine) -> None:
+    """The deadline fires while stage 1 runs (held): when it returns, it answers every row."""
+    sched = Scheduler(gated, max_batch_size=8, max_wait_ms=0)
+    x = _images(3)
+
+    async def body(s: Scheduler) -> list[Any]:
+        task = asyncio.create_task(s.submit(x, NEVER, deadline=time.monotonic() + 0.01))
+        await _until(lambda: s.stats.deadline_late == 1)  # the timer fired during the held batch
+        assert not task.done()
+        gated.gate.set()
+        return await task
+
+    _late_answers(run(sched, body), gated, x)
+    assert sched.stats.stages[1].batches == 0 and sched.pending == 0
+
+
+def test_deadline_passing_in_the_stage_1_queue_behind_a_slow_batch(gated: GatedEngine) -> None:
+    """B waits in stage 1's queue behind A's held batch while its deadline passes: stage 1 still
+    answers B, and A (no deadline) is answered as usual."""
+    sched = Scheduler(gated, max_batch_size=1, max_wait_ms=0)
+    xa, xb = _images(1, seed=1), _images(1, seed=2)
+
+    async def body(s: Scheduler) -> tuple[list[Any], list[Any]]:
+        a = asyncio.create_task(s.submit(xa, NEVER))
+        await _until(lambda: s.queue_depths()[0] == 0 and s.pending == 1)  # A's batch is running
+        b = asyncio.create_task(s.submit(xb, NEVER, deadline=time.monotonic() + 0.01))
+        await _until(lambda: s.stats.deadline_late == 1)
+        assert s.queue_depths() == [1, 0, 0]  # B is still queued at stage 1
+        gated.gate.set()
+        return await a, await b
+
+    got_a, got_b = run(sched, body)
+    assert [(r.exit_index, r.deadline_hit) for r in got_a] == [(E - 1, False)]
+    _late_answers(got_b, gated, xb)
+
+
+def test_deadline_with_rows_at_both_sides_of_stage_1(gated: GatedEngine) -> None:
+    """Rows past stage 1 answer at the deadline with their best so far; the row still queued at stage 1
+    is answered by it; the held stage-2 batch's return is ignored."""
+    gated.held = 1
+    observer = RecordingObserver()
+    sched = Scheduler(gated, max_batch_size=2, max_wait_ms=0, observer=observer)
+    x = _images(3)
+
+    async def body(s: Scheduler) -> list[Any]:
+        # 1 s: only stage 1 of rows 0, 1 (a few ms) must run before it; the rest is held by the gate
+        task = asyncio.create_task(s.submit(x, NEVER, deadline=time.monotonic() + 1.0))
+        await _until(lambda: s.stats.deadline_late == 1)
+        assert s.stats.deadline_hits == 2 and not task.done()  # rows 0, 1: their stage-1 F
+        gated.gate.set()
+        return await task
+
+    _late_answers(run(sched, body), gated, x)
+    assert observer.exits == [(0, True)] * 3 and sched.stats.deadline_hits == 3
+    assert sched.stats.stages[2].batches == 0 and sched.pending == 0
 
 
 def test_request_timeout_fails_requests_older_than_it_and_only_those(engine: SlowEngine) -> None:

@@ -31,11 +31,17 @@ Design
 * Thresholds travel with each request ((B, E), the per-request budget); `early_exit=False` uses
   +inf for every stage but the last. Exits follow service.core.exit_rule (conf = max softmax(F_k)
   >= T[k]; the last always answers).
-* Deadlines (absolute `time.monotonic()`): a loop timer fires at the deadline; rows that have not
-  exited answer with their latest F (deadline_hit=True) if they finished at least stage 0; if any
-  row of the request has not, the request fails with DeadlineExceededError. The request's queued
-  chunks are dropped; rows in the running batch are ignored when it returns. The engine's current
-  ORT run is not interrupted (ORT cannot be), so the worker may stay busy for one batch.
+* Deadlines (absolute `time.monotonic()`), anytime semantics: the deadline is the client's own
+  trade of accuracy for latency, so it never fails a request (a 5xx would read as a server fault
+  and a 4xx would punish a client for asking for speed); stage 0, the cheapest exit, always runs.
+  A loop timer fires at the deadline: rows that have not exited and finished at least stage 0
+  answer at once with their latest F (deadline_hit=True). Rows still waiting for stage 0 (queued
+  or in the running batch) mark the request late: stage 0 answers each of them, confident or not
+  (deadline_hit=True), and the request's deeper queued chunks are dropped. A deadline already
+  passed at submit (a tiny deadline_ms) makes the request late at once, without a timer. Rows in
+  a running deeper batch are ignored when it returns. The engine's current ORT run is not
+  interrupted (ORT cannot be), so the worker may stay busy for one batch. A late request is still
+  bound by the request timeout below.
 * Request timeout (`request_timeout_s`, the server's safety net, seconds from admission): one
   sweeper task fails requests older than that with DeadlineExceededError, up to a quarter of the
   timeout (at most 0.25 s) late. Why not a timer per request: at thousands of requests per second

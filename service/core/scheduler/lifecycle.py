@@ -170,8 +170,9 @@ class Scheduler:
         """Classify (B, C, H, W) images; results in input order.
 
         thresholds: (E,) or (B, E) (None or early_exit=False: every stage). deadline: absolute
-        time.monotonic(). Raises NotReadyError, OverCapacityError, ValidationFailedError,
-        DeadlineExceededError, StageFailedError.
+        time.monotonic(); a deadline never fails the request, even one already passed (see the
+        package docstring). Raises NotReadyError, OverCapacityError, ValidationFailedError,
+        DeadlineExceededError (the request timeout only), StageFailedError.
         """
         if not self._accepting or self._loop is None:
             raise NotReadyError("the scheduler is not running")
@@ -180,9 +181,6 @@ class Scheduler:
         if n == 0:
             return []
         thr = normalize_thresholds(thresholds if early_exit else None, n, self.num_stages)  # (B, E)
-        if deadline is not None and time.monotonic() >= deadline:
-            self.stats.deadline_exceeded += 1
-            raise DeadlineExceededError("the deadline passed before the request was queued")
         if self._pending > 0 and self._pending + n > self.max_queue:
             self.stats.rejected += 1
             raise OverCapacityError(
@@ -196,7 +194,12 @@ class Scheduler:
         if deadline is not None:
             req.best_logits = np.zeros((n, self.engine.num_classes), dtype=np.float32)
             req.best_exit = np.full(n, -1, dtype=np.int32)
-            req.timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, req)
+            left = deadline - time.monotonic()
+            if left > 0.0:
+                req.timer = loop.call_later(left, self._expire, req)
+            else:  # already passed (a tiny deadline_ms): stage 1 answers every row, no timer
+                req.late = True
+                self.stats.deadline_late += 1
         self._requests[req.id] = req
         self._pending += n
         self._enqueue(0, Chunk(req, np.arange(n), self.engine.initial_state(arr), req.id, loop.time(), whole=True))
@@ -330,6 +333,7 @@ class Scheduler:
             k, comp, comp.leave.tolist(), comp.conf.tolist(), self._cum_macs[k], batch_id, self._loop.time()
         )
         answered: list[int] = []  # batch positions whose answer reached a live request
+        late_rows: list[int] = []  # batch positions answered because their request's deadline passed
         start = 0
         kept = 0  # survivors so far = where the next chunk's survivors start in comp.next_state
         for chunk in chunks:
@@ -337,7 +341,13 @@ class Scheduler:
             exiting = [i for i in range(n) if out.leave[start + i]]
             n_stay = n - len(exiting)
             req = chunk.request
-            if not req.done:  # else a deadline, failure or cancel ended it while this batch ran
+            if req.late and not req.done:
+                if k == 0:  # the deadline passed before these rows had an exit: this one answers
+                    late_rows += self._answer_late(out, chunk, start)
+                    if req.remaining == 0:
+                        self._complete(req)
+                # deeper (k > 0): these rows were answered best-so-far when the deadline fired
+            elif not req.done:  # else a deadline, failure or cancel ended it while this batch ran
                 if exiting:
                     answered += self._answer(out, chunk, exiting, start)
                 if n_stay:
@@ -348,6 +358,10 @@ class Scheduler:
             kept += n_stay
         if answered and self.observer is not None:
             self._safe(self.observer.on_exits, k, comp.conf[answered], float(out.macs), False)
+        if late_rows:
+            self.stats.deadline_hits += len(late_rows)
+            if self.observer is not None:
+                self._safe(self.observer.on_exits, k, comp.conf[late_rows], float(out.macs), True)
 
     def _answer(self, out: _Delivery, chunk: Chunk, exiting: list[int], start: int) -> list[int]:
         """Answer the chunk's rows `exiting` (chunk positions; the chunk starts at batch position
@@ -359,6 +373,21 @@ class Scheduler:
         for i, j in zip(exiting, positions, strict=True):
             req.results[rows[i]] = make_result(out.stage, comp.logits[j], comp.probs[j], out.conf[j], out.macs)
         req.remaining -= len(exiting)
+        return positions
+
+    def _answer_late(self, out: _Delivery, chunk: Chunk, start: int) -> list[int]:
+        """Stage 1 of a request whose deadline has passed: every row of the chunk answers here,
+        flagged deadline_hit (as `Engine.classify` flags rows that leave after the deadline),
+        confident or not; returns their batch positions (the chunk starts at `start`)."""
+        req = chunk.request
+        comp = out.comp
+        rows: list[int] = chunk.rows.tolist()
+        positions = list(range(start, start + len(rows)))
+        for i, j in enumerate(positions):
+            req.results[rows[i]] = make_result(
+                out.stage, comp.logits[j], comp.probs[j], out.conf[j], out.macs, deadline_hit=True
+            )
+        req.remaining -= len(rows)
         return positions
 
     def _forward(self, out: _Delivery, chunk: Chunk, start: int, partial: bool, survivors: slice) -> None:
@@ -387,15 +416,21 @@ class Scheduler:
         req.done = True
         if req.timer is not None:
             req.timer.cancel()
-        if req.queued_chunks > 0:  # rare: deadline, failure, cancel or shutdown with rows still queued
-            for k, queue in enumerate(self._queues):
-                if any(c.request is req for c in queue):
-                    kept = [c for c in queue if c.request is not req]
-                    self._depth[k] = sum(len(c.rows) for c in kept)
-                    self._queues[k] = deque(kept)
-            req.queued_chunks = 0
+        self._drop_queued(req)
         self._pending -= req.size
         self._requests.pop(req.id, None)
+
+    def _drop_queued(self, req: RequestState, first_stage: int = 0) -> None:
+        """Remove the request's chunks from the queues of `first_stage` and deeper."""
+        if req.queued_chunks == 0:  # the common case: nothing queued, no scan
+            return
+        for k in range(first_stage, self.num_stages):
+            queue = self._queues[k]
+            if any(c.request is req for c in queue):
+                kept = [c for c in queue if c.request is not req]
+                req.queued_chunks -= len(queue) - len(kept)
+                self._depth[k] = sum(len(c.rows) for c in kept)
+                self._queues[k] = deque(kept)
 
     def _complete(self, req: RequestState) -> None:
         self._finalize(req)
@@ -413,29 +448,36 @@ class Scheduler:
             self._fail(req, exc)
 
     def _expire(self, req: RequestState) -> None:
-        """Deadline timer: best-so-far answers, or DeadlineExceededError if a row has no exit yet."""
+        """Deadline timer: rows past stage 1 answer with their best-so-far F (deadline_hit); rows
+        still waiting for stage 1 (queued or running) are answered by it (anytime semantics: a
+        client's own deadline never fails a request, see the package docstring)."""
         if req.done:
             return
         assert req.best_exit is not None and req.best_logits is not None
         missing = [i for i, r in enumerate(req.results) if r is None]
-        if any(int(req.best_exit[i]) < 0 for i in missing):
-            self.stats.deadline_exceeded += 1
-            self._fail(req, DeadlineExceededError("the deadline passed before the first exit answered"))
+        ready = [i for i in missing if int(req.best_exit[i]) >= 0]
+        if ready:
+            idx = np.asarray(ready, dtype=np.int64)
+            logits = req.best_logits[idx]  # (m, classes)
+            probs = softmax(logits)  # (m, classes)
+            conf = confidence(probs)  # (m,)
+            stages = req.best_exit[idx]  # (m,)
+            for pos, i in enumerate(ready):
+                stage = int(stages[pos])
+                req.results[i] = make_result(stage, logits[pos], probs[pos], conf[pos], self._cum_macs[stage], True)
+            if self.observer is not None:
+                for stage in np.unique(stages).tolist():
+                    macs = float(self._cum_macs[stage])
+                    self._safe(self.observer.on_exits, stage, conf[stages == stage], macs, True)
+            self.stats.deadline_hits += len(ready)
+            req.remaining -= len(ready)
+        if req.remaining == 0:
+            self._complete(req)
             return
-        idx = np.asarray(missing, dtype=np.int64)
-        logits = req.best_logits[idx]  # (m, classes)
-        probs = softmax(logits)  # (m, classes)
-        conf = confidence(probs)  # (m,)
-        stages = req.best_exit[idx]  # (m,)
-        for pos, i in enumerate(missing):
-            stage = int(stages[pos])
-            req.results[i] = make_result(stage, logits[pos], probs[pos], conf[pos], self._cum_macs[stage], True)
-        if self.observer is not None:
-            for stage in np.unique(stages).tolist():
-                self._safe(self.observer.on_exits, stage, conf[stages == stage], float(self._cum_macs[stage]), True)
-        self.stats.deadline_hits += len(missing)
-        req.remaining = 0
-        self._complete(req)
+        # Some rows have no exit yet: they are at stage 1; their rows deeper are answered above.
+        req.late = True
+        self.stats.deadline_late += 1
+        self._drop_queued(req, first_stage=1)
 
     async def _sweep(self, timeout: float) -> None:
         """Fail the requests admitted more than `timeout` seconds ago (see the module docstring)."""

@@ -50,7 +50,7 @@ class SchedulerStats:
     rejected: int = 0  # over capacity
     failed: int = 0  # stage failures
     deadline_hits: int = 0  # images answered best-so-far
-    deadline_exceeded: int = 0  # requests with no answer by their deadline
+    deadline_late: int = 0  # requests whose deadline passed before every row had an exit (stage 1 answers)
     timed_out: int = 0  # requests failed by the request timeout
     cancelled: int = 0
 

@@ -25,6 +25,7 @@ class RequestState:
         "expires",
         "future",
         "id",
+        "late",
         "queued_chunks",
         "remaining",
         "results",
@@ -52,6 +53,8 @@ class RequestState:
         self.queued_chunks = 0  # chunks of this request in the queues (finalize scans only if > 0)
         self.expires = math.inf  # loop.time() when the request timeout fails it
         self.timer: asyncio.TimerHandle | None = None
+        # The deadline passed while some rows had no exit: stage 1 answers those, deeper stages nothing.
+        self.late = False
         # Best-so-far F per row, kept only for requests with a deadline: (B, classes), exit (B,).
         self.best_logits: np.ndarray | None = None
         self.best_exit: np.ndarray | None = None

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.core.errors import DeadlineExceededError, OverCapacityError
+from service.core.errors import OverCapacityError
 from tests.service.http import images
 from tests.service.http.conftest import ClientFactory, assert_error
 
@@ -140,12 +140,36 @@ def test_over_capacity_is_429_with_retry_after(client: TestClient, monkeypatch: 
     assert response.headers["retry-after"] == "3"
 
 
-def test_deadline_without_answer_is_504(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def late(*args: Any, **kwargs: Any) -> Any:
-        raise DeadlineExceededError("the deadline passed before the first stage ran")
+def test_deadline_passing_during_stage_1_is_answered_by_exit_1(make_client: ClientFactory) -> None:
+    """Stage 1 is held until the deadline timer has fired: the image is still answered by exit 1
+    (anytime semantics), flagged deadline_hit, not a 504."""
+    with make_client(stage_execution="thread") as client:
+        scheduler = client.app.state.service.scheduler  # type: ignore[attr-defined]
+        engine = scheduler.engine
+        real = engine.run_stage_batch
+        gate = threading.Event()
 
-    monkeypatch.setattr(client.app.state.service.scheduler, "submit", late)  # type: ignore[attr-defined]
-    assert_error(post_raw(client, images.png(), "/v1/classify?deadline_ms=1"), 504, "deadline_exceeded")
+        def held(k: int, state: Any) -> Any:
+            if k == 0:
+                assert gate.wait(timeout=30)
+            return real(k, state)
+
+        def release_when_late() -> None:
+            for _ in range(6000):  # the timer fires after 10 ms; give up (and fail below) after 30 s
+                if scheduler.stats.deadline_late:
+                    break
+                time.sleep(0.005)
+            gate.set()
+
+        engine.run_stage_batch = held
+        releaser = threading.Thread(target=release_when_late)
+        releaser.start()
+        response = post_raw(client, images.png(), "/v1/classify?thresholds=never,never,0&deadline_ms=10")
+        releaser.join()
+        engine.run_stage_batch = real
+        reference = post_raw(client, images.png(), "/v1/classify?thresholds=0,0,0")
+    assert response.status_code == 200, response.text
+    assert response.json()["results"] == [{**reference.json()["results"][0], "deadline_hit": True}]
 
 
 def test_request_timeout_is_504_from_the_settings(make_client: ClientFactory) -> None:
@@ -194,10 +218,27 @@ def test_not_ready_is_503_with_retry_after(make_client: ClientFactory, synthetic
     assert client.get("/livez").status_code == 200
 
 
-def test_real_deadline_already_passed_is_504(client: TestClient) -> None:
-    # 1 µs: gone before the scheduler sees the request, so no exit can answer.
-    response = post_raw(client, images.png(), "/v1/classify?deadline_ms=0.001")
-    assert_error(response, 504, "deadline_exceeded", "deadline")
+@pytest.mark.parametrize("deadline_ms", ["0.001", "5e-324"])
+def test_a_deadline_already_passed_is_answered_by_exit_1(client: TestClient, deadline_ms: str) -> None:
+    """A client's own too-small deadline is no server fault (never a 5xx): the cheapest exit answers,
+    flagged deadline_hit, with exactly exit 1's answer (v1 and v2)."""
+    png = images.png()
+    reference = post_raw(client, png, "/v1/classify?thresholds=0,0,0").json()["results"][0]
+    assert (reference["exit"], reference["deadline_hit"]) == (1, False)
+    v1 = post_raw(client, png, f"/v1/classify?thresholds=never,never,0&deadline_ms={deadline_ms}")
+    assert v1.status_code == 200, v1.text
+    assert v1.json()["results"] == [{**reference, "deadline_hit": True}]
+
+    tensor = {"name": "image", "shape": [8, 8, 1], "datatype": "UINT8", "data": [7] * 64}
+    url = "/v2/models/synthetic-boostnet/infer"
+    ref2 = client.post(url, json={"inputs": [tensor], "parameters": {"thresholds": "0,0,0"}}).json()
+    body = {"inputs": [tensor], "parameters": {"thresholds": "never,never,0", "deadline_ms": float(deadline_ms)}}
+    v2 = client.post(url, json=body)
+    assert v2.status_code == 200, v2.text
+    got = v2.json()
+    assert got["outputs"] == ref2["outputs"]  # exit 1's label, probabilities, exit, macs
+    assert next(o for o in got["outputs"] if o["name"] == "exit")["data"] == [1]
+    assert (got["parameters"]["deadline_hits"], ref2["parameters"]["deadline_hits"]) == (1, 0)
 
 
 def test_generous_deadline_answers_normally(client: TestClient) -> None:
