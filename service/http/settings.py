@@ -19,7 +19,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.core.errors import ValidationFailedError
-from service.core.knobs import BUDGET_KNOBS, POLICIES, Budget
+from service.core.knobs import BUDGET_KNOBS, POLICIES, Budget, parse_bool
 
 #: The model shipped inside the package (written by `boostserve export --embed`); the default artifact.
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "embedded_model"
@@ -273,6 +273,15 @@ class Settings(BaseSettings):
                     f"default_budget must be JSON such as '{{\"max_accuracy_drop\": 0.01}}': {exc}"
                 ) from exc
         return value
+
+    @field_validator("early_exit", mode="before")
+    @classmethod
+    def _knob_bool(cls, value: Any) -> Any:
+        """early_exit is a knob: spelled as the knob table spells booleans (not pydantic's yes/on/t)."""
+        try:
+            return parse_bool(value, "early_exit")
+        except ValidationFailedError as exc:
+            raise ValueError(exc.message) from exc
 
     @field_validator("default_policy")
     @classmethod

@@ -155,3 +155,19 @@ def test_no_import_cycle_in_service() -> None:
             if imported.startswith("service") and graph.chain_exists(importer=imported, imported=module):
                 cycles.append((module, imported))
     assert cycles == []
+
+
+@pytest.mark.parametrize(("raw", "value"), [("true", True), ("FALSE", False), ("1", True), ("0", False)])
+def test_the_early_exit_setting_takes_the_knob_spellings(
+    monkeypatch: pytest.MonkeyPatch, raw: str, value: bool
+) -> None:
+    monkeypatch.setenv("BOOSTSERVE_EARLY_EXIT", raw)
+    assert Settings().early_exit is value
+
+
+def test_the_early_exit_setting_refuses_what_requests_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOOSTSERVE_EARLY_EXIT", "yes")
+    with pytest.raises(
+        ValueError, match=r"early_exit must be a boolean: true or false \(in text also 1 or 0\), got 'yes'"
+    ):
+        Settings()
