@@ -10,6 +10,9 @@ the header and in the log).
     its getrandom syscall per request); on every response; stored in `request.state.request_id`.
   - body limit: Content-Length over the limit is refused before reading; a chunked body is
     counted while it streams and refused the moment it passes the limit (never read unbounded).
+    Before that 413 the rest of the body is read and discarded, up to LINGER_MAX_BYTES and
+    LINGER_S (nginx's lingering close): closing with unread data makes the kernel send RST, and a
+    client that writes its whole body before reading (urllib) got a reset instead of the 413.
   - metrics: latency and count by route *template* (unknown paths -> "other").
   - unexpected exceptions: logged with traceback and request id, answered with the generic 500
     envelope (Starlette's ServerErrorMiddleware sits outside user middleware and would answer
@@ -26,7 +29,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,8 +43,38 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 OTHER_ROUTE = "other"
 
 
+#: Lingering read before a 413: at most this many bytes of the refused body are read and thrown
+#: away, for at most this long (a slow or endless client cannot hold the connection longer; past
+#: either bound the 413 goes out and the connection closes, possibly with a reset). A declared
+#: remainder above LINGER_MAX_BYTES is not read at all: it would end in a reset anyway.
+LINGER_MAX_BYTES: Final = 16 * 1024 * 1024
+LINGER_S: Final = 2.0
+
+
 class _BodyTooLarge(Exception):
     pass
+
+
+async def _linger(receive: Receive, scope: Scope, remaining: int | None) -> None:
+    """Read and discard the rest of a refused body, within LINGER_MAX_BYTES and LINGER_S.
+
+    remaining: the declared bytes still unread (None for a chunked body). A client that sent
+    `Expect: 100-continue` has not sent the body, and reading would invite it: no lingering.
+    """
+    if remaining is not None and remaining > LINGER_MAX_BYTES:
+        return
+    if any(name == b"expect" for name, _ in scope.get("headers", [])):
+        return
+    drained = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER_S):
+            while drained <= LINGER_MAX_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                drained += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
 
 
 def route_template(scope: Scope) -> str:
@@ -96,12 +129,16 @@ class RequestMiddleware:
         async def send_wrapper_raw(message: Message) -> None:
             await send(start_message(message) if message["type"] == "http.response.start" else message)
 
+        declared = _content_length(scope)
+        received = [0]
+
         async def reply_over_limit() -> None:
+            await _linger(receive, scope, None if declared is None else declared - received[0])
             message = f"request body is over the limit of {limit} bytes"
             await self._reply_error(send_wrapper_raw, scope, 413, "payload_too_large", message)
 
-        declared = _content_length(scope)
         if declared is not None and declared > limit:
+            await _linger(receive, scope, declared)
             await self._reply_error(
                 send_wrapper_raw,
                 scope,
@@ -111,8 +148,6 @@ class RequestMiddleware:
             )
             self._finish(scope, start, status_holder[0], request_id)
             return
-
-        received = [0]
 
         async def receive_wrapper() -> Message:
             message = await receive()
