@@ -59,6 +59,12 @@ def main() -> int:
         except urllib.error.HTTPError as exc:
             print(f"{path}: HTTP {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
             return 1
+        except urllib.error.URLError as exc:  # refused, unknown host, ...: the server, not the image
+            print(f"cannot reach {args.url}: {exc.reason}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # the image file (missing, unreadable) or a timeout mid-answer
+            print(f"{path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         result = body["results"][0]  # type: ignore[index]
         print(
             f"{path.name:28s} {result['class_name']:12s} p={result['confidence']:.3f} "

@@ -77,6 +77,14 @@ def evaluate(model: BoostedNet, data: ArrayDataset, device: torch.device, batch_
     return [100.0 * int(c) / max(1, len(data)) for c in correct]
 
 
+class TrainError(ValueError):
+    """The inputs cannot train this config (channels, a backbone checkpoint that does not fit).
+
+    Why a type: `boostserve train` reports these (and `DataError`) as one line, exit 2; any other
+    exception is a bug and keeps its traceback.
+    """
+
+
 def _frozen_backbone_from(model: BoostedNet, path: str) -> None:
     """Copy the non-head weights (and BN statistics) of checkpoint `path` into `model`, then freeze them."""
     src = load_checkpoint(path).model.state_dict()
@@ -86,11 +94,11 @@ def _frozen_backbone_from(model: BoostedNet, path: str) -> None:
         if key.startswith("backbone.heads."):
             continue
         if key not in own or own[key].shape != value.shape:
-            raise ValueError(f"--freeze-backbone {path}: {key} does not match this config's backbone")
+            raise TrainError(f"--freeze-backbone {path}: {key} does not match this config's backbone")
         own[key].copy_(value)
         copied += 1
     if copied == 0:
-        raise ValueError(f"--freeze-backbone {path}: no backbone weights found")
+        raise TrainError(f"--freeze-backbone {path}: no backbone weights found")
     model.freeze_backbone()
 
 
@@ -118,7 +126,7 @@ def train(config: ModelConfig, opts: TrainOptions) -> dict[str, Any]:
         crop_padding=tc.crop_padding,
     )
     if splits.train.images.shape[1] != config.in_channels:
-        raise ValueError(
+        raise TrainError(
             f"{config.name} expects {config.in_channels} channels, data has {splits.train.images.shape[1]}"
         )
     n_classes = len(splits.class_names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -42,13 +43,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> int:
+    print(f"boostserve train: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from models.config import get_preset
-    from models.training import TrainOptions, train
+    from models.data import DataError
+    from models.training import TrainError, TrainOptions, train
 
-    config = get_preset(args.config)
+    try:
+        config = get_preset(args.config)
+    except KeyError as exc:
+        return _fail(str(exc.args[0]))
     tc = config.training
     tc = replace(
         tc,
@@ -83,5 +96,8 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         quiet=args.quiet,
     )
-    train(config, opts)
+    try:
+        train(config, opts)
+    except (DataError, TrainError) as exc:
+        return _fail(str(exc))
     return 0
