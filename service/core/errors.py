@@ -80,7 +80,8 @@ class NotReadyError(BoostServeError):
 
 
 class DeadlineExceededError(BoostServeError):
-    """The deadline passed before any exit produced an answer."""
+    """The server's safety net (request_timeout_s) fired, or the engine-only path's deadline passed before
+    exit 1 ran; the scheduler answers a client's own deadline from exit 1 instead (anytime semantics)."""
 
     error_type = "deadline_exceeded"
 

@@ -44,7 +44,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "invalid field, budget or tensor"},
     429: {"model": ErrorResponse, "description": "over capacity; retry after the Retry-After header"},
     503: {"model": ErrorResponse, "description": "not ready (loading, warming up or shutting down)"},
-    504: {"model": ErrorResponse, "description": "deadline passed before any exit answered"},
+    504: {
+        "model": ErrorResponse,
+        "description": "the server's request timeout passed (a client's deadline_ms is "
+        "answered by exit 1 with deadline_hit, never a 504)",
+    },
 }
 
 #: The same statuses documented with the OIP error body, for the /v2 routes.
