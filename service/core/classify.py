@@ -225,16 +225,18 @@ class ClassifyService:
             raise TooManyImagesError(f"{count} images in one request, the limit is {self.max_images_per_request}")
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResult:
-        """Options -> budget, images -> tensor, scheduler -> answers (1-based exits)."""
+        """Options -> budget, admission, images -> tensor, scheduler -> answers (1-based exits)."""
         start = time.monotonic()
         resolved, options = self.resolve_options(request.options, request.where, request.extra_knobs)
         deadline_ms = options.deadline_ms
-        self.check_count(len(request.images))
-        images = await self.preprocessor.prepare(request.images)  # (B, C, H, W) float32
+        count = len(request.images)
+        self.check_count(count)
         # While draining (closing) requests still go to the scheduler: it answers what it admits
         # and refuses (503) once stopped; only the readiness probes flip first.
         if not self.ready and not self.closing:
             raise NotReadyError("the model is not ready (starting up)")
+        self.scheduler.admit(count)  # a request that will be refused is refused before it is decoded
+        images = await self.preprocessor.prepare(request.images)  # (B, C, H, W) float32
         deadline = None if deadline_ms is None else start + deadline_ms / 1000.0
         self.inflight += 1
         try:  # the scheduler enforces the request timeout (one sweeper, no timer per request)

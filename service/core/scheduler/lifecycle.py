@@ -159,6 +159,22 @@ class Scheduler:
 
     # -- submit --------------------------------------------------------------------------------------
 
+    def admit(self, n: int) -> None:
+        """Would `n` more images be admitted now? Raises NotReadyError / OverCapacityError if not.
+
+        The one admission rule: `submit` applies it, and callers apply it before the expensive work
+        that precedes a submit (decoding), so a request that will be refused costs no decode. Into
+        an empty scheduler every request is admitted (one larger than max_queue is served alone).
+        """
+        if not self._accepting or self._loop is None:
+            raise NotReadyError("the scheduler is not running")
+        if self._pending > 0 and self._pending + n > self.max_queue:
+            self.stats.rejected += 1
+            raise OverCapacityError(
+                f"{self._pending} images are queued (limit {self.max_queue}); retry later",
+                retry_after=self.stats.drain_seconds(self._pending),
+            )
+
     async def submit(
         self,
         images: Any,
@@ -174,20 +190,14 @@ class Scheduler:
         package docstring). Raises NotReadyError, OverCapacityError, ValidationFailedError,
         DeadlineExceededError (the request timeout only), StageFailedError.
         """
-        if not self._accepting or self._loop is None:
-            raise NotReadyError("the scheduler is not running")
         arr = self.engine.check_images(images)
         n = int(arr.shape[0])
+        self.admit(n)
         if n == 0:
             return []
         thr = normalize_thresholds(thresholds if early_exit else None, n, self.num_stages)  # (B, E)
-        if self._pending > 0 and self._pending + n > self.max_queue:
-            self.stats.rejected += 1
-            raise OverCapacityError(
-                f"{self._pending} images are queued (limit {self.max_queue}); retry later",
-                retry_after=self.stats.drain_seconds(self._pending),
-            )
         loop = self._loop
+        assert loop is not None  # admit() refuses while the scheduler is not running
         req = RequestState(next(self._ids), n, thr, deadline, loop.create_future())
         if self.request_timeout is not None:
             req.expires = loop.time() + self.request_timeout

@@ -298,3 +298,40 @@ def test_a_deadline_hit_reaches_the_answer_in_v1_and_v2(make_client: ClientFacto
         assert v2.status_code == 200, v2.text
         assert v2.json()["parameters"]["deadline_hits"] == 1
         assert next(o for o in v2.json()["outputs"] if o["name"] == "exit")["data"] == [1]
+
+
+def test_a_request_refused_for_capacity_is_refused_before_it_is_decoded(make_client: ClientFactory) -> None:
+    """Item 6 of the hardening issue: every 429 used to pay for the full decode first."""
+    with make_client(max_queue=1, stage_execution="thread") as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        engine = service.scheduler.engine
+        real_stage, real_prepare = engine.run_stage_batch, service.preprocessor.prepare
+        gate = threading.Event()
+        decoded: list[int] = []
+
+        def held(k: int, state: Any) -> Any:
+            gate.wait(timeout=30)
+            return real_stage(k, state)
+
+        async def counting_prepare(images: Any) -> Any:
+            decoded.append(len(images))
+            return await real_prepare(images)
+
+        engine.run_stage_batch = held
+        service.preprocessor.prepare = counting_prepare
+        first: list[Any] = []
+        sender = threading.Thread(target=lambda: first.append(post_raw(client, images.png(seed=1))))
+        sender.start()
+        try:
+            for _ in range(3000):  # until the first image is admitted (bounded: 30 s)
+                if service.scheduler.pending == 1:
+                    break
+                time.sleep(0.01)
+            assert service.scheduler.pending == 1
+            refused = post_raw(client, images.png(seed=2))
+            assert_error(refused, 429, "over_capacity", "1 images are queued (limit 1); retry later")
+            assert decoded == [1]  # only the admitted request was decoded
+        finally:
+            gate.set()
+            sender.join(timeout=30)
+        assert first[0].status_code == 200
