@@ -153,22 +153,13 @@ class ClassifyService:
             if early_exit == current.early_exit:
                 return current
             return ResolvedBudget(current.budget, current.thresholds, early_exit)
-        self._check_calibrated(options.budget)
         return ResolvedBudget(options.budget, self.resolver.resolve(options.budget), early_exit)
-
-    def _check_calibrated(self, budget: Budget) -> None:
-        if budget.needs_calibration and not self.calibrated:
-            raise ValidationFailedError(
-                f"{budget.kind} needs calibration data and this artifact has none; "
-                "use max_exit or thresholds, or re-export the model with --data"
-            )
 
     async def set_global_budget(self, budget: Budget | None, early_exit: bool | None = None) -> ResolvedBudget:
         """Replace the global budget and/or the global early-exit switch; returns what is in force."""
         async with self._budget_lock:
             current = self.global_budget
             if budget is not None:
-                self._check_calibrated(budget)
                 current = ResolvedBudget(budget, self.resolver.resolve(budget), current.early_exit)
             if early_exit is not None:
                 current = ResolvedBudget(current.budget, current.thresholds, early_exit)
