@@ -26,6 +26,7 @@ from service.core.artifact import Manifest
 from service.core.budget import BudgetResolver
 from service.core.errors import NotReadyError, TooManyImagesError, ValidationFailedError
 from service.core.knobs import KNOBS, Budget, Knob, RequestOptions, parse_options
+from service.core.memo import IdentityMemo
 from service.core.policies import ThresholdResult
 from service.core.preprocess import ImageInput, Preprocessor
 from service.core.scheduler import Scheduler
@@ -114,7 +115,7 @@ class ClassifyService:
         self._budget_lock = asyncio.Lock()
         # (where, knobs, frozen options) -> (global budget it was resolved against, resolved, options)
         self._memo: dict[Any, tuple[ResolvedBudget, ResolvedBudget, RequestOptions]] = {}
-        self._info_memo: dict[int, tuple[ResolvedBudget, dict[str, Any]]] = {}
+        self._info_memo: IdentityMemo[ResolvedBudget, dict[str, Any]] = IdentityMemo(_MEMO_SIZE)
 
     @property
     def calibrated(self) -> bool:
@@ -131,7 +132,8 @@ class ClassifyService:
         used only while the global budget it was resolved against is still in force (PUT /v1/budget
         replaces that object); errors are never memoised.
         """
-        key: Any = (where, extra_knobs, tuple(sorted((k, _frozen(v)) for k, v in options.items())))
+        names = tuple(k.name for k in extra_knobs)
+        key: Any = (where, names, tuple(sorted((k, _frozen(v)) for k, v in options.items())))
         try:
             hit = self._memo.get(key)
         except TypeError:  # an unhashable value (a nested object): not memoised, the parser refuses it
@@ -183,14 +185,7 @@ class ClassifyService:
 
         Memoised per resolved-budget object (requests repeat a handful); treat the dict as read-only.
         """
-        hit = self._info_memo.get(id(resolved))
-        if hit is not None and hit[0] is resolved:
-            return hit[1]
-        info = self._budget_info(resolved)
-        if len(self._info_memo) >= _MEMO_SIZE:
-            self._info_memo.clear()
-        self._info_memo[id(resolved)] = (resolved, info)  # the object is kept, so its id is not reused
-        return info
+        return self._info_memo.get(resolved, self._budget_info)
 
     def _budget_info(self, resolved: ResolvedBudget) -> dict[str, Any]:
         info = resolved.thresholds.to_json()

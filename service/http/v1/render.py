@@ -22,15 +22,14 @@ import orjson
 
 from service.core.classify import Classified, ClassifyResult, ClassifyService, ResolvedBudget
 from service.core.knobs import Knob
+from service.core.memo import IdentityMemo
 from service.http.schemas import BudgetInfo
 
 #: v1's rendering knob: how many classes each result lists.
 TOP_K = Knob("top_k", "int", "request", "how many classes each result lists, most probable first", 5, low=1, high=1000)
 
-#: Budget JSON per resolved budget object (id -> (object, bytes)); the object is kept so its id
-#: cannot be reused while the entry lives. Clients use a handful of budgets; bounded anyway.
-_BUDGET_JSON: dict[int, tuple[ResolvedBudget, bytes]] = {}
-_BUDGET_JSON_SIZE = 256
+#: Budget JSON per resolved budget object: clients use a handful of budgets.
+_BUDGET_JSON: IdentityMemo[ResolvedBudget, bytes] = IdentityMemo()
 
 
 def image_results(
@@ -69,14 +68,7 @@ def budget_info_json(info: dict[str, Any]) -> bytes:
 
 def budget_json(service: ClassifyService, resolved: ResolvedBudget) -> bytes:
     """`budget_info_json` of a resolved budget, memoised per resolved-budget object."""
-    hit = _BUDGET_JSON.get(id(resolved))
-    if hit is not None and hit[0] is resolved:
-        return hit[1]
-    encoded = budget_info_json(service.budget_info(resolved))
-    if len(_BUDGET_JSON) >= _BUDGET_JSON_SIZE:
-        _BUDGET_JSON.clear()
-    _BUDGET_JSON[id(resolved)] = (resolved, encoded)
-    return encoded
+    return _BUDGET_JSON.get(resolved, lambda r: budget_info_json(service.budget_info(r)))
 
 
 def classify_response_json(
