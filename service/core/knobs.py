@@ -274,12 +274,16 @@ class Budget:
     policy: str | None = None
 
     @classmethod
-    def parse(cls, data: Budget | Mapping[str, Any]) -> Budget:
-        """A mapping of knobs (JSON or text values) -> Budget; exactly one budget knob."""
+    def parse(cls, data: Budget | Mapping[str, Any], default_policy: str | None = None) -> Budget:
+        """A mapping of knobs (JSON or text values) -> Budget; exactly one budget knob.
+
+        ``default_policy``: the policy of a knob that takes one when the mapping names none.
+        """
         if isinstance(data, Budget):
             return data
+        allowed = [*BUDGET_KNOBS, KNOB_BY_NAME["policy"]]
         try:
-            options = parse_options(data, allowed=[*BUDGET_KNOBS, KNOB_BY_NAME["policy"]], where="budget field")
+            options = parse_options(data, allowed=allowed, where="budget field", default_policy=default_policy)
         except InvalidBudgetError:
             raise
         except ValidationFailedError as exc:
@@ -336,12 +340,14 @@ def parse_options(
     *,
     allowed: Iterable[Knob] = KNOBS,
     where: str = "parameter",
-    default_policy: str = "optimal",
+    default_policy: str | None = None,
 ) -> RequestOptions:
     """Validate a mapping of knobs (every adapter's one entry point) into RequestOptions.
 
     ``allowed`` narrows the vocabulary (e.g. the global budget has no deadline); ``where`` names the
     place in messages ("query parameter", "parameters key", ...). None values count as absent.
+    ``default_policy`` (None: the first of `POLICIES`) is the policy of a knob that takes one and
+    names none.
     """
     table = {k.name: k for k in allowed}
     values: dict[str, Any] = {}
@@ -360,7 +366,9 @@ def parse_options(
         knob = KNOB_BY_NAME[budget_names[0]]
         if policy is not None and not knob.takes_policy:
             raise ValidationFailedError(f"policy applies to {_POLICY_NAMES} only, not to {knob.name}")
-        budget = Budget(knob.name, values[knob.name], (policy or default_policy) if knob.takes_policy else None)
+        budget = Budget(
+            knob.name, values[knob.name], (policy or default_policy or POLICIES[0]) if knob.takes_policy else None
+        )
     elif policy is not None:
         raise ValidationFailedError(f"policy needs a budget knob that takes one: {_POLICY_NAMES}")
     early_exit = values.get("early_exit")

@@ -320,7 +320,4 @@ class Settings(BaseSettings):
 
     def budget(self) -> Budget:
         """The default budget, with the default policy where the budget takes one and names none."""
-        budget = Budget.parse(self.default_budget)
-        if self.default_policy is not None and budget.policy is not None and "policy" not in self.default_budget:
-            budget = Budget(budget.kind, budget.value, self.default_policy)
-        return budget
+        return Budget.parse(self.default_budget, default_policy=self.default_policy)
