@@ -14,7 +14,7 @@ from service.core import policies
 from service.core.artifact import CalibrationData, Manifest
 from service.core.errors import InvalidBudgetError
 from service.core.exit_rule import NEVER_EXIT, force_last_exit
-from service.core.knobs import POLICIES, Budget
+from service.core.knobs import BUDGET_KNOBS, POLICIES, Budget
 
 __all__ = ["BudgetKey", "BudgetResolver", "budget_key"]
 
@@ -92,15 +92,17 @@ class BudgetResolver:
 
     def _compute(self, budget: Budget) -> policies.ThresholdResult:
         cal = self.calibration
+        if cal is None and budget.needs_calibration:  # the knob table says which knobs need it
+            usable = " or ".join(k.name for k in BUDGET_KNOBS if not k.needs_calibration)
+            raise InvalidBudgetError(
+                f"{budget.kind} needs calibration data and this model has none; use {usable}, "
+                "or re-export the model with calibration data (`boostserve export --data ...`)"
+            )
         if budget.kind == "max_exit":
             return policies.max_exit(cal, budget.value, self.num_exits)
         if budget.kind == "thresholds":
             return policies.explicit(cal, list(budget.value), self.num_exits)
-        if cal is None:
-            raise InvalidBudgetError(
-                f"{budget.kind} needs calibration data and this model has none; use max_exit or thresholds, "
-                "or re-export the model with calibration data (`boostserve export --data ...`)"
-            )
+        assert cal is not None  # every other knob needs calibration (checked above)
         policy = budget.policy or POLICIES[0]
         if budget.kind == "budget_macs":
             return policies.budget_macs(cal, budget.value, policy)
