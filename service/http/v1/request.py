@@ -62,6 +62,18 @@ def normalize_media_type(header: str) -> str:
     return header.split(";")[0].strip().lower()
 
 
+def is_json_type(kind: str) -> bool:
+    return kind == "application/json" or kind.endswith("+json")
+
+
+def json_body(body: bytes) -> Any:
+    """The parsed JSON body; invalid JSON is a 422 saying so."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationFailedError(f"the request body is not valid JSON ({exc})") from exc
+
+
 def is_raw_image_type(kind: str) -> bool:
     """A Content-Type that /v1/classify reads as one raw image body."""
     return kind in RAW_IMAGE_TYPES or kind.startswith("image/")
@@ -92,10 +104,7 @@ def json_request(body: bytes, query: Mapping[str, str]) -> ClassifyRequest:
 
     Knobs may also come in the query string, but each knob in one place only.
     """
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationFailedError(f"the request body is not valid JSON ({exc})") from exc
+    payload = json_body(body)
     if not isinstance(payload, dict):
         raise ValidationFailedError("the JSON body must be an object with `image` or `images`")
     accepted = (*JSON_IMAGE_FIELDS, "budget", *JSON_KNOBS)

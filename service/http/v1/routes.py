@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.core.errors import UnsupportedMediaTypeError, ValidationFailedError
@@ -78,7 +77,7 @@ async def classify(request: Request, service: ServiceDep) -> Response:
     start = time.perf_counter()
     query = wire.query_options(request.scope.get("query_string", b""))
     kind = wire.normalize_media_type(request.headers.get("content-type", ""))
-    if kind == "application/json" or kind.endswith("+json"):
+    if wire.is_json_type(kind):
         classify_request = wire.json_request(await request.body(), query)
     elif kind == "multipart/form-data":
         settings = request.app.state.settings
@@ -132,12 +131,9 @@ async def get_budget(service: ServiceDep) -> BudgetInfo:
 async def put_budget(request: Request) -> BudgetInfo:
     service = service_of(request)
     kind = wire.normalize_media_type(request.headers.get("content-type", ""))
-    if kind != "application/json" and not kind.endswith("+json"):
+    if not wire.is_json_type(kind):
         raise UnsupportedMediaTypeError(f"unsupported Content-Type {kind or 'none'!r}: send application/json")
-    try:
-        payload = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise ValidationFailedError(f"the request body is not valid JSON ({exc})") from exc
+    payload = wire.json_body(await request.body())
     if not isinstance(payload, dict) or not payload:
         names = ", ".join(k.name for k in BUDGET_KNOBS)
         raise ValidationFailedError(f"give one of {names} (and/or early_exit) as a JSON object")
