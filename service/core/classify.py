@@ -118,6 +118,11 @@ class ClassifyService:
         self._info_memo: IdentityMemo[ResolvedBudget, dict[str, Any]] = IdentityMemo(_MEMO_SIZE)
 
     @property
+    def serving(self) -> bool:
+        """Ready for new traffic: loaded and warm, and not shutting down (what readiness probes say)."""
+        return self.ready and not self.closing
+
+    @property
     def calibrated(self) -> bool:
         return self.resolver.calibrated
 

@@ -25,7 +25,7 @@ async def livez() -> Status:
 )
 async def readyz(request: Request) -> Status:
     service: ClassifyService | None = getattr(request.app.state, "service", None)
-    if service is None or not service.ready or service.closing:
+    if service is None or not service.serving:
         raise NotReadyError("not ready: " + ("shutting down" if service and service.closing else "loading model"))
     return Status(status="ready")
 

@@ -88,7 +88,7 @@ async def live() -> Liveness:
 )
 async def ready(request: Request) -> Readiness:
     service = service_of(request)
-    if not service.ready or service.closing:
+    if not service.serving:
         raise NotReadyError("not ready")
     return Readiness(ready=True)
 
@@ -140,7 +140,7 @@ async def model_version_metadata(service: VersionDep) -> ModelMetadata:
 
 
 async def _model_ready(service: ClassifyService) -> ModelReadiness:
-    if not service.ready or service.closing:
+    if not service.serving:
         raise NotReadyError(f"model {service.manifest.name!r} is not ready")
     return ModelReadiness(name=service.manifest.name, ready=True)
 
