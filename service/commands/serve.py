@@ -102,8 +102,7 @@ def _server_class() -> Any:
             app: Any = self.config.app
             service = getattr(getattr(app, "state", None), "service", None)
             if service is not None:
-                service.closing = True
-                service.ready = False
+                service.begin_shutdown()
                 app.state.metrics.set_ready(False)
             super().handle_exit(sig, frame)
 

@@ -122,6 +122,11 @@ class ClassifyService:
         """Ready for new traffic: loaded and warm, and not shutting down (what readiness probes say)."""
         return self.ready and not self.closing
 
+    def begin_shutdown(self) -> None:
+        """Readiness says no from now on; admitted and draining work is still answered."""
+        self.closing = True
+        self.ready = False
+
     @property
     def calibrated(self) -> bool:
         return self.resolver.calibrated

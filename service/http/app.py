@@ -189,8 +189,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        service.closing = True
-        service.ready = False
+        service.begin_shutdown()
         metrics.set_ready(False)
         log.info("shutting down: draining the scheduler (up to %.1f s)", settings.shutdown_grace_s)
         await scheduler.stop(drain=True, timeout=settings.shutdown_grace_s)
