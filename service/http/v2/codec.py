@@ -1,118 +1,166 @@
-"""Open Inference Protocol v2 JSON tensors <-> the core's inputs and answers.
+"""Open Inference Protocol v2 REST framing: JSON tensors and the binary tensor data extension.
 
-Inputs (the model metadata publishes both; a request sends exactly one):
-  - `input`  FP32  [-1, C, H, W]  already preprocessed (normalised) NCHW, as the stage graphs take it
-  - `image`  UINT8 [-1, H, W, C]  raw pixels (also [H, W, C]); converted and normalised by the core
-`data` may be flat (row-major) or nested, as the spec allows.
-Outputs: `probabilities` FP32 [B, classes], `label` INT64 [B], `exit` INT64 [B] (1-based stage),
-`macs` INT64 [B]; `outputs` in the request selects them (each name once).
+The tensor rules (inputs, datatypes, shapes, outputs) are the protocol-neutral ones of
+`service.core.tensors`; this module only reads and writes the REST body.
+
+Binary tensor data extension (as Triton and `tritonclient.http` speak it, and on by default there):
+  request   header `Inference-Header-Content-Length: N`: the first N body bytes are the JSON
+            header, the rest is the raw data of the inputs that carry `parameters.binary_data_size`,
+            concatenated in input order (little-endian, row-major; BYTES elements with 4-byte
+            length prefixes). Such an input has no `data`.
+  response  an output is binary when its own `parameters.binary_data` is true, or, without that,
+            when the request's `parameters.binary_data_output` is true. With any binary output the
+            answer is `application/octet-stream` with `Inference-Header-Content-Length`: the JSON
+            header (binary outputs carry `parameters.binary_data_size` and no `data`), then their
+            bytes in output order. With none it is plain JSON.
+The body limit, pixel limit and per-request image limit are the same for both forms: the middleware
+bounds the body, the core the rest.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
+from pydantic import ValidationError
 
-from service.core.classify import Classified
+from service.core import tensors
 from service.core.errors import UnsupportedMediaTypeError, ValidationFailedError
 from service.core.preprocess import PixelTensor
-from service.http.v2.schemas import InferenceRequest, InferOutput
+from service.http.v2.schemas import InferenceRequest
 
-FP32_INPUT = "input"
-UINT8_INPUT = "image"
-INPUT_DATATYPES = {FP32_INPUT: "FP32", UINT8_INPUT: "UINT8"}
-OUTPUTS = ("probabilities", "label", "exit", "macs")
-#: Request parameters the protocol and its common clients (Triton, MLServer) define; accepted and
-#: ignored here, so unmodified clients that send them are not refused.
-OIP_RESERVED_PARAMETERS = frozenset(
-    {
-        "binary_data_output",
-        "sequence_id",
-        "sequence_start",
-        "sequence_end",
-        "priority",
-        "timeout",
-        "headers",
-        "content_type",
-    }
-)
-BINARY_UNSUPPORTED = "the binary data extension is not supported; send JSON `data`"
+HEADER_LENGTH = "inference-header-content-length"
+#: The response header, spelled as Triton sends it.
+HEADER_LENGTH_RESPONSE = "Inference-Header-Content-Length"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+EXTENSION = "binary_tensor_data"
 
 
-def knob_parameters(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The request `parameters` that are knobs (every other name is the core's to refuse)."""
-    return {k: v for k, v in (parameters or {}).items() if k not in OIP_RESERVED_PARAMETERS}
+@dataclass(frozen=True)
+class ParsedRequest:
+    request: InferenceRequest
+    binary: memoryview  # the bytes after the JSON header (empty without the extension)
 
 
-def requested_outputs(request: InferenceRequest) -> list[str]:
-    """Output names in request order; unknown or repeated names are a 422."""
-    if not request.outputs:
-        return list(OUTPUTS)
-    wanted = [o.name for o in request.outputs]
-    unknown = [n for n in wanted if n not in OUTPUTS]
-    if unknown:
-        raise ValidationFailedError(f"unknown output(s) {unknown}; available: {list(OUTPUTS)}")
-    if len(set(wanted)) != len(wanted):
-        repeated = sorted({n for n in wanted if wanted.count(n) > 1})
-        raise ValidationFailedError(f"output(s) {repeated} requested more than once")
-    return wanted
+def media_type(content_type: str | None) -> str:
+    return (content_type or JSON_TYPE).split(";")[0].strip().lower()
 
 
-def input_tensor(request: InferenceRequest) -> PixelTensor:
-    """The one input tensor, validated, as a core pixel tensor."""
-    if len(request.inputs) != 1:
-        raise ValidationFailedError(
-            f"send exactly one input ({FP32_INPUT!r} FP32 NCHW or {UINT8_INPUT!r} UINT8 HWC), got {len(request.inputs)}"
-        )
-    tensor = request.inputs[0]
-    if tensor.name not in INPUT_DATATYPES:
-        raise ValidationFailedError(
-            f"unknown input {tensor.name!r}: use {FP32_INPUT!r} (FP32 NCHW) or {UINT8_INPUT!r} (UINT8 HWC)"
-        )
-    expected = INPUT_DATATYPES[tensor.name]
-    if tensor.datatype != expected:
-        raise ValidationFailedError(f"input {tensor.name!r} must have datatype {expected}, got {tensor.datatype!r}")
-    if tensor.parameters and tensor.parameters.get("binary_data_size") is not None:
-        raise UnsupportedMediaTypeError(BINARY_UNSUPPORTED)
-    shape = tensor.shape
-    if any(d < 0 for d in shape) or len(shape) not in (3, 4):
-        raise ValidationFailedError(f"input {tensor.name!r} has an invalid shape {shape}")
-    count = math.prod(shape)
+def parse(
+    body: bytes, content_type: str | None, header_length: str | None, content_encoding: str | None
+) -> ParsedRequest:
+    """The request body -> its JSON header (validated) and the binary part; framing errors are 4xx."""
+    if content_encoding not in (None, "", "identity"):
+        raise UnsupportedMediaTypeError(f"Content-Encoding {content_encoding!r} is not supported; send the body as is")
+    kind = media_type(content_type)
+    if header_length is None:
+        if kind not in (JSON_TYPE, "") and not kind.endswith("+json"):
+            raise UnsupportedMediaTypeError(
+                f"unsupported Content-Type {kind!r}: the v2 API takes application/json, or any body with the "
+                f"{HEADER_LENGTH_RESPONSE} header (binary tensor data extension)"
+            )
+        split = len(body)
+    else:
+        text = header_length.strip()
+        if not text.isdigit() or int(text) > len(body):
+            raise ValidationFailedError(
+                f"{HEADER_LENGTH_RESPONSE} must be a whole number of bytes at most the body's {len(body)}, "
+                f"got {header_length!r}"
+            )
+        split = int(text)
+    view = memoryview(body)
     try:
-        raw = np.asarray(tensor.data, dtype=np.int64 if expected == "UINT8" else np.float64)
-    except (ValueError, TypeError, OverflowError) as exc:
-        # OverflowError: UINT8 data holding integers beyond int64 or +-inf (JSON 1e400) -> 422, not 500.
+        request = InferenceRequest.model_validate_json(body if split == len(body) else view[:split].tobytes())
+    except ValidationError as exc:
+        errors = exc.errors()
+        loc = ".".join(str(p) for p in errors[0]["loc"]) if errors else "body"
+        msg = errors[0]["msg"] if errors else "invalid"
+        raise ValidationFailedError(f"invalid inference request: {loc or 'body'}: {msg}") from exc
+    return ParsedRequest(request, view[split:])
+
+
+def _binary_size(name: str, parameters: Mapping[str, Any] | None) -> int | None:
+    size = (parameters or {}).get("binary_data_size")
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValidationFailedError(f"input {name!r}: binary_data_size must be a whole number of bytes, got {size!r}")
+    return size
+
+
+def input_tensor(parsed: ParsedRequest) -> PixelTensor:
+    """The one input tensor, from JSON `data` or from its slice of the binary part."""
+    request, binary = parsed.request, parsed.binary
+    offset = 0
+    slices: list[memoryview | None] = []
+    for tensor in request.inputs:
+        size = _binary_size(tensor.name, tensor.parameters)
+        if size is None:
+            slices.append(None)
+            continue
+        if tensor.data is not None:
+            raise ValidationFailedError(f"input {tensor.name!r} has both `data` and binary_data_size: send one")
+        if offset + size > len(binary):
+            raise ValidationFailedError(
+                f"input {tensor.name!r}: binary_data_size {size} runs past the {len(binary)} bytes after the header"
+            )
+        slices.append(binary[offset : offset + size])
+        offset += size
+    if offset != len(binary):
         raise ValidationFailedError(
-            f"input {tensor.name!r}: data must be numbers, flat or nested to the shape: {exc}"
-        ) from exc
-    if raw.size != count:
-        raise ValidationFailedError(f"input {tensor.name!r}: shape {shape} needs {count} values, data has {raw.size}")
-    if raw.ndim != 1 and list(raw.shape) != shape:
-        raise ValidationFailedError(f"input {tensor.name!r}: nested data has shape {list(raw.shape)}, declared {shape}")
-    array = raw.reshape(shape)
-    if expected == "UINT8":
-        if array.size and (array.min() < 0 or array.max() > 255):
-            raise ValidationFailedError(f"input {tensor.name!r}: UINT8 values must be in 0..255")
-        return PixelTensor(array.astype(np.uint8), "uint8_hwc")
-    if not np.isfinite(array).all() or (array.size and np.abs(array).max() > np.finfo(np.float32).max):
-        raise ValidationFailedError(f"input {tensor.name!r} contains NaN or Inf (or values beyond float32)")
-    return PixelTensor(array.astype(np.float32), "float_chw")
+            f"{len(binary) - offset} bytes after the JSON header belong to no input (binary_data_size)"
+        )
+    count = len(request.inputs)
+    tensor, raw = request.inputs[0], slices[0]
+    if raw is not None:
+        return tensors.tensor_from_raw(tensor.name, tensor.datatype, tensor.shape, raw, count)
+    if tensor.data is None:
+        raise ValidationFailedError(f"input {tensor.name!r} has no `data` (and no binary_data_size)")
+    return tensors.tensor_from_values(tensor.name, tensor.datatype, tensor.shape, tensor.data, count)
 
 
-def output_tensors(answers: list[Classified], classes: int, wanted: list[str]) -> list[InferOutput]:
-    n = len(answers)
-    makers = {
-        "probabilities": lambda: InferOutput(
-            name="probabilities",
-            shape=[n, classes],
-            datatype="FP32",
-            data=np.stack([a.probabilities for a in answers]).reshape(-1).tolist() if n else [],
-        ),
-        "label": lambda: InferOutput(name="label", shape=[n], datatype="INT64", data=[a.label for a in answers]),
-        "exit": lambda: InferOutput(name="exit", shape=[n], datatype="INT64", data=[a.exit for a in answers]),
-        "macs": lambda: InferOutput(name="macs", shape=[n], datatype="INT64", data=[a.macs for a in answers]),
-    }
-    return [makers[name]() for name in wanted]
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationFailedError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
+def output_plan(request: InferenceRequest) -> list[tuple[str, bool]]:
+    """(output name, answered as binary) in request order; all outputs when none are named."""
+    default = _flag((request.parameters or {}).get("binary_data_output", False), "binary_data_output")
+    named = request.outputs or []
+    names = tensors.requested_outputs([o.name for o in named])
+    if not named:
+        return [(name, default) for name in names]
+    plan = []
+    for out in named:
+        tensors.check_output_parameters(out.name, out.parameters)
+        flag = (out.parameters or {}).get("binary_data", default)
+        plan.append((out.name, _flag(flag, f"output {out.name!r}: binary_data")))
+    return plan
+
+
+def render(
+    head: dict[str, Any], arrays: list[tuple[str, str, np.ndarray]], plan: list[tuple[str, bool]]
+) -> tuple[bytes, dict[str, str]]:
+    """The response body and its headers: plain JSON, or the JSON header + binary outputs."""
+    binary = dict(plan)
+    outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, datatype, array in arrays:
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary[name]:
+            data = array.tobytes()  # already the little-endian wire dtype
+            tensor["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            tensor["data"] = array.reshape(-1).tolist()
+        outputs.append(tensor)
+    header = orjson.dumps({**head, "outputs": outputs})
+    if not chunks:
+        return header, {"content-type": JSON_TYPE}
+    return header + b"".join(chunks), {"content-type": BINARY_TYPE, HEADER_LENGTH_RESPONSE: str(len(header))}

@@ -1,15 +1,16 @@
-"""Open Inference Protocol v2 (KServe v2 / Triton REST), JSON wire format: health, metadata, infer.
+"""Open Inference Protocol v2 (KServe v2 / Triton REST): health, metadata, infer.
 
-Tensors are decoded and encoded by `service.http.v2.codec`; request `parameters` carry the knobs of
-the core's table (`budget_macs`, `max_accuracy_drop`, `max_exit`, `thresholds` as a list or
-"0.9,0.8,never,0", `policy`, `early_exit`, `deadline_ms`), parsed by the core like every other
+Tensors are decoded and encoded by `service.http.v2.codec` (JSON and the binary tensor data
+extension, both directions) on the protocol-neutral rules of `service.core.tensors`; request
+`parameters` carry the knobs of the core's table (`budget_macs`, `max_accuracy_drop`, `max_exit`,
+`thresholds` as a list or "0.9,0.8,never,0", `policy`, `early_exit`, `deadline_ms`), parsed by the core like every other
 protocol's; names the protocol reserves are accepted and ignored, any other is a 422. Response
 `parameters` echo what was used (scalars only, per spec).
 
 Errors use the protocol's shape `{"error": "<message>"}` plus our `"error_type"` (see
 service.http.errors; tritonclient needs `error` to be a string). Tensor problems
 (unknown input, wrong datatype, shape/length mismatch, NaN/Inf) are 422 validation_error;
-unknown model names are 404. The binary-data extension is not supported (JSON only).
+unknown model names are 404.
 """
 
 from __future__ import annotations
@@ -18,18 +19,17 @@ import json
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request
-from pydantic import ValidationError
+from fastapi import APIRouter, Depends, Path, Request, Response
 
 from boostserve import __version__
+from service.core import tensors
 from service.core.classify import ClassifyRequest, ClassifyService
-from service.core.errors import NotFoundError, NotReadyError, UnsupportedMediaTypeError, ValidationFailedError
+from service.core.errors import NotFoundError, NotReadyError
 from service.core.knobs import KNOBS
 from service.http.deps import ServiceDep, service_of
 from service.http.schemas import OIP_ERROR_RESPONSES, OipErrorResponse
 from service.http.v2 import codec
 from service.http.v2.schemas import (
-    InferenceRequest,
     InferenceResponse,
     Liveness,
     MetadataTensor,
@@ -95,32 +95,22 @@ async def ready(request: Request) -> Readiness:
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name="boostserve", version=__version__, extensions=[])
+    return ServerMetadata(name="boostserve", version=__version__, extensions=[codec.EXTENSION])
+
+
+#: The model metadata's platform string (ONNX Runtime behind our own scheduler).
+PLATFORM = "onnxservice_onnx"
 
 
 def _metadata(service: ClassifyService) -> ModelMetadata:
     m = service.manifest
-    p = m.preprocessing
     return ModelMetadata(
         name=m.name,
         versions=[m.version],
-        platform="onnxservice_onnx",
-        inputs=[
-            MetadataTensor(name=codec.FP32_INPUT, datatype="FP32", shape=[-1, p.channels, p.height, p.width]),
-            MetadataTensor(name=codec.UINT8_INPUT, datatype="UINT8", shape=[-1, p.height, p.width, p.channels]),
-        ],
-        outputs=[
-            MetadataTensor(name="probabilities", datatype="FP32", shape=[-1, len(m.classes)]),
-            MetadataTensor(name="label", datatype="INT64", shape=[-1]),
-            MetadataTensor(name="exit", datatype="INT64", shape=[-1]),
-            MetadataTensor(name="macs", datatype="INT64", shape=[-1]),
-        ],
-        parameters={
-            "exits_total": m.num_stages,
-            "full_macs": m.full_macs,
-            "classes": ",".join(m.classes),
-            "inputs": "send exactly one of: input (FP32 NCHW, preprocessed) or image (UINT8 HWC raw pixels)",
-        },
+        platform=PLATFORM,
+        inputs=[MetadataTensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors.input_specs(m)],
+        outputs=[MetadataTensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors.output_specs(m)],
+        parameters=tensors.model_parameters(m),
     )
 
 
@@ -169,59 +159,62 @@ _INFER_DOC = dict(
     response_model=InferenceResponse,
     response_model_exclude_none=True,
     responses=_V2_ERRORS,
-    summary="Inference (Open Inference Protocol v2, JSON)",
+    summary="Inference (Open Inference Protocol v2, JSON or binary tensor data)",
     description="One input: `input` FP32 [B,C,H,W] preprocessed, or `image` UINT8 [B,H,W,C] raw pixels. "
     f"Knobs go in request `parameters`: {', '.join(f'`{k.name}`' for k in KNOBS)} (other names are a 422, "
-    "except those the protocol reserves). Outputs: probabilities, label, exit (1-based), macs.",
+    "except those the protocol reserves). Outputs: probabilities, label, exit (1-based), macs. "
+    "Binary tensor data extension: with `Inference-Header-Content-Length: N` the first N body bytes are "
+    "the JSON header and the rest the raw little-endian data of the inputs with `parameters.binary_data_size`; "
+    "outputs with `parameters.binary_data` (or all, with request `parameters.binary_data_output`) come back "
+    "the same way (`application/octet-stream`, the same response header).",
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}},
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
         }
     },
 )
 
 
-async def _infer(request: Request, service: ClassifyService) -> InferenceResponse:
+async def _infer(request: Request, service: ClassifyService) -> Response:
     start = time.perf_counter()
-    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if request.headers.get("inference-header-content-length") is not None:
-        raise UnsupportedMediaTypeError(codec.BINARY_UNSUPPORTED)
-    if kind not in ("application/json", "") and not kind.endswith("+json"):
-        raise UnsupportedMediaTypeError(f"unsupported Content-Type {kind!r}: the v2 API takes application/json")
-    try:
-        payload = InferenceRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-        errors = exc.errors()
-        loc = ".".join(str(p) for p in errors[0]["loc"]) if errors else "body"
-        msg = errors[0]["msg"] if errors else "invalid"
-        raise ValidationFailedError(f"invalid inference request: {loc or 'body'}: {msg}") from exc
-    wanted = codec.requested_outputs(payload)
-    options = codec.knob_parameters(payload.parameters)
-    result = await service.classify(ClassifyRequest(codec.input_tensor(payload), options, PARAMETERS))
+    headers = request.headers
+    parsed = codec.parse(
+        await request.body(),
+        headers.get("content-type"),
+        headers.get(codec.HEADER_LENGTH),
+        headers.get("content-encoding"),
+    )
+    payload = parsed.request
+    plan = codec.output_plan(payload)
+    options = tensors.knob_parameters(payload.parameters)
+    result = await service.classify(ClassifyRequest(codec.input_tensor(parsed), options, PARAMETERS))
     answers, resolved = result.answers, result.budget
     info = service.budget_info(resolved)
-    return InferenceResponse(
-        model_name=service.manifest.name,
-        model_version=service.manifest.version,
-        id=payload.id,
-        parameters={
-            "exits_total": service.manifest.num_stages,
-            "early_exit": resolved.early_exit,
-            "deadline_hits": sum(1 for a in answers if a.deadline_hit),
-            "latency_ms": round((time.perf_counter() - start) * 1000.0, 3),
-            "budget": json.dumps(info["budget"], separators=(",", ":")),
-            "thresholds": json.dumps(info["thresholds"], separators=(",", ":")),
-        },
-        outputs=codec.output_tensors(answers, len(service.manifest.classes), wanted),
-    )
+    head: dict[str, Any] = {"model_name": service.manifest.name, "model_version": service.manifest.version}
+    if payload.id is not None:
+        head["id"] = payload.id
+    head["parameters"] = {
+        "exits_total": service.manifest.num_stages,
+        "early_exit": resolved.early_exit,
+        "deadline_hits": sum(1 for a in answers if a.deadline_hit),
+        "latency_ms": round((time.perf_counter() - start) * 1000.0, 3),
+        "budget": json.dumps(info["budget"], separators=(",", ":")),
+        "thresholds": json.dumps(info["thresholds"], separators=(",", ":")),
+    }
+    arrays = tensors.output_arrays(answers, len(service.manifest.classes), [name for name, _ in plan])
+    body, response_headers = codec.render(head, arrays, plan)
+    return Response(body, headers=response_headers)
 
 
 @router.post("/models/{name}/infer", **_INFER_DOC)  # type: ignore[arg-type]
-async def infer(request: Request, service: ModelDep) -> InferenceResponse:
+async def infer(request: Request, service: ModelDep) -> Response:
     return await _infer(request, service)
 
 
 @router.post("/models/{name}/versions/{version}/infer", **_INFER_DOC)  # type: ignore[arg-type]
-async def infer_version(request: Request, service: VersionDep) -> InferenceResponse:
+async def infer_version(request: Request, service: VersionDep) -> Response:
     return await _infer(request, service)

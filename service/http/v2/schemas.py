@@ -49,7 +49,8 @@ class InferInput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    #: Absent when the tensor travels as binary data (`parameters.binary_data_size`).
+    data: list[Any] | None = None
 
 
 class InferRequestedOutput(BaseModel):
@@ -82,7 +83,7 @@ class InferOutput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    data: list[Any] | None = None
 
 
 class InferenceResponse(BaseModel):

@@ -29,7 +29,7 @@ def test_health_and_server_metadata(client: TestClient) -> None:
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
     meta = client.get("/v2").json()
-    assert meta["name"] == "boostserve" and meta["extensions"] == [] and meta["version"]
+    assert meta["name"] == "boostserve" and meta["extensions"] == ["binary_tensor_data"] and meta["version"]
 
 
 def test_model_metadata_publishes_both_inputs(client: TestClient) -> None:
