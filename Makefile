@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help venv serve test test-all lint model bench bench-quick clean
+.PHONY: help venv serve test test-all lint model bench bench-quick grpc-stubs clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -52,6 +52,9 @@ bench: $(VENV)/.dev-installed  ## full benchmarks on the embedded model, publish
 
 bench-quick: $(VENV)/.dev-installed  ## quick benchmarks (< 3 min) into results/
 	$(VENV)/bin/boostserve bench --quick
+
+grpc-stubs: $(VENV)/.dev-installed  ## regenerate the checked-in gRPC message stubs (service/grpc/proto) with the pinned grpcio-tools
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. service/grpc/proto/grpc_predict_v2.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

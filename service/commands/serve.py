@@ -23,6 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts", metavar="DIR", help="artifact directory (default: the embedded model)")
     parser.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--grpc-port", type=int, help="OIP v2 gRPC port (default: none, no gRPC)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
     parser.add_argument("--log-format", choices=["text", "json"])
     parser.add_argument("--providers", help="ONNX Runtime providers in order, e.g. 'cuda,cpu'")
@@ -55,6 +56,7 @@ _FLAG_TO_FIELD = {
     "artifacts": "artifacts_dir",
     "host": "host",
     "port": "port",
+    "grpc_port": "grpc_port",
     "log_level": "log_level",
     "log_format": "log_format",
     "providers": "providers",
@@ -152,6 +154,25 @@ def _start_exit_watchdog(grace_s: float) -> None:
     timer.start()
 
 
+def _companions(settings: Any) -> list[Any]:
+    """The gRPC server beside HTTP when BOOSTSERVE_GRPC_PORT is set (grpc is imported only then)."""
+    if settings.grpc_port is None:
+        return []
+    import functools
+
+    from service.grpc.server import serving
+
+    return [
+        functools.partial(
+            serving,
+            host=settings.host,
+            port=settings.grpc_port,
+            max_message_bytes=settings.max_body_bytes,
+            grace_s=settings.shutdown_grace_s,
+        )
+    ]
+
+
 def _graceful_exit(signum: int, frame: object) -> None:
     """SIGTERM after uvicorn's graceful shutdown: nothing left to do."""
 
@@ -187,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     from service.http.app import create_app
     from service.http.connection import bounded_protocol
 
-    app = create_app(settings)
+    app = create_app(settings, companions=_companions(settings))
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -16,7 +16,9 @@ Outputs: `probabilities` FP32 [B, classes], `label` INT64 [B], `exit` INT64 [B] 
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from service.core.artifact import Manifest
-from service.core.classify import Classified
+from service.core.classify import Classified, ClassifyRequest, ClassifyService
 from service.core.errors import ValidationFailedError
 from service.core.preprocess import PixelTensor
 
@@ -56,6 +58,8 @@ UNSUPPORTED_OUTPUT_PARAMETERS = {
     "classification": "the classification extension is not supported; request 'label' and 'probabilities'",
     "shared_memory_region": "the shared-memory extension is not supported; send tensor data in the request",
 }
+#: Where the knobs live, for error messages (the same words in REST and gRPC).
+PARAMETERS = "parameters key"
 INPUT_HINT = "send exactly one of: input (FP32 NCHW, preprocessed) or image (UINT8 HWC raw pixels)"
 
 
@@ -206,3 +210,35 @@ def output_arrays(answers: list[Classified], classes: int, wanted: list[str]) ->
         "macs": lambda: np.fromiter((a.macs for a in answers), WIRE_DTYPES["INT64"], n),  # (B,)
     }
     return [(name, OUTPUT_DATATYPES[name], arrays[name]()) for name in wanted]
+
+
+@dataclass(frozen=True)
+class InferAnswer:
+    """One OIP inference, ready for either wire format."""
+
+    outputs: list[tuple[str, str, np.ndarray]]  # (name, datatype, array) in request order
+    parameters: dict[str, Any]  # response parameters: scalars only, as the protocol allows
+
+
+async def infer(
+    service: ClassifyService,
+    tensor: PixelTensor,
+    knobs: Mapping[str, Any],
+    wanted: list[str],
+    started: float,
+) -> InferAnswer:
+    """The OIP inference flow, once for REST and gRPC: the knobs and the tensor -> the classify core
+    -> the outputs and the response parameters. `started` is the adapter's `time.perf_counter()` at
+    receipt (latency_ms counts parsing too)."""
+    result = await service.classify(ClassifyRequest(tensor, knobs, PARAMETERS))
+    answers, resolved = result.answers, result.budget
+    info = service.budget_info(resolved)
+    parameters = {
+        "exits_total": service.manifest.num_stages,
+        "early_exit": resolved.early_exit,
+        "deadline_hits": sum(1 for a in answers if a.deadline_hit),
+        "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+        "budget": json.dumps(info["budget"], separators=(",", ":")),
+        "thresholds": json.dumps(info["thresholds"], separators=(",", ":")),
+    }
+    return InferAnswer(output_arrays(answers, len(service.manifest.classes), wanted), parameters)

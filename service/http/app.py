@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -46,6 +46,12 @@ from service.http.v2 import routes as v2_routes
 from service.http.v2.schemas import InferenceRequest
 
 log = logging.getLogger("boostserve.app")
+
+#: Another server living as long as the app, on the same loop and the same ClassifyService (the
+#: gRPC transport; `boostserve serve` passes it, the HTTP layer never imports it). Entered once the
+#: service exists and before readiness; left at shutdown after readiness went false and before the
+#: scheduler drains, so its calls in flight are still answered.
+Companion = Callable[[ClassifyService, Metrics], AbstractAsyncContextManager[Any]]
 
 DESCRIPTION = """
 Boosted early-exit image classification. Each image leaves the network at the first exit whose
@@ -172,6 +178,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics.bind_live_gauges(queue_depths=scheduler.queue_depths, inflight=lambda: service.inflight)
     service.publish_budget()
     app.state.service = service
+    companions = AsyncExitStack()
+    try:
+        for companion in app.state.companions:
+            await companions.enter_async_context(companion(service, metrics))
+    except BaseException:
+        await companions.aclose()
+        await scheduler.stop(drain=False, timeout=0.0)
+        raise
     if settings.gc_freeze:
         _freeze_startup_objects()
     service.ready = True
@@ -191,6 +205,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         service.begin_shutdown()
         metrics.set_ready(False)
+        await companions.aclose()
         log.info("shutting down: draining the scheduler (up to %.1f s)", settings.shutdown_grace_s)
         await scheduler.stop(drain=True, timeout=settings.shutdown_grace_s)
         log.info("shutdown complete")
@@ -243,7 +258,9 @@ class BoostServeApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None) -> BoostServeApp:
+def create_app(
+    settings: Settings | None = None, *, metrics: Metrics | None = None, companions: Sequence[Companion] = ()
+) -> BoostServeApp:
     """Build the app; nothing is loaded until the lifespan starts (TestClient / uvicorn)."""
     settings = settings if settings is not None else Settings()
     metrics = metrics if metrics is not None else Metrics()
@@ -258,6 +275,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     app.state.metrics = metrics
     app.state.service = None
     app.state.startup_error = None
+    app.state.companions = tuple(companions)
     install_error_handlers(app)
     middleware.install(app, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.include_router(v1_routes.router, tags=["v1"])

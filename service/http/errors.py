@@ -1,7 +1,8 @@
 """The one table from domain `error_type` to HTTP status, and the exception handlers that use it.
 
 Why one table: the engine, scheduler, preprocessing and budget code raise transport-free errors
-(`service.core.errors`); this module is the only place that knows about HTTP status codes, so v1, v2,
+(`service.core.errors`); the table of their statuses is `service.core.status` (HTTP and gRPC
+columns), and this module is the only HTTP code that applies it, so v1, v2,
 FastAPI's own validation errors and routing 404/405 all answer with the same status for the same
 `error_type` (which also labels `boostserve_errors_total`). The body has one of two shapes:
 
@@ -33,34 +34,18 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.errors import (
-    ERROR_TYPES,
     BoostServeError,
     NotReadyError,
     OverCapacityError,
     UnauthorizedError,
 )
+from service.core.status import HTTP_STATUS
 
 log = logging.getLogger("boostserve.http")
 
-#: error_type -> HTTP status. Every entry of service.core.errors.ERROR_TYPES has exactly one row.
-STATUS_BY_ERROR_TYPE: dict[str, int] = {
-    "invalid_image": 400,
-    "validation_error": 422,
-    "payload_too_large": 413,
-    "too_many_images": 413,
-    "unsupported_media_type": 415,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "over_capacity": 429,
-    "not_ready": 503,
-    "deadline_exceeded": 504,
-    "headers_too_large": 431,  # answered by service.http.connection before any route runs
-    "request_timeout": 408,  # likewise: head or body not received in time
-    "internal_error": 500,
-}
-assert set(STATUS_BY_ERROR_TYPE) == set(ERROR_TYPES), "every error_type needs a status code"
+#: error_type -> HTTP status: the HTTP column of the one protocol-neutral table (service.core.status,
+#: shared with the gRPC adapter).
+STATUS_BY_ERROR_TYPE: dict[str, int] = HTTP_STATUS
 
 #: For routing errors raised by Starlette (no domain error behind them).
 _ERROR_TYPE_BY_STATUS: dict[int, str] = {

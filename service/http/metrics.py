@@ -141,12 +141,17 @@ class Metrics:
         r = self.registry
         self.request_duration = Histogram(
             "boostserve_request_duration_seconds",
-            "HTTP request latency by route template",
-            ["route", "method", "status_class"],
+            "request latency by route template (gRPC: the method path) and protocol",
+            ["route", "method", "status_class", "protocol"],
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
-        self.requests = Counter("boostserve_requests", "HTTP requests", ["route", "method", "status_class"], registry=r)
+        self.requests = Counter(
+            "boostserve_requests",
+            "requests (HTTP and gRPC)",
+            ["route", "method", "status_class", "protocol"],
+            registry=r,
+        )
         self.errors = Counter("boostserve_errors", "error responses by error_type", ["error_type"], registry=r)
         self.images = Counter("boostserve_images", "images classified", registry=r)
         self.exits = Counter("boostserve_exits", "images answered at each exit (1-based)", ["stage"], registry=r)
@@ -294,11 +299,13 @@ class Metrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def observe_request(self, route: str, method: str, status: int, seconds: float, protocol: str = "http") -> None:
+        """One answered request. gRPC calls (protocol "grpc") are HTTP/2 POSTs to their method path,
+        and their status class is the HTTP column of the same error table (service.core.status)."""
         cls = status_class(status)
         label = method_label(method)
-        self._child(self.request_duration, route, label, cls).observe(seconds)
-        self._child(self.requests, route, label, cls).inc()
+        self._child(self.request_duration, route, label, cls, protocol).observe(seconds)
+        self._child(self.requests, route, label, cls, protocol).inc()
 
     def count_error(self, error_type: str) -> None:
         self.errors.labels(error_type=error_type if error_type in ERROR_TYPES else "internal_error").inc()

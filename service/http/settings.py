@@ -119,6 +119,13 @@ class Settings(BaseSettings):
     # -- HTTP ------------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="bind address (0.0.0.0 in containers)")
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="port of the OIP v2 gRPC service (KServe GRPCInferenceService + gRPC health) on the same "
+        "host; unset or empty = no gRPC port is opened",
+    )
 
     # -- connections (uvicorn + service.http.connection) -------------------------------------------
     limit_concurrency: int = Field(
@@ -256,6 +263,12 @@ class Settings(BaseSettings):
         """An empty or blank token (e.g. `BOOSTSERVE_ADMIN_TOKEN=` from a template) must not be a valid key."""
         raw = value.get_secret_value() if isinstance(value, SecretStr) else value
         return None if isinstance(raw, str) and not raw.strip() else value
+
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def _empty_port_is_unset(cls, value: Any) -> Any:
+        """`BOOSTSERVE_GRPC_PORT=` (a template's empty value) means off, like an unset variable."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level", mode="before")
     @classmethod

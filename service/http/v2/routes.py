@@ -15,7 +15,6 @@ unknown model names are 404.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any
 
@@ -23,7 +22,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 
 from boostserve import __version__
 from service.core import tensors
-from service.core.classify import ClassifyRequest, ClassifyService
+from service.core.classify import ClassifyService
 from service.core.errors import NotFoundError, NotReadyError
 from service.core.knobs import KNOBS
 from service.http.deps import ServiceDep, service_of
@@ -45,7 +44,6 @@ _V2_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": OipErrorResponse, "description": "unknown model name or version"},
     **OIP_ERROR_RESPONSES,
 }
-PARAMETERS = "parameters key"
 
 
 NamePath = Annotated[str, Path(description="model name (GET /v2/models/{name} lists it)")]
@@ -190,23 +188,18 @@ async def _infer(request: Request, service: ClassifyService) -> Response:
     )
     payload = parsed.request
     plan = codec.output_plan(payload)
-    options = tensors.knob_parameters(payload.parameters)
-    result = await service.classify(ClassifyRequest(codec.input_tensor(parsed), options, PARAMETERS))
-    answers, resolved = result.answers, result.budget
-    info = service.budget_info(resolved)
+    answer = await tensors.infer(
+        service,
+        codec.input_tensor(parsed),
+        tensors.knob_parameters(payload.parameters),
+        [name for name, _ in plan],
+        start,
+    )
     head: dict[str, Any] = {"model_name": service.manifest.name, "model_version": service.manifest.version}
     if payload.id is not None:
         head["id"] = payload.id
-    head["parameters"] = {
-        "exits_total": service.manifest.num_stages,
-        "early_exit": resolved.early_exit,
-        "deadline_hits": sum(1 for a in answers if a.deadline_hit),
-        "latency_ms": round((time.perf_counter() - start) * 1000.0, 3),
-        "budget": json.dumps(info["budget"], separators=(",", ":")),
-        "thresholds": json.dumps(info["thresholds"], separators=(",", ":")),
-    }
-    arrays = tensors.output_arrays(answers, len(service.manifest.classes), [name for name, _ in plan])
-    body, response_headers = codec.render(head, arrays, plan)
+    head["parameters"] = answer.parameters
+    body, response_headers = codec.render(head, answer.outputs, plan)
     return Response(body, headers=response_headers)
 
 

@@ -8,8 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.service.http import images
 
 DOCUMENTED = {
-    "boostserve_request_duration_seconds": ("histogram", {"route", "method", "status_class"}),
-    "boostserve_requests": ("counter", {"route", "method", "status_class"}),
+    "boostserve_request_duration_seconds": ("histogram", {"route", "method", "status_class", "protocol"}),
+    "boostserve_requests": ("counter", {"route", "method", "status_class", "protocol"}),
     "boostserve_errors": ("counter", {"error_type"}),
     "boostserve_images": ("counter", set()),
     "boostserve_exits": ("counter", {"stage"}),
