@@ -34,7 +34,7 @@ from service.core.errors import ValidationFailedError
 from service.core.knobs import Budget
 from service.core.preprocess import Limits, Preprocessor
 from service.core.scheduler import Scheduler
-from service.http import middleware, probes
+from service.http import docs, middleware, probes
 from service.http.errors import install_error_handlers
 from service.http.metrics import Metrics
 from service.http.schemas import budget_fields_schema, classify_json_schema
@@ -270,6 +270,8 @@ def create_app(
         description=DESCRIPTION,
         openapi_tags=TAGS,
         lifespan=lifespan,
+        docs_url=None,  # served offline by service.http.docs
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -281,6 +283,7 @@ def create_app(
     app.include_router(v1_routes.router, tags=["v1"])
     app.include_router(v2_routes.router)
     app.include_router(probes.router)
+    docs.install(app)
     if settings.fast_path:
         route = next(r for r in v1_routes.router.routes if getattr(r, "path", None) == CLASSIFY_PATH)
         fast_path = RawClassifyFastPath(route)
