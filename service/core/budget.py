@@ -18,16 +18,17 @@ from service.core.knobs import BUDGET_KNOBS, POLICIES, Budget
 
 __all__ = ["BudgetKey", "BudgetResolver", "budget_key"]
 
-#: Hashable canonical form of a budget: (kind, normalised value, policy or None).
-BudgetKey = tuple[str, Any, str | None]
+#: Hashable canonical form of a budget: (kind, normalised value, policy or None, drop_confidence or None).
+BudgetKey = tuple[str, Any, str | None, float | None]
 
 
 def budget_key(budget: Budget) -> BudgetKey:
     """Canonical form: equal keys always resolve to the same thresholds (for the resolver's cache)."""
     if budget.kind == "thresholds":
         values = [NEVER_EXIT if v is None or v > 1.0 else float(v) for v in budget.value]
-        return (budget.kind, tuple(force_last_exit(values)), None)
-    return (budget.kind, budget.value, budget.policy)
+        return (budget.kind, tuple(force_last_exit(values)), None, None)
+    confidence = budget.risk_confidence if budget.knob.takes_confidence else None
+    return (budget.kind, budget.value, budget.policy, confidence)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ class BudgetResolver:
         if budget.kind == "budget_macs":
             return policies.budget_macs(cal, budget.value, policy)
         if budget.kind == "max_accuracy_drop":
-            return policies.max_accuracy_drop(cal, budget.value, policy)
+            return policies.max_accuracy_drop(cal, budget.value, policy, budget.risk_confidence)
         raise InvalidBudgetError(f"{budget.kind} is not a budget knob")  # pragma: no cover - table and code agree
 
     def curve(self, policy: str = "optimal") -> list[policies.ThresholdResult]:

@@ -29,8 +29,10 @@ from typing import Any, Literal
 from service.core.errors import InvalidBudgetError, ValidationFailedError
 
 __all__ = [
+    "BUDGET_FIELD_KNOBS",
     "BUDGET_KNOBS",
     "DEADLINE_MS_MAX",
+    "DROP_CONFIDENCE",
     "KNOBS",
     "KNOB_BY_NAME",
     "NEVER_WORDS",
@@ -51,6 +53,8 @@ KnobRole = Literal["budget", "policy", "request"]
 POLICIES: tuple[str, ...] = ("optimal", "reference")
 #: Threshold words for "never exit here".
 NEVER_WORDS: frozenset[str] = frozenset({"", "never", "inf", "+inf", "null", "none"})
+#: Default risk level of max_accuracy_drop: P(drop on new images > the allowed drop) <= 1 - this.
+DROP_CONFIDENCE = 0.95
 #: The longest deadline a request may ask for (ten minutes).
 DEADLINE_MS_MAX = 600_000.0
 _TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
@@ -60,9 +64,10 @@ _TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
 class Knob:
     """One row of the vocabulary.
 
-    ``role``: "budget" knobs are mutually exclusive (a request names at most one); "policy" refines
-    the budget knobs with ``takes_policy``; "request" knobs shape one request (early exit on/off,
-    deadline) and are not part of the global budget. ``low``/``high`` bound numbers, with
+    ``role``: "budget" knobs are mutually exclusive (a request names at most one); "policy" knobs
+    refine a budget knob (``policy`` those with ``takes_policy``, ``drop_confidence`` those with
+    ``takes_confidence``) and travel with it in budget objects; "request" knobs shape one request
+    (early exit on/off, deadline) and are not part of the global budget. ``low``/``high`` bound numbers, with
     ``low_open``/``high_open`` for strict bounds.
     """
 
@@ -78,6 +83,7 @@ class Knob:
     choices: tuple[str, ...] = ()
     needs_calibration: bool = False
     takes_policy: bool = False
+    takes_confidence: bool = False
 
     def range_text(self) -> str:
         """'in (0, 600000]', '>= 1', '' — for messages and the OpenAPI text."""
@@ -144,13 +150,15 @@ KNOBS: tuple[Knob, ...] = (
         "max_accuracy_drop",
         "float",
         "budget",
-        "accepted accuracy loss versus the full network, as a fraction (0.01 = one percentage point); "
-        "the cheapest thresholds within it are used",
+        "accepted accuracy loss versus the full network, as a fraction (0.01 = one percentage point): "
+        "the cheapest thresholds that an exact test on the calibration images certifies, so that the "
+        "loss on new images exceeds it with probability at most 1 - drop_confidence",
         0.01,
         low=0.0,
         high=1.0,
         needs_calibration=True,
         takes_policy=True,
+        takes_confidence=True,
     ),
     Knob(
         "max_exit",
@@ -172,10 +180,23 @@ KNOBS: tuple[Knob, ...] = (
         "policy",
         "choice",
         "policy",
-        "search used by budget_macs / max_accuracy_drop: 'optimal' (direct threshold search, default) "
-        "or 'reference' (the BoostNet paper's geometric exit distribution)",
+        "search used by budget_macs / max_accuracy_drop: 'optimal' (default: budget_macs by direct "
+        "threshold search, max_accuracy_drop along thresholds that relax with depth) or 'reference' "
+        "(budget_macs by the BoostNet paper's Eq. 9, max_accuracy_drop along one shared threshold)",
         "optimal",
         choices=POLICIES,
+    ),
+    Knob(
+        "drop_confidence",
+        "float",
+        "policy",
+        f"with max_accuracy_drop: the probability (default {DROP_CONFIDENCE:g}) that the loss on new images "
+        "stays within the allowed drop; higher costs more compute",
+        0.95,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
     ),
     Knob(
         "early_exit",
@@ -197,8 +218,12 @@ KNOBS: tuple[Knob, ...] = (
 )
 KNOB_BY_NAME: dict[str, Knob] = {k.name: k for k in KNOBS}
 BUDGET_KNOBS: tuple[Knob, ...] = tuple(k for k in KNOBS if k.role == "budget")
+#: The members of a budget object (JSON `budget`, PUT /v1/budget, the default budget): one budget
+#: knob and its refiners.
+BUDGET_FIELD_KNOBS: tuple[Knob, ...] = tuple(k for k in KNOBS if k.role in ("budget", "policy"))
 _BUDGET_NAMES = ", ".join(k.name for k in BUDGET_KNOBS)
 _POLICY_NAMES = ", ".join(k.name for k in BUDGET_KNOBS if k.takes_policy)
+_CONFIDENCE_NAMES = ", ".join(k.name for k in BUDGET_KNOBS if k.takes_confidence)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,11 +292,16 @@ def format_macs(value: float) -> str:
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Budget:
-    """One budget knob and its (already parsed) value, plus the policy where the knob takes one."""
+    """One budget knob and its (already parsed) value, plus the policy where the knob takes one.
+
+    ``confidence``: `drop_confidence` as given (knobs with ``takes_confidence`` only); None means
+    `DROP_CONFIDENCE`, and is kept None so that answers show the budget as it was given.
+    """
 
     kind: str
     value: Any
     policy: str | None = None
+    confidence: float | None = None
 
     @classmethod
     def parse(cls, data: Budget | Mapping[str, Any], default_policy: str | None = None) -> Budget:
@@ -281,7 +311,7 @@ class Budget:
         """
         if isinstance(data, Budget):
             return data
-        allowed = [*BUDGET_KNOBS, KNOB_BY_NAME["policy"]]
+        allowed = BUDGET_FIELD_KNOBS
         try:
             options = parse_options(data, allowed=allowed, where="budget field", default_policy=default_policy)
         except InvalidBudgetError:
@@ -305,11 +335,18 @@ class Budget:
     def needs_calibration(self) -> bool:
         return self.knob.needs_calibration
 
+    @property
+    def risk_confidence(self) -> float:
+        """The `drop_confidence` in force: as given, else `DROP_CONFIDENCE`."""
+        return DROP_CONFIDENCE if self.confidence is None else self.confidence
+
     def to_json(self) -> dict[str, Any]:
         """The budget as given, in its JSON form (the `budget` member of answers and GET /v1/budget)."""
         out: dict[str, Any] = {self.kind: list(self.value) if self.kind == "thresholds" else self.value}
         if self.policy is not None:
             out["policy"] = self.policy
+        if self.confidence is not None:
+            out["drop_confidence"] = self.confidence
         return out
 
     def describe(self) -> str:
@@ -317,7 +354,8 @@ class Budget:
         if self.kind == "budget_macs":
             return f"budget_macs={format_macs(self.value)} ({self.policy})"
         if self.kind == "max_accuracy_drop":
-            return f"max_accuracy_drop={self.value * 100:.4g}% ({self.policy})"
+            extra = "" if self.confidence is None else f", drop_confidence={self.confidence:g}"
+            return f"max_accuracy_drop={self.value * 100:.4g}% ({self.policy}{extra})"
         if self.kind == "thresholds":
             shown = ["never" if v is None or v > 1.0 else f"{v:.4g}" for v in self.value]
             return f"thresholds=[{', '.join(shown)}]"
@@ -362,15 +400,23 @@ def parse_options(
         raise ValidationFailedError(f"give at most one budget knob ({_BUDGET_NAMES}), got {', '.join(budget_names)}")
     budget: Budget | None = None
     policy = values.get("policy")
+    confidence = values.get("drop_confidence")
     if budget_names:
         knob = KNOB_BY_NAME[budget_names[0]]
         if policy is not None and not knob.takes_policy:
             raise ValidationFailedError(f"policy applies to {_POLICY_NAMES} only, not to {knob.name}")
+        if confidence is not None and not knob.takes_confidence:
+            raise ValidationFailedError(f"drop_confidence applies to {_CONFIDENCE_NAMES} only, not to {knob.name}")
         budget = Budget(
-            knob.name, values[knob.name], (policy or default_policy or POLICIES[0]) if knob.takes_policy else None
+            knob.name,
+            values[knob.name],
+            (policy or default_policy or POLICIES[0]) if knob.takes_policy else None,
+            confidence,
         )
     elif policy is not None:
         raise ValidationFailedError(f"policy needs a budget knob that takes one: {_POLICY_NAMES}")
+    elif confidence is not None:
+        raise ValidationFailedError(f"drop_confidence needs a budget knob that takes it: {_CONFIDENCE_NAMES}")
     early_exit = values.get("early_exit")
     if early_exit is False and budget is not None:
         raise ValidationFailedError(

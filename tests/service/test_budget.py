@@ -76,8 +76,16 @@ def test_exactly_one_knob_accepted(fields: dict[str, object], policy: str | None
         ({"policy": "reference"}, "policy needs a budget knob that takes one: budget_macs, max_accuracy_drop"),
         (
             {"max_exit": 1, "extra": 1},
-            "unknown budget field 'extra'; accepted: budget_macs, max_accuracy_drop, max_exit, thresholds, policy",
+            "unknown budget field 'extra'; accepted: budget_macs, max_accuracy_drop, max_exit, thresholds, policy, "
+            "drop_confidence",
         ),
+        ({"max_accuracy_drop": 0.01, "drop_confidence": 1}, "drop_confidence must be in (0, 1), got 1"),
+        ({"max_accuracy_drop": 0.01, "drop_confidence": "0"}, "drop_confidence must be in (0, 1), got '0'"),
+        (
+            {"budget_macs": 3e7, "drop_confidence": 0.9},
+            "drop_confidence applies to max_accuracy_drop only, not to budget_macs",
+        ),
+        ({"drop_confidence": 0.9}, "drop_confidence needs a budget knob that takes it: max_accuracy_drop"),
     ],
 )
 def test_invalid_budgets(fields: dict[str, object], message: str) -> None:
@@ -131,6 +139,25 @@ def test_budget_is_frozen_and_describes_itself() -> None:
     assert Budget.of(thresholds="0.9,never,0").to_json() == {"thresholds": [0.9, None, 0.0]}
     assert Budget.of(budget_macs="2e6").to_json() == {"budget_macs": 2e6, "policy": "optimal"}
     assert format_macs(1.5e7) == "15M" and format_macs(2.5e9) == "2.5G" and format_macs(512) == "512"
+
+
+def test_drop_confidence_travels_with_the_budget(resolver: BudgetResolver) -> None:
+    """As given in answers (absent = the default 0.95), part of the cache key, passed to the policy."""
+    given = Budget.parse({"max_accuracy_drop": "0.02", "drop_confidence": "0.8"})
+    assert given.confidence == 0.8 and given.risk_confidence == 0.8
+    assert given.to_json() == {"max_accuracy_drop": 0.02, "policy": "optimal", "drop_confidence": 0.8}
+    assert given.describe() == "max_accuracy_drop=2% (optimal, drop_confidence=0.8)"
+    default = Budget.of(max_accuracy_drop=0.02)
+    assert default.confidence is None and default.risk_confidence == P.DROP_CONFIDENCE == 0.95
+    assert default.to_json() == {"max_accuracy_drop": 0.02, "policy": "optimal"}
+    assert budget_key(default) == budget_key(Budget.of(max_accuracy_drop=0.02, drop_confidence=0.95))
+    assert budget_key(default) != budget_key(given)
+    assert resolver.resolve(given) == P.max_accuracy_drop(CAL, 0.02, "optimal", 0.8)
+    assert resolver.resolve(default) == P.max_accuracy_drop(CAL, 0.02, "optimal", 0.95)
+    assert resolver.resolve(given) != resolver.resolve(default)  # a lower confidence is cheaper here
+    assert parse_options({"max_accuracy_drop": 0.01, "drop_confidence": 0.9}).budget == Budget(
+        "max_accuracy_drop", 0.01, "optimal", 0.9
+    )
 
 
 def test_canonical_keys() -> None:

@@ -18,9 +18,11 @@ Policies (see docs/policies.md for the why and the measurements):
   plus the reference code's geometric sweep (:func:`reference_family`) and the flat-curve rule.
 * :func:`budget_macs` ``policy="optimal"`` -- our optimiser: searches threshold vectors directly
   to maximise held-out accuracy subject to held-out expected MACs <= budget. It is seeded with
-  every reference point, so it is never worse than the reference family on held-out data.
-* :func:`max_accuracy_drop` -- seed 001's knob: the cheapest thresholds within ``drop`` of the
-  final exit's held-out accuracy.
+  every reference point and compared with the Eq. 9 answer at the exact budget, so it is never
+  worse than the reference on held-out data.
+* :func:`max_accuracy_drop` -- seed 001's knob with a finite-sample guarantee: the cheapest point
+  of a fixed threshold path that fixed-sequence testing with exact binomial tests certifies, so
+  that P(drop on new images > drop) <= 1 - drop_confidence (`risk`).
 * :func:`max_exit` -- anytime mode: every sample answers at exit k; later stages never run.
 * :func:`explicit` -- user-given thresholds, validated and evaluated.
 
@@ -30,13 +32,14 @@ Modules, by concern (this package re-exports the public names):
 * `reference`  -- the paper's algorithm: Eq. 9, the held-out loop, the geometric sweep, flat curve;
 * `prepared`   -- per-calibration search state (sorted confidences, ranks) and its small cache;
 * `optimiser`  -- our frontier search over that state;
+* `risk`       -- the accuracy-drop guarantee: the fixed path, exact binomial tests, fixed-sequence testing;
 * `knobs`      -- the public knobs above, with their validation.
 """
 
 from __future__ import annotations
 
+from service.core.knobs import DROP_CONFIDENCE
 from service.core.policies.knobs import (
-    DROP_CONFIDENCE,
     Policy,
     budget_macs,
     explicit,
@@ -54,6 +57,7 @@ from service.core.policies.reference import (
     reference_thresholds,
 )
 from service.core.policies.result import ThresholdResult, evaluate_thresholds
+from service.core.policies.risk import certified_drop
 
 __all__ = [
     "DROP_CONFIDENCE",
@@ -61,6 +65,7 @@ __all__ = [
     "Policy",
     "ThresholdResult",
     "budget_macs",
+    "certified_drop",
     "eq9_exit_probability",
     "evaluate_thresholds",
     "explicit",
