@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 from service.core.errors import ValidationFailedError
-from service.core.knobs import BUDGET_KNOBS, KNOB_BY_NAME, Knob
+from service.core.knobs import BUDGET_FIELD_KNOBS, BUDGET_KNOBS, KNOB_BY_NAME, Knob
 
 _SUFFIXES = {"": 1.0, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9}
 
@@ -53,6 +53,7 @@ def parse_drop(text: str) -> float:
 _CLI_FORMS: dict[str, tuple[Any, str, str]] = {
     "budget_macs": (parse_macs, "MACS", "30M, 3e7, 500k, 1.2G"),
     "max_accuracy_drop": (parse_drop, "DROP", "0.01 or 1%%"),
+    "drop_confidence": (None, "P", "0.95"),
     "max_exit": (None, "K", "3"),
     "thresholds": (None, "T1,T2,...", "0.9,0.8,never,0"),
 }
@@ -72,12 +73,17 @@ def _knob_type(knob: Knob) -> Any:
     return convert
 
 
+#: Budget refiners other than --policy (its choices are a flag of their own): from the knob table.
+_REFINERS: tuple[Knob, ...] = tuple(k for k in BUDGET_FIELD_KNOBS if k.role == "policy" and k.name != "policy")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "examples:\n"
         "  boostserve thresholds --artifacts ART --budget-macs 30M\n"
         "  boostserve thresholds --artifacts ART --budget-macs 1.5e7 --policy reference --json\n"
+        "  boostserve thresholds --artifacts ART --max-accuracy-drop 1% --drop-confidence 0.9\n"
         "  boostserve thresholds --artifacts ART --max-accuracy-drop 1%\n"
         "  boostserve thresholds --artifacts ART --max-exit 3\n"
         "  boostserve thresholds --artifacts ART --thresholds 0.9,0.8,never,0\n"
@@ -95,14 +101,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         )
     policy = KNOB_BY_NAME["policy"]
     parser.add_argument("--policy", choices=policy.choices, help=f"{policy.description} (default: {policy.choices[0]})")
+    for knob in _REFINERS:
+        _, metavar, examples = _CLI_FORMS.get(knob.name, (None, knob.name.upper(), str(knob.example)))
+        parser.add_argument(
+            f"--{knob.name.replace('_', '-')}",
+            type=_knob_type(knob),
+            metavar=metavar,
+            help=f"{knob.description.replace('%', '%%')} (e.g. {examples})",
+        )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
 
 def _budget_fields(args: argparse.Namespace) -> dict[str, Any]:
-    fields = {k.name: getattr(args, k.name) for k in BUDGET_KNOBS if getattr(args, k.name, None) is not None}
-    if args.policy is not None:
-        fields["policy"] = args.policy
-    return fields
+    names = [k.name for k in BUDGET_FIELD_KNOBS]
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -159,6 +159,17 @@ def test_other_knobs_json(artifact: Path, capsys: pytest.CaptureFixture[str]) ->
     assert explicit["policy"] == "explicit"
 
 
+def test_drop_confidence_flag(artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--drop-confidence comes from the knob table and reaches the policy (0.5 is cheaper here)."""
+    low = run_json(capsys, "--artifacts", str(artifact), "--max-accuracy-drop", "10%", "--drop-confidence", "0.5")
+    assert low["budget"] == {"max_accuracy_drop": 0.1, "policy": "optimal", "drop_confidence": 0.5}
+    assert low["budget_description"] == "max_accuracy_drop=10% (optimal, drop_confidence=0.5)"
+    expected = P.max_accuracy_drop(CAL, 0.1, "optimal", 0.5)
+    assert low["expected_macs"] == pytest.approx(expected.expected_macs, abs=0.1)
+    default = run_json(capsys, "--artifacts", str(artifact), "--max-accuracy-drop", "10%")
+    assert default["expected_macs"] > low["expected_macs"]
+
+
 def test_human_output(artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["thresholds", "--artifacts", str(artifact), "--budget-macs", "30M"]) == 0
     out = capsys.readouterr().out
@@ -176,6 +187,8 @@ def test_human_output(artifact: Path, capsys: pytest.CaptureFixture[str]) -> Non
         (["--thresholds", "0.5,0.5"], "one value per exit"),
         (["--thresholds=-0.5,0.5,0.5,0.5,0.5"], "thresholds[1] must be >= 0 or never, got '-0.5'"),
         (["--max-exit", "2", "--policy", "reference"], "policy applies to budget_macs, max_accuracy_drop only"),
+        (["--max-accuracy-drop", "1%", "--drop-confidence", "1"], "drop_confidence must be in (0, 1), got '1'"),
+        (["--budget-macs", "30M", "--drop-confidence", "0.9"], "drop_confidence applies to max_accuracy_drop only"),
     ],
 )
 def test_errors_exit_2(artifact: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:

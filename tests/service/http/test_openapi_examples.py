@@ -52,6 +52,8 @@ def test_every_query_parameter_example_is_accepted(client: TestClient, spec: dic
         query = f"{parameter['name']}={_text(example)}"
         if parameter["name"] == "policy":  # a policy refines a budget knob that takes one
             query += "&budget_macs=5e6"
+        if parameter["name"] == "drop_confidence":  # refines max_accuracy_drop
+            query += "&max_accuracy_drop=0.01"
         response = client.post(f"/v1/classify?{query}", content=PNG, headers={"content-type": "image/png"})
         assert response.status_code == 200, (query, response.text)
 
