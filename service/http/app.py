@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from boostserve import __version__
 from service.core.artifact import ArtifactError, CalibrationData, Manifest, load_calibration, load_manifest
 from service.core.budget import BudgetResolver
+from service.core.budget_source import BudgetSource, watching
 from service.core.classify import ClassifyService, ResolvedBudget
 from service.core.engine import Engine
 from service.core.errors import ValidationFailedError
@@ -258,6 +259,22 @@ class BoostServeApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+def _budget_file_companion(app: FastAPI, settings: Settings) -> Companion:
+    """The budget file watcher (service.core.budget_source), published as app.state.budget_file."""
+    path = settings.budget_file
+    assert path is not None
+
+    @asynccontextmanager
+    async def companion(service: ClassifyService, metrics: Metrics) -> AsyncIterator[None]:
+        source = app.state.budget_source
+        async with watching(path, source, settings.budget_file_poll_s, service) as watcher:
+            app.state.budget_file = watcher
+            yield
+        app.state.budget_file = None
+
+    return companion
+
+
 def create_app(
     settings: Settings | None = None, *, metrics: Metrics | None = None, companions: Sequence[Companion] = ()
 ) -> BoostServeApp:
@@ -277,6 +294,10 @@ def create_app(
     app.state.metrics = metrics
     app.state.service = None
     app.state.startup_error = None
+    app.state.budget_source = BudgetSource()
+    app.state.budget_file = None
+    if settings.budget_file is not None:  # first: the file's budget is in force before gRPC or readiness
+        companions = (_budget_file_companion(app, settings), *companions)
     app.state.companions = tuple(companions)
     install_error_handlers(app)
     middleware.install(app, metrics=metrics, max_body_bytes=settings.max_body_bytes)

@@ -8,7 +8,7 @@ The v2 (Open Inference Protocol) shapes are in `service.http.v2.schemas`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -72,6 +72,27 @@ class BudgetInfo(BaseModel):
     exit_fractions: list[float] | None = Field(default=None, description="expected share of images per exit")
     calibrated: bool = Field(description="false: the artifact has no calibration data, expectations unknown")
     early_exit: bool = Field(description="false: every stage runs (A/B mode)")
+
+
+class BudgetSourceInfo(BaseModel):
+    """Where the global budget in force came from (service.core.budget_source)."""
+
+    kind: Literal["settings", "file", "put"] = Field(
+        description="settings: BOOSTSERVE_DEFAULT_BUDGET; file: BOOSTSERVE_BUDGET_FILE; put: a PUT /v1/budget "
+        "on this replica only (no budget file, or it could not be written), lost on restart"
+    )
+    file: str | None = Field(default=None, description="the budget file, when one is configured")
+    sha256: str | None = Field(default=None, description="sha256 of the file content in force (kind file)")
+    updated_at: float | None = Field(default=None, description="unix time the budget in force last changed")
+    error: str | None = Field(
+        default=None, description="the last budget-file problem (the file was ignored) or failed write-through"
+    )
+
+
+class GlobalBudgetInfo(BudgetInfo):
+    """The global budget (GET and PUT /v1/budget answer this same shape)."""
+
+    source: BudgetSourceInfo
 
 
 # ---------------------------------------------------------------------------------------------

@@ -215,6 +215,15 @@ class Settings(BaseSettings):
         description="move everything alive after start-up out of the garbage collector's reach "
         "(gc.freeze): full collections then scan request garbage only (see service.http.app)",
     )
+    budget_file: Path | None = Field(
+        default=None,
+        description="JSON file holding the global budget (a PUT /v1/budget body), e.g. a mounted ConfigMap: "
+        "loaded at start, re-read when it changes (a bad file is logged and ignored), PUT writes through "
+        "to it; unset or empty = the budget is default_budget and PUTs are per-replica",
+    )
+    budget_file_poll_s: float = Field(
+        default=2.0, ge=0.1, le=60.0, description="how often the budget file is checked for changes (s)"
+    )
     admin_token: SecretStr | None = Field(
         default=None,
         description="bearer token for PUT /v1/budget; unset or empty -> the endpoint answers 403",
@@ -264,10 +273,10 @@ class Settings(BaseSettings):
         raw = value.get_secret_value() if isinstance(value, SecretStr) else value
         return None if isinstance(raw, str) and not raw.strip() else value
 
-    @field_validator("grpc_port", mode="before")
+    @field_validator("grpc_port", "budget_file", mode="before")
     @classmethod
-    def _empty_port_is_unset(cls, value: Any) -> Any:
-        """`BOOSTSERVE_GRPC_PORT=` (a template's empty value) means off, like an unset variable."""
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """`BOOSTSERVE_GRPC_PORT=` or `BOOSTSERVE_BUDGET_FILE=` (a template's empty value) means off."""
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level", mode="before")

@@ -18,17 +18,15 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from service.core.errors import UnsupportedMediaTypeError, ValidationFailedError
-from service.core.knobs import BUDGET_KNOBS, KNOB_BY_NAME, KNOBS, parse_options
+from service.core.budget_source import BUDGET_UPDATE_KNOBS, parse_budget_update
+from service.core.errors import UnsupportedMediaTypeError
+from service.core.knobs import BUDGET_KNOBS, KNOBS
 from service.http.deps import ServiceDep, require_admin, service_of
-from service.http.schemas import ERROR_RESPONSES, BudgetInfo, ClassifyResponse, ErrorResponse
+from service.http.schemas import ERROR_RESPONSES, ClassifyResponse, ErrorResponse, GlobalBudgetInfo
 from service.http.v1 import request as wire
 from service.http.v1.render import render_classify
 
 router = APIRouter()
-
-#: What PUT /v1/budget accepts: a budget knob (with its policy) and/or the global early-exit switch.
-BUDGET_UPDATE_KNOBS = (*BUDGET_KNOBS, KNOB_BY_NAME["policy"], KNOB_BY_NAME["early_exit"])
 
 
 def _query_parameters() -> list[dict[str, Any]]:
@@ -105,17 +103,21 @@ _BUDGET_UPDATE_SCHEMA: dict[str, Any] = {
 
 @router.get(
     "/v1/budget",
-    response_model=BudgetInfo,
+    response_model=GlobalBudgetInfo,
     responses={503: ERROR_RESPONSES[503]},
     summary="The global budget and the thresholds in force",
 )
-async def get_budget(service: ServiceDep) -> BudgetInfo:
-    return BudgetInfo(**service.budget_info(service.global_budget))
+async def get_budget(request: Request, service: ServiceDep) -> GlobalBudgetInfo:
+    return _global_budget(request, service.budget_info(service.global_budget))
+
+
+def _global_budget(request: Request, info: dict[str, Any]) -> GlobalBudgetInfo:
+    return GlobalBudgetInfo(**info, source=request.app.state.budget_source.to_json())
 
 
 @router.put(
     "/v1/budget",
-    response_model=BudgetInfo,
+    response_model=GlobalBudgetInfo,
     responses={
         401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
         403: {"model": ErrorResponse, "description": "no admin token configured: budget changes disabled"},
@@ -128,17 +130,17 @@ async def get_budget(service: ServiceDep) -> BudgetInfo:
         "requestBody": {"required": True, "content": {"application/json": {"schema": _BUDGET_UPDATE_SCHEMA}}}
     },
 )
-async def put_budget(request: Request) -> BudgetInfo:
+async def put_budget(request: Request) -> GlobalBudgetInfo:
     service = service_of(request)
     kind = wire.normalize_media_type(request.headers.get("content-type", ""))
     if not wire.is_json_type(kind):
         raise UnsupportedMediaTypeError(f"unsupported Content-Type {kind or 'none'!r}: send application/json")
-    payload = wire.json_body(await request.body())
-    if not isinstance(payload, dict) or not payload:
-        names = ", ".join(k.name for k in BUDGET_KNOBS)
-        raise ValidationFailedError(f"give one of {names} (and/or early_exit) as a JSON object")
-    options = parse_options(payload, allowed=BUDGET_UPDATE_KNOBS, where="field")
-    if options.budget is None and options.early_exit is None:
-        raise ValidationFailedError("every field is null: give a budget knob and/or early_exit")
-    resolved = await service.set_global_budget(options.budget, options.early_exit)
-    return BudgetInfo(**service.budget_info(resolved))
+    options = parse_budget_update(wire.json_body(await request.body()))
+    budget_file = request.app.state.budget_file
+    if budget_file is not None:  # written through to the file: every replica follows, restarts keep it
+        resolved = await budget_file.put(options)
+    else:  # this replica only, until restart (documented in docs/http-api.md)
+        resolved = await service.set_global_budget(options.budget, options.early_exit)
+        source = request.app.state.budget_source
+        source.kind, source.updated_at, source.error = "put", time.time(), None
+    return _global_budget(request, service.budget_info(resolved))
