@@ -24,7 +24,13 @@ import numpy as np
 
 from service.core.artifact import Manifest
 from service.core.budget import BudgetResolver
-from service.core.errors import NotReadyError, TooManyImagesError, ValidationFailedError
+from service.core.errors import (
+    BoostServeError,
+    DeadlineExceededError,
+    NotReadyError,
+    TooManyImagesError,
+    ValidationFailedError,
+)
 from service.core.knobs import KNOBS, Budget, Knob, RequestOptions, parse_options
 from service.core.memo import IdentityMemo
 from service.core.policies import ThresholdResult
@@ -232,12 +238,17 @@ class ClassifyService:
         if not self.ready and not self.closing:
             raise NotReadyError("the model is not ready (starting up)")
         self.scheduler.admit(count)  # a request that will be refused is refused before it is decoded
-        images = await self.preprocessor.prepare(request.images)  # (B, C, H, W) float32
         deadline = None if deadline_ms is None else start + deadline_ms / 1000.0
+        limits = _DecodeLimits(start, deadline, deadline_ms, self.scheduler.request_timeout)
+        images = await self.preprocessor.prepare(request.images, limits.remaining, limits.expired)  # (B, C, H, W)
         self.inflight += 1
         try:  # the scheduler enforces the request timeout (one sweeper, no timer per request)
             results = await self.scheduler.submit(
-                images, resolved.thresholds.as_array(), early_exit=resolved.early_exit, deadline=deadline
+                images,
+                resolved.thresholds.as_array(),
+                early_exit=resolved.early_exit,
+                deadline=deadline,
+                started=start,
             )
         finally:
             self.inflight -= 1
@@ -253,6 +264,41 @@ class ClassifyService:
             for r in results
         ]
         return ClassifyResult(answers=answers, budget=resolved, extras=options.extras)
+
+
+@dataclass(frozen=True)
+class _DecodeLimits:
+    """The request's own limits applied to its decodes: the client's deadline_ms and the server's
+    request_timeout_s both count from arrival, decode included.
+
+    A decode still running when the sooner one passes is stopped. Past the client's deadline there
+    is nothing to answer from (no exit can run without pixels), so it is the client's 422, never a
+    5xx; past the server's request timeout it is the same 504 as a timeout anywhere else.
+    """
+
+    start: float
+    deadline: float | None
+    deadline_ms: float | None
+    request_timeout_s: float | None
+
+    def _server_deadline(self) -> float | None:
+        return None if self.request_timeout_s is None else self.start + self.request_timeout_s
+
+    def _client_first(self) -> bool:
+        server = self._server_deadline()
+        return self.deadline is not None and (server is None or self.deadline <= server)
+
+    def remaining(self) -> float | None:
+        ends = [t for t in (self.deadline, self._server_deadline()) if t is not None]
+        return None if not ends else min(ends) - time.monotonic()
+
+    def expired(self, seconds: float) -> BoostServeError:
+        if self._client_first():
+            return ValidationFailedError(
+                f"deadline_ms={self.deadline_ms:g} passed before the image was decoded; no exit can answer "
+                "without pixels: allow more time or send a smaller image"
+            )
+        return DeadlineExceededError(f"request timeout ({self.request_timeout_s:g} s) passed while decoding")
 
 
 def _frozen(value: Any) -> Any:

@@ -17,11 +17,13 @@ Documented conversions:
 Limits (size and pixel count) are checked from the header *before* any pixel is decoded, so a
 decompression bomb costs nothing. Every failure is a domain error (4xx), never a 500.
 
-Small plain PNGs (8-bit, already in the model's colour mode, not interlaced or animated, at most
-`INLINE_DECODE_PIXELS`) are decoded by libspng (`pyspng`) instead: the same pixels (tested against
-Pillow), at a third of the CPU — Pillow parses PNG chunks in Python, which was ~15 % of the
-server's CPU per request for a 28x28 image. Anything else, including every file libspng refuses,
-takes the Pillow path above with its conversions and error messages.
+Decode placement (docs/reliability.md): small plain PNGs (8-bit, already in the model's colour
+mode, not interlaced or animated, at most `INLINE_DECODE_PIXELS`, a bounded size and chunk count)
+are decoded by libspng (`pyspng`) on the event loop: the same pixels (tested against Pillow), at a
+third of Pillow's CPU, and a thread or process hop would cost more than the decode. Every other
+file goes to the decode workers (service.core.decode_pool) -- Pillow's header parsing included,
+since hostile metadata is slow to parse -- where `decode_file` first applies the structural
+bounds of service.core.image_bounds and the decode memory budget, then the Pillow path above.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ import base64
 import binascii
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import numpy as np
@@ -41,6 +43,10 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from service.core.artifact import Preprocessing
 from service.core.errors import BoostServeError, InvalidImageError, PayloadTooLargeError, ValidationFailedError
+from service.core.image_bounds import check_decode_budget, check_structure
+
+if TYPE_CHECKING:
+    from service.core.decode_pool import DecodePool, OnTimeout
 
 # Truncated files are errors, not silently grey-padded images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -54,9 +60,12 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 #: ITU-R 601-2 luma, as Pillow's convert("L").
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
-#: Images up to this many pixels are decoded on the event loop: a thread hop costs more than the
-#: decode. Bigger ones go to the threadpool so they never stall other requests.
+#: Plain PNGs up to this many pixels are decoded on the event loop (libspng): a hop to a decode
+#: worker costs more than the decode. Everything else goes to the decode workers.
 INLINE_DECODE_PIXELS = 256 * 256
+#: Chunks a PNG may have and still take the inline path (IHDR, IDATs, IEND and a few ancillary
+#: ones); more goes to the workers, whose own bounds decide.
+INLINE_PNG_CHUNKS = 64
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: The IEND chunk every complete PNG ends with (length 0, type, constant CRC).
@@ -68,6 +77,8 @@ _PNG_COLOR_TYPE = {"L": 0, "RGB": 2}
 @dataclass(frozen=True)
 class Limits:
     max_image_pixels: int
+    #: Peak memory one decode may need (service.core.image_bounds.decode_bytes); 413 above.
+    max_decode_bytes: int = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -98,9 +109,12 @@ ImageInput = EncodedImages | PixelTensor
 class Preprocessor:
     """Precomputed normalisation for one manifest; thread-safe (no mutable state)."""
 
-    def __init__(self, spec: Preprocessing, limits: Limits) -> None:
+    def __init__(self, spec: Preprocessing, limits: Limits, pool: DecodePool | None = None) -> None:
         self.spec = spec
         self.limits = limits
+        #: Where files that are not small plain PNGs decode; None (offline tools, unit tests): the
+        #: threadpool, with the same bounds but no time cap.
+        self.pool = pool
         self.shape = (spec.channels, spec.height, spec.width)
         self._resample = _RESAMPLE[spec.resize]
         std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
@@ -110,11 +124,14 @@ class Preprocessor:
         self._offset = (-mean / std).astype(np.float32)
 
     # -- the one entry point ----------------------------------------------------------------------
-    async def prepare(self, images: ImageInput) -> np.ndarray:
+    async def prepare(
+        self, images: ImageInput, timeout: Callable[[], float | None] | None = None, on_timeout: OnTimeout | None = None
+    ) -> np.ndarray:
         """Any request's images -> float32 (B, C, H, W) for the engine.
 
-        Decode placement: small files decode on the event loop (cheaper than a thread hop), big
-        ones in the threadpool so one large upload does not hold the loop while it decodes.
+        Decode placement: small plain PNGs on the event loop, everything else in the decode
+        workers. `timeout()` is the request's remaining time (read per image), `on_timeout` the
+        error a decode that outlives it answers (see DecodePool.decode).
         """
         if isinstance(images, PixelTensor):
             if images.layout == "uint8_hwc":
@@ -128,11 +145,12 @@ class Preprocessor:
                 assert isinstance(data, bytes)
                 if self.decode_plain_png(data, out=out[i]) is not None:
                     continue
-                image = self.open(data)
-                if self.pixels(image) <= INLINE_DECODE_PIXELS:
-                    out[i] = self.to_tensor(image)
+                if not data:
+                    raise InvalidImageError("empty image: the upload has zero bytes")
+                if self.pool is None:
+                    out[i] = await anyio.to_thread.run_sync(self.decode_file, data)
                 else:
-                    out[i] = await anyio.to_thread.run_sync(self.to_tensor, image)
+                    out[i] = await self.pool.decode(data, None if timeout is None else timeout(), on_timeout)
             except BoostServeError as exc:
                 if len(blobs) > 1:
                     exc.message = f"image {i}: {exc.message}"
@@ -141,6 +159,26 @@ class Preprocessor:
         return out
 
     # -- bytes ---------------------------------------------------------------------------------
+    def decode_file(self, data: bytes) -> np.ndarray:
+        """Any image file -> float32 (C, H, W), within the structural and memory bounds (the
+        decode workers run this; so do the offline tools)."""
+        check_structure(data)
+        image = self.open(data)
+        width, height = self.decoded_size(image)
+        check_decode_budget(width, height, image.mode, image.format, self.limits.max_decode_bytes)
+        return self.to_tensor(image)
+
+    def decoded_size(self, image: Image.Image) -> tuple[int, int]:
+        """The size the decoder will produce: JPEGs decode at 1/2..1/8 scale (`to_tensor`'s draft),
+        by the rule Pillow's `JpegImageFile.draft` applies."""
+        width, height = image.size
+        if image.format == "JPEG":
+            scale = min(width // self.spec.width, height // self.spec.height)
+            for factor in (8, 4, 2):
+                if scale >= factor:
+                    return -(-width // factor), -(-height // factor)
+        return width, height
+
     def open(self, data: bytes) -> Image.Image:
         """Parse the header only; enforce the pixel limit before decoding. Cheap."""
         if not data:
@@ -182,11 +220,15 @@ class Preprocessor:
             return None
         width = int.from_bytes(data[16:20], "big")
         height = int.from_bytes(data[20:24], "big")
+        channels = 1 if self.spec.color_mode == "L" else 3
         if (
             data[24] != 8  # bit depth
             or data[25] != _PNG_COLOR_TYPE.get(self.spec.color_mode)
             or data[28] != 0  # interlace method
             or not 0 < width * height <= min(INLINE_DECODE_PIXELS, self.limits.max_image_pixels)
+            # Deflate never grows data by more than ~0.1 %: a bigger file is padded with chunks.
+            or len(data) > (width * channels + 1) * height * 1.01 + 4096
+            or not _few_chunks(data)
             or b"acTL" in data  # APNG (a match inside compressed data only costs the fast path)
         ):
             return None
@@ -224,7 +266,7 @@ class Preprocessor:
             raise
         except Image.DecompressionBombError as exc:
             raise PayloadTooLargeError(f"image has too many pixels: {exc}") from exc
-        except (OSError, ValueError, SyntaxError, EOFError, IndexError, MemoryError) as exc:
+        except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
             raise InvalidImageError(f"cannot decode image (truncated or corrupt?): {exc}") from exc
         chw = array[None, :, :] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
         return self._normalize(chw)
@@ -235,9 +277,15 @@ class Preprocessor:
         if mode == target:
             return image
         if mode.startswith("I;16") or mode == "I":
-            raw = np.asarray(image, dtype=np.float64) if mode == "I" else np.asarray(image).astype(np.float64)
-            scaled = np.clip(raw, 0, 65535) * (255.0 / 65535.0)
-            gray = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+            # round(x * 255 / 65535) in integers: x * 255 / 65535 is never k + 0.5 (65535 is odd),
+            # so floor((510 x + 65535) / 131070) is the same value, without float64 copies of a
+            # 16 Mpx image (service.core.image_bounds prices the uint32 working copy).
+            raw = np.asarray(image)
+            work = np.clip(raw, 0, 65535).astype(np.uint32) if mode == "I" else raw.astype(np.uint32)
+            work *= 510
+            work += 65535
+            work //= 131070
+            gray = Image.fromarray(work.astype(np.uint8), mode="L")
             return gray if target == "L" else gray.convert("RGB")
         if mode == "F":
             raw = np.asarray(image, dtype=np.float32)
@@ -322,6 +370,19 @@ class Preprocessor:
         if not np.isfinite(batch).all():
             raise ValidationFailedError("FP32 input contains NaN or Inf")
         return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def _few_chunks(data: bytes) -> bool:
+    """At most INLINE_PNG_CHUNKS chunks before IEND (a bounded walk over the chunk headers)."""
+    position = 8
+    for _ in range(INLINE_PNG_CHUNKS):
+        if position + 8 > len(data):
+            return False
+        length = int.from_bytes(data[position : position + 4], "big")
+        if data[position + 4 : position + 8] == b"IEND":
+            return True
+        position += 12 + length
+    return False
 
 
 def decode_base64(text: bytes | str) -> bytes:

@@ -30,6 +30,7 @@ from service.core.artifact import ArtifactError, CalibrationData, Manifest, load
 from service.core.budget import BudgetResolver
 from service.core.budget_source import BudgetSource, watching
 from service.core.classify import ClassifyService, ResolvedBudget
+from service.core.decode_pool import DecodePool, DecodePoolConfig
 from service.core.engine import Engine
 from service.core.errors import ValidationFailedError
 from service.core.knobs import Budget
@@ -103,6 +104,11 @@ def _load_calibration(settings: Settings, manifest: Manifest) -> CalibrationData
     return load_calibration(settings.artifacts_dir, manifest)
 
 
+#: What a decode worker's data segment may grow beyond max_decode_mb (the estimate's error, Pillow's
+#: and numpy's own allocations) before allocations fail inside the decoder.
+DECODE_MEMORY_MARGIN_MB = 128
+
+
 def _startup(settings: Settings, metrics: Metrics) -> ClassifyService:
     """Everything blocking (file hashing, ORT session creation); runs in a worker thread."""
     manifest = load_manifest(settings.artifacts_dir, verify=True)
@@ -126,10 +132,17 @@ def _startup(settings: Settings, metrics: Metrics) -> ClassifyService:
         run_on_loop=settings.runs_stages_on_loop(),
         request_timeout_s=settings.request_timeout_s,
     )
+    limits = Limits(max_image_pixels=settings.max_image_pixels, max_decode_bytes=settings.max_decode_mb << 20)
+    pool = DecodePoolConfig(
+        workers=settings.decode_workers,
+        timeout_s=settings.decode_timeout_s,
+        max_pending=settings.decode_queue,
+        memory_cap_bytes=(settings.max_decode_mb + DECODE_MEMORY_MARGIN_MB) << 20,
+    )
     return ClassifyService(
         manifest=manifest,
         resolver=resolver,
-        preprocessor=Preprocessor(manifest.preprocessing, Limits(max_image_pixels=settings.max_image_pixels)),
+        preprocessor=Preprocessor(manifest.preprocessing, limits, DecodePool(manifest.preprocessing, limits, pool)),
         scheduler=scheduler,
         global_budget=ResolvedBudget(budget, resolver.resolve(budget), settings.early_exit),
         max_images_per_request=settings.max_images_per_request,
@@ -209,6 +222,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await companions.aclose()
         log.info("shutting down: draining the scheduler (up to %.1f s)", settings.shutdown_grace_s)
         await scheduler.stop(drain=True, timeout=settings.shutdown_grace_s)
+        if service.preprocessor.pool is not None:
+            service.preprocessor.pool.close()  # a decode still running is not worth waiting for
         log.info("shutdown complete")
 
 

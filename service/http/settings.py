@@ -192,6 +192,36 @@ class Settings(BaseSettings):
         "input (height*width, checked at start), at most 2**31",
     )
     max_images_per_request: int = Field(default=64, ge=1, le=4096, description="more images -> 413")
+    max_decode_mb: int = Field(
+        default=256,
+        ge=16,
+        le=65536,
+        description="memory one image's decode may need, estimated from its header (width, height, mode, "
+        "format) before decoding -> 413 above; each decode worker's data segment may grow by this + 128 MiB",
+    )
+
+    # -- decode workers ----------------------------------------------------------------------------
+    decode_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="processes that decode every image except small plain PNGs (started with the first "
+        "such image); a decode over its time limit kills and replaces its worker",
+    )
+    decode_timeout_s: float = Field(
+        default=2.0,
+        ge=0.05,
+        le=60.0,
+        description="wall-clock limit for one image's decode -> 400 \"image too expensive to decode\"; a "
+        "request's deadline_ms (422) or request_timeout_s (504) applies when sooner, and bounds its wait for a "
+        "worker",
+    )
+    decode_queue: int = Field(
+        default=64,
+        ge=1,
+        le=65536,
+        description="images that may wait for a decode worker; more -> 429",
+    )
 
     # -- budget ------------------------------------------------------------------------------------
     default_budget: Annotated[dict[str, Any], NoDecode] = Field(

@@ -182,13 +182,15 @@ class Scheduler:
         *,
         early_exit: bool = True,
         deadline: float | None = None,
+        started: float | None = None,
     ) -> list[ExitResult]:
         """Classify (B, C, H, W) images; results in input order.
 
         thresholds: (E,) or (B, E) (None or early_exit=False: every stage). deadline: absolute
         time.monotonic(); a deadline never fails the request, even one already passed (see the
         package docstring). Raises NotReadyError, OverCapacityError, ValidationFailedError,
-        DeadlineExceededError (the request timeout only), StageFailedError.
+        DeadlineExceededError (the request timeout only), StageFailedError. started: the request's
+        arrival (time.monotonic()), so the request timeout counts its decode too (default: now).
         """
         arr = self.engine.check_images(images)
         n = int(arr.shape[0])
@@ -200,7 +202,7 @@ class Scheduler:
         assert loop is not None  # admit() refuses while the scheduler is not running
         req = RequestState(next(self._ids), n, thr, deadline, loop.create_future())
         if self.request_timeout is not None:
-            req.expires = loop.time() + self.request_timeout
+            req.expires = (loop.time() if started is None else started) + self.request_timeout
         if deadline is not None:
             req.best_logits = np.zeros((n, self.engine.num_classes), dtype=np.float32)
             req.best_exit = np.full(n, -1, dtype=np.int32)

@@ -313,9 +313,9 @@ def test_a_request_refused_for_capacity_is_refused_before_it_is_decoded(make_cli
             gate.wait(timeout=30)
             return real_stage(k, state)
 
-        async def counting_prepare(images: Any) -> Any:
+        async def counting_prepare(images: Any, *limits: Any) -> Any:
             decoded.append(len(images))
-            return await real_prepare(images)
+            return await real_prepare(images, *limits)
 
         engine.run_stage_batch = held
         service.preprocessor.prepare = counting_prepare
