@@ -226,6 +226,18 @@ class ClassifyService:
         if count > self.max_images_per_request:
             raise TooManyImagesError(f"{count} images in one request, the limit is {self.max_images_per_request}")
 
+    def check_capacity(self) -> None:
+        """Refuse now (503 / 429) what `classify` would refuse anyway, before the adapter parses.
+
+        Why: under overload every refused request used to pay its JSON parse, base64 and decodes
+        before the scheduler said no, and that work was the overload (goodput fell tenfold). The
+        adapters call this once the body is read and before they parse it; `classify` applies the
+        full rule (the request's image count) again.
+        """
+        if not self.ready and not self.closing:
+            raise NotReadyError("the model is not ready (starting up)")
+        self.scheduler.admit(1)
+
     async def classify(self, request: ClassifyRequest) -> ClassifyResult:
         """Options -> budget, admission, images -> tensor, scheduler -> answers (1-based exits)."""
         start = time.monotonic()

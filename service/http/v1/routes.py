@@ -76,9 +76,13 @@ async def classify(request: Request, service: ServiceDep) -> Response:
     query = wire.query_options(request.scope.get("query_string", b""))
     kind = wire.normalize_media_type(request.headers.get("content-type", ""))
     if wire.is_json_type(kind):
-        classify_request = wire.json_request(await request.body(), query)
+        body = await request.body()
+        service.check_capacity()  # refused before the JSON and base64 are parsed
+        classify_request = wire.json_request(body, query)
     elif kind == "multipart/form-data":
         settings = request.app.state.settings
+        await request.body()  # read (and kept for the parser) first: a refusal must not reset the client
+        service.check_capacity()
         classify_request = await wire.multipart_request(
             request, query, settings.max_images_per_request, settings.max_body_bytes
         )

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.core.errors import OverCapacityError
+from service.http.v1 import request as v1_wire
 from tests.service.http import images
 from tests.service.http.conftest import ClientFactory, assert_error
 
@@ -331,6 +332,58 @@ def test_a_request_refused_for_capacity_is_refused_before_it_is_decoded(make_cli
             refused = post_raw(client, images.png(seed=2))
             assert_error(refused, 429, "over_capacity", "1 images are queued (limit 1); retry later")
             assert decoded == [1]  # only the admitted request was decoded
+        finally:
+            gate.set()
+            sender.join(timeout=30)
+        assert first[0].status_code == 200
+
+
+@pytest.mark.parametrize("encoding", ["json", "multipart"])
+def test_a_request_refused_for_capacity_is_refused_before_its_body_is_parsed(
+    make_client: ClientFactory, encoding: str
+) -> None:
+    """Item 6: 64 base64 images in JSON were parsed and decoded on the event loop for every 429."""
+    with make_client(max_queue=1, stage_execution="thread") as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        engine = service.scheduler.engine
+        real_stage = engine.run_stage_batch
+        real_json, real_multipart = v1_wire.json_request, v1_wire.multipart_request
+        gate = threading.Event()
+        parsed: list[str] = []
+
+        def held(k: int, state: Any) -> Any:
+            gate.wait(timeout=30)
+            return real_stage(k, state)
+
+        def counting_json(*args: Any) -> Any:
+            parsed.append("json")
+            return real_json(*args)
+
+        async def counting_multipart(*args: Any) -> Any:
+            parsed.append("multipart")
+            return await real_multipart(*args)
+
+        engine.run_stage_batch = held
+        first: list[Any] = []
+        sender = threading.Thread(target=lambda: first.append(post_raw(client, images.png(seed=1))))
+        sender.start()
+        try:
+            for _ in range(3000):  # until the first image is admitted (bounded: 30 s)
+                if service.scheduler.pending == 1:
+                    break
+                time.sleep(0.01)
+            assert service.scheduler.pending == 1
+            png = images.png(seed=2)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(v1_wire, "json_request", counting_json)
+                patch.setattr(v1_wire, "multipart_request", counting_multipart)
+                if encoding == "json":
+                    payload = {"images": [base64.b64encode(png).decode()] * 64}
+                    refused = client.post("/v1/classify", json=payload)
+                else:
+                    refused = client.post("/v1/classify", files=[("file", ("a.png", png, "image/png"))] * 4)
+            assert_error(refused, 429, "over_capacity", "1 images are queued (limit 1); retry later")
+            assert parsed == []
         finally:
             gate.set()
             sender.join(timeout=30)
