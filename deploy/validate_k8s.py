@@ -7,7 +7,8 @@
   one on PATH), or a standalone `kustomize build`.
 - Built-in kinds: `kubernetes-validate --strict` (pip package; schemas of the Kubernetes release it
   bundles), which rejects unknown fields.
-- Custom resources (ServiceMonitor, PrometheusRule): kubernetes-validate has no CRD schemas, so each
+- Custom resources (ServiceMonitor, PrometheusRule, KServe ServingRuntime and InferenceService):
+  kubernetes-validate has no CRD schemas, so each
   is checked against deploy/k8s/schemas/<kind>-<group>-<version>.json with jsonschema; a custom
   resource without a shipped schema is an error, never silently skipped.
 Also checks deploy/k8s/admin-secret.example.yaml (a placeholder, not part of any overlay).

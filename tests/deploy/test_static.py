@@ -184,6 +184,7 @@ def test_k8s_overlay_validates(overlay: str, rendered: dict[str, list[dict[str, 
         [
             "ServiceAccount",
             "ConfigMap",
+            "ConfigMap",
             "Service",
             "Deployment",
             "PodDisruptionBudget",
@@ -224,7 +225,7 @@ def test_k8s_deployment_contract(overlay: str, rendered: dict[str, list[dict[str
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["startupProbe"]["httpGet"]["path"] == "/livez"
-    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp", "/etc/boostserve/budget"}
     token = next(e for e in container["env"] if e["name"] == "BOOSTSERVE_ADMIN_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {
         "name": "boostserve-admin",
@@ -232,9 +233,10 @@ def test_k8s_deployment_contract(overlay: str, rendered: dict[str, list[dict[str
         "optional": True,
     }
     assert not [d for d in docs if d["kind"] == "Secret"], "no Secret may be rendered"
-    config = _one(docs, "ConfigMap")
+    config = _settings(docs)
     assert container["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
     assert all(k.startswith("BOOSTSERVE_") for k in config["data"])
+    _check_budget_file(docs, config["data"], pod["volumes"], container["volumeMounts"])
     # Every selector picks exactly this variant's pods.
     labels = deploy["spec"]["template"]["metadata"]["labels"]
     assert labels["app.kubernetes.io/variant"] == overlay
@@ -261,6 +263,59 @@ def test_k8s_deployment_contract(overlay: str, rendered: dict[str, list[dict[str
     else:
         assert "nvidia.com/gpu" not in resources["limits"]
         assert config["data"]["BOOSTSERVE_PROVIDERS"] == "cpu"
+
+
+def _settings(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap" and not _is_budget(d)]
+    return config
+
+
+def _is_budget(doc: dict[str, Any]) -> bool:
+    return doc["kind"] == "ConfigMap" and str(doc["metadata"]["name"]).startswith("boostserve-budget")
+
+
+def _check_budget_file(
+    docs: list[dict[str, Any]], settings: dict[str, str], volumes: list[Any], mounts: list[Any]
+) -> None:
+    """The budget ConfigMap is mounted where BOOSTSERVE_BUDGET_FILE points, unhashed (edits need no rollout)."""
+    (budget,) = [d for d in docs if _is_budget(d)]
+    assert json.loads(budget["data"]["budget.json"]) == {"max_accuracy_drop": 0.01}
+    volume = next(v for v in volumes if v.get("configMap", {}).get("name") == budget["metadata"]["name"])
+    mount = next(m for m in mounts if m["name"] == volume["name"])
+    assert settings["BOOSTSERVE_BUDGET_FILE"] == f"{mount['mountPath']}/budget.json" and mount["readOnly"] is True
+
+
+def test_kserve_overlay_validates_against_the_kserve_crds() -> None:
+    k8s = _k8s()
+    docs = k8s.render(k8s.K8S / "overlays" / "kserve")
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "ConfigMap", "InferenceService", "ServingRuntime"]
+    assert k8s.validate_docs(docs, "kserve") == []
+    runtime, isvc = _one(docs, "ServingRuntime"), _one(docs, "InferenceService")
+    (container,) = runtime["spec"]["containers"]
+    assert {"v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    settings = _settings(docs)
+    assert container["envFrom"][0]["configMapRef"]["name"] == settings["metadata"]["name"]  # hashed name followed
+    data = settings["data"]
+    assert ports == {"http1": int(data["BOOSTSERVE_PORT"]), "h2c": int(data["BOOSTSERVE_GRPC_PORT"])}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] == "v2"
+    assert model["modelFormat"]["name"] == runtime["spec"]["supportedModelFormats"][0]["name"]
+    assert model["storageUri"] and {"name": "BOOSTSERVE_ARTIFACTS_DIR", "value": "/mnt/models"} in model["env"]
+    _check_budget_file(docs, data, isvc["spec"]["predictor"]["volumes"], model["volumeMounts"])
+
+
+def test_kserve_schemas_reject_typos() -> None:
+    k8s = _k8s()
+    docs = copy.deepcopy(k8s.render(k8s.K8S / "overlays" / "kserve"))
+    _one(docs, "ServingRuntime")["spec"]["containers"][0]["readinessProbee"] = {}
+    _one(docs, "InferenceService")["spec"]["predictor"]["model"]["storageURI"] = "s3://x"
+    _one(docs, "InferenceService")["spec"]["predictor"]["minReplicas"] = "two"
+    errors = "\n".join(k8s.validate_docs(docs, "typo"))
+    assert "readinessProbee" in errors and "storageURI" in errors and "two" in errors, errors
 
 
 # -- the script -----------------------------------------------------------------------------------------
