@@ -15,6 +15,7 @@ import pytest
 from service.core import policies as P
 from service.core.artifact import CalibrationData
 from service.core.errors import InvalidBudgetError
+from service.core.exit_rule import exit_indices
 from service.core.knobs import DROP_CONFIDENCE
 from service.core.policies import risk
 from tests.fixtures.synthetic_calibration import synthetic_calibration
@@ -211,3 +212,15 @@ def test_fixed_sequence_stops_at_the_first_point_it_cannot_certify() -> None:
         (math.inf,) * 3 + (-math.inf,) if first_failure == 0 else tuple(float(t) for t in path[first_failure - 1])
     )
     assert result.thresholds == expected
+
+
+@pytest.mark.parametrize(("exits", "scale"), [(4, 2.0), (4, 1.0), (6, 0.5), (2, 2.0)])
+def test_path_counts_match_evaluating_every_point(exits: int, scale: float) -> None:
+    cal = synthetic_calibration(exits, 1500, exits)
+    path = risk.risk_path(exits, scale)
+    losses, gains = risk.path_counts(cal.confidence, cal.correct, path)
+    for j in range(0, risk.PATH_POINTS, 7):
+        taken = exit_indices(cal.confidence, path[j])
+        right = cal.correct[taken, np.arange(cal.num_samples)]
+        assert losses[j] == np.count_nonzero(cal.correct[-1] & ~right)
+        assert gains[j] == np.count_nonzero(~cal.correct[-1] & right)

@@ -9,6 +9,7 @@ rule's vocabulary (service.core.exit_rule: NEVER_EXIT, ALWAYS_EXIT, the last exi
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
 
@@ -56,7 +57,27 @@ def _check_policy(policy: str) -> None:
         raise InvalidBudgetError(f"policy must be 'optimal' or 'reference', got {policy!r}")
 
 
+#: Reference answers kept per calibration set (policy "optimal" weighs the same one as "reference").
+_REFERENCE_MEMO = 64
+
+
 def _reference_budget(cal: CalibrationData, macs: float) -> ThresholdResult:
+    """Eq. 9 with the repair bisection, memoised per calibration set (a small LRU of budgets)."""
+    memo: OrderedDict[float, ThresholdResult] = prepared(cal).memo("reference_budget", OrderedDict)
+    with prepared(cal).lock:
+        hit = memo.get(macs)
+        if hit is not None:
+            memo.move_to_end(macs)
+            return hit
+    result = _reference_budget_uncached(cal, macs)
+    with prepared(cal).lock:
+        memo[macs] = result
+        while len(memo) > _REFERENCE_MEMO:
+            memo.popitem(last=False)
+    return result
+
+
+def _reference_budget_uncached(cal: CalibrationData, macs: float) -> ThresholdResult:
     num_exits = cal.num_exits
 
     def point(p: float) -> ThresholdResult:
