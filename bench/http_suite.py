@@ -5,6 +5,10 @@ POST /v1/classify with a raw image/png body:
   all_stages   ?early_exit=false             every stage runs (the A/B reference)
   drop_0.005   ?max_accuracy_drop=0.005      early exit, ≤ 0.5 % held-out accuracy loss
   drop_0.01    ?max_accuracy_drop=0.01       early exit, ≤ 1 % held-out accuracy loss
+Two more modes on `batching`, the same images and budget (drop_0.01) through the Open Inference
+Protocol (bench.oip_load): `v2_binary` (POST /v2/models/{m}/infer with the binary tensor data
+extension, UINT8 pixels in, binary outputs: what tritonclient.http sends by default) and `grpc`
+(ModelInfer with raw_input_contents on BOOSTSERVE_GRPC_PORT).
 Server configurations: `batching` (cross-request batching on, the default settings) and
 `no_batching` (BOOSTSERVE_BATCHING=false and BOOSTSERVE_MAX_BATCH_SIZE=1: batch-1 serving), and three
 ablations of the request path at drop_0.01 with 1 and 64 clients: `fastapi_path`
@@ -46,7 +50,15 @@ from bench.common import Artifact, Progress, simulate_exits
 from bench.compare import COMPARE_SERVER, Checkout, CheckoutServerProcess, read_checkout, this_checkout
 from bench.data import TestSet, encode_png
 from bench.loadgen import LoadResult, run_closed_loop, summarize_latency
-from bench.server import ServerProcess, metric_sum
+from bench.oip_load import (
+    GRPC_METHOD,
+    V2_ROUTE,
+    GrpcClients,
+    build_v2_binary_requests,
+    parse_grpc_answer,
+    parse_v2_binary_answer,
+)
+from bench.server import ServerProcess, free_port, metric_sum
 from bench.stats import safe_ratio
 from bench.targets import TARGET_CONCURRENCY
 
@@ -56,6 +68,10 @@ MODE_QUERIES: dict[str, str] = {
     "drop_0.01": "max_accuracy_drop=0.01",
 }
 CLASSIFY_PATH = "/v1/classify"
+#: Modes that speak the Open Inference Protocol instead of v1 (budget drop_0.01, bench.oip_load).
+OIP_MODES = ("v2_binary", "grpc")
+#: The request-metrics route of each mode's requests (v1 modes: CLASSIFY_PATH).
+MODE_ROUTES = {"v2_binary": V2_ROUTE, "grpc": GRPC_METHOD}
 
 
 @dataclass(frozen=True)
@@ -126,7 +142,7 @@ def default_servers(
             ServerConfig(
                 "batching",
                 base,
-                ("all_stages", "drop_0.005", "drop_0.01"),
+                ("all_stages", "drop_0.005", "drop_0.01", *OIP_MODES),
                 tuple(c for c in concurrencies if c in (1, 64)) or concurrencies,
             ),
             ServerConfig("no_batching", no_batch, ("drop_0.01",), (64,) if 64 in concurrencies else concurrencies[-1:]),
@@ -134,7 +150,7 @@ def default_servers(
             *compare,
         )
     return (
-        ServerConfig("batching", base, ("all_stages", "drop_0.005", "drop_0.01"), concurrencies),
+        ServerConfig("batching", base, ("all_stages", "drop_0.005", "drop_0.01", *OIP_MODES), concurrencies),
         ServerConfig("no_batching", no_batch, ("all_stages", "drop_0.01"), concurrencies),
         *ablations,
         *compare,
@@ -192,6 +208,7 @@ def _cell_summary(
     metrics_before: dict[Any, float],
     metrics_after: dict[Any, float],
     server_cpu_s: float,
+    route: str = CLASSIFY_PATH,
 ) -> dict[str, Any]:
     """One cell's numbers: throughput, latency, accuracy, MACs, exits and CPU costs."""
     num_exits = artifact.manifest.num_stages
@@ -248,11 +265,11 @@ def _cell_summary(
     stage1_items = metric_sum(metrics_after, "boostserve_stage_batch_size_sum", stage="1") - metric_sum(
         metrics_before, "boostserve_stage_batch_size_sum", stage="1"
     )
-    d_req_s = metric_sum(metrics_after, "boostserve_request_duration_seconds_sum", route=CLASSIFY_PATH) - metric_sum(
-        metrics_before, "boostserve_request_duration_seconds_sum", route=CLASSIFY_PATH
+    d_req_s = metric_sum(metrics_after, "boostserve_request_duration_seconds_sum", route=route) - metric_sum(
+        metrics_before, "boostserve_request_duration_seconds_sum", route=route
     )
-    d_req_n = metric_sum(metrics_after, "boostserve_request_duration_seconds_count", route=CLASSIFY_PATH) - metric_sum(
-        metrics_before, "boostserve_request_duration_seconds_count", route=CLASSIFY_PATH
+    d_req_n = metric_sum(metrics_after, "boostserve_request_duration_seconds_count", route=route) - metric_sum(
+        metrics_before, "boostserve_request_duration_seconds_count", route=route
     )
 
     latency = summarize_latency(result.latencies_s)
@@ -312,6 +329,8 @@ def run_http(
     # Every server configuration runs at once (an idle server costs nothing), so each round can
     # interleave the cells of all servers: batching vs no batching is an ABAB comparison too.
     servers: dict[str, ServerProcess] = {}
+    grpc_ports: dict[str, int] = {}
+    oip = OipTarget(subset.images, artifact.manifest.name)
     infos: dict[str, dict[str, str] | None] = {}
     plan: list[tuple[int, int, ServerConfig, str]] = []
     for r in range(settings.rounds):
@@ -326,13 +345,17 @@ def run_http(
         try:
             for config in settings.servers:
                 log_path = logs_dir / f"server-{config.name}.log"
+                env = config.env
+                if "grpc" in config.modes:
+                    grpc_ports[config.name] = free_port()
+                    env = {**env, "BOOSTSERVE_GRPC_PORT": str(grpc_ports[config.name])}
                 server = (
-                    ServerProcess(artifact.path, config.env, cpus=settings.server_cpus, log_path=log_path)
+                    ServerProcess(artifact.path, env, cpus=settings.server_cpus, log_path=log_path)
                     if config.code_dir is None
                     else CheckoutServerProcess(
                         read_checkout(Path(config.code_dir)),
                         artifact.path,
-                        config.env,
+                        env,
                         cpus=settings.server_cpus,
                         log_path=log_path,
                     )
@@ -353,6 +376,7 @@ def run_http(
                     mode=mode,
                     concurrency=concurrency,
                     start_index=next_start.get((config.name, mode), 0),
+                    oip=oip.at(grpc_ports.get(config.name)),
                 )
                 server_cpu = server.cpu_seconds() - cpu0
                 after = server.scrape()
@@ -370,6 +394,7 @@ def run_http(
                     metrics_before=before,
                     metrics_after=after,
                     server_cpu_s=server_cpu,
+                    route=MODE_ROUTES.get(mode, CLASSIFY_PATH),  # the metrics label: the route template
                 )
                 cells.append(cell)
                 advance(
@@ -479,6 +504,19 @@ def _floor(bodies: list[bytes], settings: HttpSettings, cells: list[dict[str, An
     return {"concurrency": concurrency, "variants": variants}
 
 
+@dataclass(frozen=True)
+class OipTarget:
+    """What the OIP modes need beyond the PNG bodies: the same images as pixels, the model name,
+    and the gRPC port of the server under test (None where it has none)."""
+
+    pixels: np.ndarray  # (n, H, W) uint8, the images the PNG bodies encode
+    model: str
+    grpc_port: int | None = None
+
+    def at(self, grpc_port: int | None) -> OipTarget:
+        return OipTarget(self.pixels, self.model, grpc_port)
+
+
 def _load(
     server: ServerProcess,
     bodies: list[bytes],
@@ -490,22 +528,47 @@ def _load(
     warmup_s: float | None = None,
     client: str | None = None,
     start_index: int = 0,
+    oip: OipTarget | None = None,
 ) -> LoadResult:
     """One closed-loop run of `mode` against `server` with the suite's bounds (overridable)."""
-    return asyncio.run(
-        run_closed_loop(
-            host=server.host,
-            port=server.port,
-            path=f"{CLASSIFY_PATH}?{MODE_QUERIES[mode]}",
-            bodies=bodies,
-            concurrency=concurrency,
-            duration_s=settings.duration_s if duration_s is None else duration_s,
-            max_requests=settings.max_requests,
-            warmup_s=settings.warmup_s if warmup_s is None else warmup_s,
-            client=settings.client if client is None else client,
-            start_index=start_index,
-        )
+    common: dict[str, Any] = dict(
+        host=server.host,
+        port=server.port,
+        bodies=bodies,
+        concurrency=concurrency,
+        duration_s=settings.duration_s if duration_s is None else duration_s,
+        max_requests=settings.max_requests,
+        warmup_s=settings.warmup_s if warmup_s is None else warmup_s,
+        start_index=start_index,
     )
+    if mode not in OIP_MODES:
+        return asyncio.run(
+            run_closed_loop(
+                path=f"{CLASSIFY_PATH}?{MODE_QUERIES[mode]}",
+                client=settings.client if client is None else client,
+                **common,
+            )
+        )
+    if oip is None:
+        raise ValueError(f"mode {mode} needs the images as pixels and the model name")
+    if mode == "v2_binary":
+        requests = build_v2_binary_requests(server.host, server.port, oip.model, oip.pixels)
+        return asyncio.run(
+            run_closed_loop(
+                path=V2_ROUTE.format(name=oip.model), requests=requests, parse=parse_v2_binary_answer, **common
+            )
+        )
+    if oip.grpc_port is None:
+        raise ValueError("mode grpc needs a server started with BOOSTSERVE_GRPC_PORT")
+    clients = GrpcClients(server.host, oip.grpc_port, oip.model, oip.pixels)
+
+    async def run_grpc() -> LoadResult:
+        try:
+            return await run_closed_loop(path=GRPC_METHOD, connect=clients.connect, parse=parse_grpc_answer, **common)
+        finally:
+            await clients.aclose()
+
+    return asyncio.run(run_grpc())
 
 
 def _client_check(

@@ -21,9 +21,9 @@ import contextlib
 import json
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -51,6 +51,18 @@ class LoadResult:
     @property
     def count(self) -> int:
         return len(self.latencies_s)
+
+
+class Connection(Protocol):
+    """A client's connection for a custom protocol (bench.oip_load's gRPC): request image `index`."""
+
+    async def request(self, index: int) -> tuple[int, bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+#: An answer body -> (label, exit, macs, server latency ms, thresholds).
+Parser = Callable[[bytes], tuple[int, int, float, float, Any]]
 
 
 def _cpu_seconds() -> float:
@@ -157,11 +169,16 @@ async def run_closed_loop(
     client: str = "raw",
     timeout_s: float = 120.0,
     start_index: int = 0,
+    requests: Sequence[bytes] | None = None,
+    parse: Parser = parse_answer,
+    connect: Callable[[], Connection] | None = None,
 ) -> LoadResult:
     """Warm up for warmup_s, then record until duration_s elapsed or max_requests completed.
 
     Images are taken round-robin from `bodies` by a shared counter starting at `start_index`, so
     the recorded image indices let the caller check every label against ground truth.
+    Other protocols (bench.oip_load): `requests` replaces the pre-built raw HTTP requests (one per
+    body), `connect` replaces the HTTP connection altogether, `parse` reads their answers.
     """
     if client not in CLIENT_KINDS:
         raise ValueError(f"client must be one of {CLIENT_KINDS}, got {client!r}")
@@ -172,7 +189,10 @@ async def run_closed_loop(
     warm = [0]
     done = asyncio.Event()
 
-    raw_requests = build_raw_requests(host, port, path, bodies) if client == "raw" else []
+    if requests is not None:
+        raw_requests = list(requests)
+    else:
+        raw_requests = build_raw_requests(host, port, path, bodies) if client == "raw" and connect is None else []
     httpx_client: Any = None
     if client == "httpx":
         import httpx
@@ -197,7 +217,7 @@ async def run_closed_loop(
         macs = server = float("nan")
         if status == 200:
             try:
-                label, exit_, macs, server, thresholds = parse_answer(body)
+                label, exit_, macs, server, thresholds = parse(body)
                 if result.thresholds is None:
                     result.thresholds = thresholds
             except (ValueError, KeyError, TypeError, IndexError) as exc:
@@ -213,13 +233,16 @@ async def run_closed_loop(
             done.set()
 
     async def worker() -> None:
-        conn = _RawConnection(host, port) if client == "raw" else None
+        custom = connect() if connect is not None else None
+        conn = _RawConnection(host, port) if client == "raw" and custom is None else None
         try:
             while not state["stop"]:
                 index = counter[0] % n_bodies
                 counter[0] += 1
                 t0 = time.perf_counter()
-                if conn is not None:
+                if custom is not None:
+                    status, body = await asyncio.wait_for(custom.request(index), timeout_s)
+                elif conn is not None:
                     status, body = await asyncio.wait_for(conn.request(raw_requests[index]), timeout_s)
                 else:
                     response = await httpx_client.post(path, content=bodies[index], headers=headers)
@@ -232,6 +255,8 @@ async def run_closed_loop(
         finally:
             if conn is not None:
                 await conn.close()
+            if custom is not None:
+                await custom.close()
 
     tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
     try:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bench.coverage import coverage_lines, plot_coverage
 from bench.stats import safe_ratio
 from bench.targets import TARGET_SPEEDUP, Target, evaluate, limits_analysis, limits_bounds
 
@@ -400,7 +401,7 @@ def _http_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
         "| client CPU ms/req (util) | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
-    order = {"all_stages": 0, "drop_0.005": 1, "drop_0.01": 2}
+    order = {"all_stages": 0, "drop_0.005": 1, "drop_0.01": 2, "v2_binary": 3, "grpc": 4}
     for c in sorted(r["aggregate"], key=lambda c: (c["server"], order.get(c["mode"], 9), c["concurrency"])):
         frac = _num(c["avg_macs"]) / r["full_macs"] if r.get("full_macs") else math.nan
         lines.append(
@@ -494,6 +495,9 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
     images: dict[str, str] = {}
     if "offline" in docs:
         images["offline"] = (rel / plot_offline(docs["offline"], out_dir)[0].name).as_posix()
+        coverage_plot = plot_coverage(docs["offline"]["result"]["models"], out_dir)
+        if coverage_plot is not None:
+            images["coverage"] = (rel / coverage_plot.name).as_posix()
     if "engine" in docs:
         images["engine"] = (rel / plot_engine(docs["engine"], out_dir)[0].name).as_posix()
     if "http" in docs:
@@ -529,6 +533,9 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
         lines += ["", "## Machine", "", *_machine(machine_doc)]
     if "offline" in docs:
         lines += ["", *_offline_section(docs["offline"], images)]
+        coverage = coverage_lines(docs["offline"]["result"]["models"], images.get("coverage"))
+        if coverage:
+            lines += ["", *coverage]
     if "engine" in docs:
         lines += ["", *_engine_section(docs["engine"], images)]
     if "http" in docs:
