@@ -100,7 +100,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
             help=f"{knob.description.replace('%', '%%')} (e.g. {examples})",
         )
     policy = KNOB_BY_NAME["policy"]
-    parser.add_argument("--policy", choices=policy.choices, help=f"{policy.description} (default: {policy.choices[0]})")
+    defaults = ", ".join(f"{k.name}: {k.default_policy}" for k in BUDGET_KNOBS if k.takes_policy)
+    parser.add_argument("--policy", choices=policy.choices, help=f"{policy.description} (defaults: {defaults})")
     for knob in _REFINERS:
         _, metavar, examples = _CLI_FORMS.get(knob.name, (None, knob.name.upper(), str(knob.example)))
         parser.add_argument(

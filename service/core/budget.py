@@ -104,7 +104,7 @@ class BudgetResolver:
         if budget.kind == "thresholds":
             return policies.explicit(cal, list(budget.value), self.num_exits)
         assert cal is not None  # every other knob needs calibration (checked above)
-        policy = budget.policy or POLICIES[0]
+        policy = budget.policy or budget.knob.default_policy or POLICIES[0]
         if budget.kind == "budget_macs":
             return policies.budget_macs(cal, budget.value, policy)
         if budget.kind == "max_accuracy_drop":

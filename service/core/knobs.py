@@ -84,6 +84,9 @@ class Knob:
     needs_calibration: bool = False
     takes_policy: bool = False
     takes_confidence: bool = False
+    #: The policy of a knob with ``takes_policy`` when none is named: the out-of-sample winner for
+    #: that knob (docs/policies.md has the comparison that chose it).
+    default_policy: str | None = None
 
     def range_text(self) -> str:
         """'in (0, 600000]', '>= 1', '' — for messages and the OpenAPI text."""
@@ -145,6 +148,7 @@ KNOBS: tuple[Knob, ...] = (
         low_open=True,
         needs_calibration=True,
         takes_policy=True,
+        default_policy="reference",
     ),
     Knob(
         "max_accuracy_drop",
@@ -159,6 +163,7 @@ KNOBS: tuple[Knob, ...] = (
         needs_calibration=True,
         takes_policy=True,
         takes_confidence=True,
+        default_policy="optimal",
     ),
     Knob(
         "max_exit",
@@ -180,9 +185,9 @@ KNOBS: tuple[Knob, ...] = (
         "policy",
         "choice",
         "policy",
-        "search used by budget_macs / max_accuracy_drop: 'optimal' (default: budget_macs by direct "
-        "threshold search, max_accuracy_drop along thresholds that relax with depth) or 'reference' "
-        "(budget_macs by the BoostNet paper's Eq. 9, max_accuracy_drop along one shared threshold)",
+        "search used by budget_macs / max_accuracy_drop: 'reference' (budget_macs: the BoostNet paper's "
+        "Eq. 9, the default; max_accuracy_drop: one shared threshold) or 'optimal' (budget_macs: direct "
+        "threshold search; max_accuracy_drop: thresholds that relax with depth, the default)",
         "optimal",
         choices=POLICIES,
     ),
@@ -384,8 +389,8 @@ def parse_options(
 
     ``allowed`` narrows the vocabulary (e.g. the global budget has no deadline); ``where`` names the
     place in messages ("query parameter", "parameters key", ...). None values count as absent.
-    ``default_policy`` (None: the first of `POLICIES`) is the policy of a knob that takes one and
-    names none.
+    ``default_policy`` (None: the knob's own `Knob.default_policy`) is the policy of a knob that
+    takes one and names none.
     """
     table = {k.name: k for k in allowed}
     values: dict[str, Any] = {}
@@ -410,7 +415,7 @@ def parse_options(
         budget = Budget(
             knob.name,
             values[knob.name],
-            (policy or default_policy or POLICIES[0]) if knob.takes_policy else None,
+            (policy or default_policy or knob.default_policy or POLICIES[0]) if knob.takes_policy else None,
             confidence,
         )
     elif policy is not None:

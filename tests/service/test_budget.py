@@ -31,7 +31,7 @@ def resolver() -> BudgetResolver:
 @pytest.mark.parametrize(
     ("fields", "policy"),
     [
-        ({"budget_macs": 3e7}, "optimal"),
+        ({"budget_macs": 3e7}, "reference"),  # each knob's out-of-sample winner (docs/policies.md)
         ({"budget_macs": "3e7", "policy": "reference"}, "reference"),  # text form, as a query string gives it
         ({"max_accuracy_drop": 0.01}, "optimal"),
         ({"max_exit": 2}, None),
@@ -132,12 +132,13 @@ def test_budget_is_frozen_and_describes_itself() -> None:
     budget = Budget.of(budget_macs=3e7)
     with pytest.raises(dataclasses.FrozenInstanceError):
         budget.value = 1.0  # type: ignore[misc]
-    assert budget.describe() == "budget_macs=30M (optimal)"
+    assert budget.describe() == "budget_macs=30M (reference)"
     assert Budget.of(max_accuracy_drop=0.01, policy="reference").describe() == "max_accuracy_drop=1% (reference)"
     assert Budget.of(max_exit=3).describe() == "max_exit=3"
     assert Budget.of(thresholds=[0.9, None, 2.0]).describe() == "thresholds=[0.9, never, never]"
     assert Budget.of(thresholds="0.9,never,0").to_json() == {"thresholds": [0.9, None, 0.0]}
-    assert Budget.of(budget_macs="2e6").to_json() == {"budget_macs": 2e6, "policy": "optimal"}
+    assert Budget.of(budget_macs="2e6").to_json() == {"budget_macs": 2e6, "policy": "reference"}
+    assert Budget.parse({"budget_macs": 2e6}, default_policy="optimal").policy == "optimal"  # the settings' override
     assert format_macs(1.5e7) == "15M" and format_macs(2.5e9) == "2.5G" and format_macs(512) == "512"
 
 
@@ -163,7 +164,7 @@ def test_drop_confidence_travels_with_the_budget(resolver: BudgetResolver) -> No
 def test_canonical_keys() -> None:
     # None, +inf and > 1 all mean "never"; the last value is ignored (the last exit always answers)
     assert budget_key(Budget.of(thresholds=[None, 0.5, 0.3])) == budget_key(Budget.of(thresholds=[2.0, 0.5, 0.9]))
-    assert budget_key(Budget.of(budget_macs=3e7)) != budget_key(Budget.of(budget_macs=3e7, policy="reference"))
+    assert budget_key(Budget.of(budget_macs=3e7)) != budget_key(Budget.of(budget_macs=3e7, policy="optimal"))
     assert hash(budget_key(Budget.of(budget_macs=3e7))) == hash(budget_key(Budget.of(budget_macs=30_000_000)))
 
 
@@ -177,8 +178,8 @@ def test_every_knob_has_a_description_and_a_valid_example() -> None:
 # BudgetResolver
 # ------------------------------------------------------------------------------------------------
 def test_resolve_each_knob(resolver: BudgetResolver) -> None:
-    assert resolver.resolve(Budget.of(budget_macs=25e6)) == P.budget_macs(CAL, 25e6)
-    assert resolver.resolve({"budget_macs": 25e6, "policy": "reference"}) == P.budget_macs(CAL, 25e6, "reference")
+    assert resolver.resolve(Budget.of(budget_macs=25e6)) == P.budget_macs(CAL, 25e6, "reference")
+    assert resolver.resolve({"budget_macs": 25e6, "policy": "optimal"}) == P.budget_macs(CAL, 25e6, "optimal")
     assert resolver.resolve(Budget.of(max_accuracy_drop=0.02)) == P.max_accuracy_drop(CAL, 0.02)
     assert resolver.resolve(Budget.of(max_exit=4)) == P.max_exit(CAL, 4, 5)
     explicit = resolver.resolve(Budget.of(thresholds=[0.9, None, 0.8, 0.7, 0.0]))

@@ -127,9 +127,9 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
 
 def test_budget_macs_json(artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = run_json(capsys, "--artifacts", str(artifact), "--budget-macs", "25M")
-    expected = P.budget_macs(CAL, 25e6)
-    assert data["policy"] == "optimal"
-    assert data["budget"] == {"budget_macs": 25e6, "policy": "optimal"}
+    expected = P.budget_macs(CAL, 25e6, "reference")  # budget_macs' default policy (the knob table)
+    assert data["policy"] == "reference"
+    assert data["budget"] == {"budget_macs": 25e6, "policy": "reference"}
     assert len(data["thresholds"]) == 5 and data["thresholds"][-1] == 0.0
     assert data["expected_accuracy"] == pytest.approx(expected.expected_accuracy, abs=1e-6)
     assert data["expected_macs"] == pytest.approx(expected.expected_macs, abs=0.1)
@@ -140,9 +140,9 @@ def test_budget_macs_json(artifact: Path, capsys: pytest.CaptureFixture[str]) ->
     assert P.evaluate_thresholds(CAL, back).expected_accuracy == expected.expected_accuracy
 
 
-def test_reference_policy_and_scientific_form(artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = run_json(capsys, "--artifacts", str(artifact), "--budget-macs", "2.5e7", "--policy", "reference")
-    assert data["policy"] == "reference"
+def test_optimal_policy_and_scientific_form(artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_json(capsys, "--artifacts", str(artifact), "--budget-macs", "2.5e7", "--policy", "optimal")
+    assert data["policy"] == "optimal"
     assert data["expected_macs"] <= 2.5e7
 
 
@@ -173,7 +173,7 @@ def test_drop_confidence_flag(artifact: Path, capsys: pytest.CaptureFixture[str]
 def test_human_output(artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["thresholds", "--artifacts", str(artifact), "--budget-macs", "30M"]) == 0
     out = capsys.readouterr().out
-    assert "budget_macs=30M (optimal)" in out
+    assert "budget_macs=30M (reference)" in out
     assert "% of the full network" in out
     assert out.count("\n") > 8 and "exiting" in out
 

@@ -98,7 +98,7 @@ def test_unknown_parameters_name_the_key_and_list_the_accepted_ones(make_client:
         "error": {
             "type": "validation_error",
             "message": "unknown query parameter 'max_acuracy_drop'; accepted: budget_macs, max_accuracy_drop, "
-            "max_exit, thresholds, policy, early_exit, deadline_ms, top_k",
+            "max_exit, thresholds, policy, drop_confidence, early_exit, deadline_ms, top_k",
         }
     }
 

@@ -206,12 +206,12 @@ def test_v2_errors_have_the_oip_body_on_every_path(make_client: Any) -> None:
         (
             {"max_acuracy_drop": 0.001},
             "unknown parameters key 'max_acuracy_drop'; accepted: budget_macs, max_accuracy_drop, max_exit, "
-            "thresholds, policy, early_exit, deadline_ms",
+            "thresholds, policy, drop_confidence, early_exit, deadline_ms",
         ),
         (
             {"top_k": 3},
             "unknown parameters key 'top_k'; accepted: budget_macs, max_accuracy_drop, max_exit, "
-            "thresholds, policy, early_exit, deadline_ms",
+            "thresholds, policy, drop_confidence, early_exit, deadline_ms",
         ),
         ({"deadline_ms": 600_001}, "deadline_ms must be in (0, 600000], got 600001"),
         ({"deadline_ms": "soon"}, "deadline_ms must be a number, got 'soon'"),
