@@ -11,7 +11,8 @@ the *test* split (`test_*`). Per model (BoostNet and, when given, its t=0 baseli
     no exit gets right leaves at the last exit, as in `boostserve report`) — the best accuracy any
     exit rule can reach, at close to the least MACs; the reference of the "within 1.3× of the
     oracle" target.
-No ONNX Runtime, no images: this suite takes seconds.
+No ONNX Runtime, no images. With `--coverage-resamples R` (default 200) each model also gets the
+coverage experiment of `bench.coverage` (do the knobs' promises hold on new images?).
 """
 
 from __future__ import annotations
@@ -167,9 +168,26 @@ def analyse(artifact: Artifact, budget_points: int, progress: Progress) -> dict[
     }
 
 
-def run_offline(artifacts: Path, baseline: Path | None, *, budget_points: int, progress: Progress) -> dict[str, Any]:
-    """The suite's JSON body (machine info and settings are added by the caller)."""
-    models: dict[str, Any] = {"boostnet": analyse(load_artifact(artifacts), budget_points, progress)}
-    if baseline is not None:
-        models["baseline"] = analyse(load_artifact(baseline), budget_points, progress)
+def run_offline(
+    artifacts: Path,
+    baseline: Path | None,
+    *,
+    budget_points: int,
+    progress: Progress,
+    coverage_resamples: int = 0,
+) -> dict[str, Any]:
+    """The suite's JSON body (machine info and settings are added by the caller).
+
+    ``coverage_resamples`` > 0 adds each model's coverage experiment (`bench.coverage`) under its
+    ``coverage`` key.
+    """
+    from bench.coverage import run_coverage
+
+    paths = {"boostnet": artifacts, **({"baseline": baseline} if baseline is not None else {})}
+    models: dict[str, Any] = {}
+    for key, path in paths.items():
+        artifact = load_artifact(path)
+        models[key] = analyse(artifact, budget_points, progress)
+        if coverage_resamples > 0:
+            models[key]["coverage"] = run_coverage(artifact, coverage_resamples, progress)
     return {"models": models}

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bench.coverage import coverage_lines, plot_coverage
 from bench.stats import safe_ratio
 from bench.targets import TARGET_SPEEDUP, Target, evaluate, limits_analysis, limits_bounds
 
@@ -494,6 +495,9 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
     images: dict[str, str] = {}
     if "offline" in docs:
         images["offline"] = (rel / plot_offline(docs["offline"], out_dir)[0].name).as_posix()
+        coverage_plot = plot_coverage(docs["offline"]["result"]["models"], out_dir)
+        if coverage_plot is not None:
+            images["coverage"] = (rel / coverage_plot.name).as_posix()
     if "engine" in docs:
         images["engine"] = (rel / plot_engine(docs["engine"], out_dir)[0].name).as_posix()
     if "http" in docs:
@@ -529,6 +533,9 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
         lines += ["", "## Machine", "", *_machine(machine_doc)]
     if "offline" in docs:
         lines += ["", *_offline_section(docs["offline"], images)]
+        coverage = coverage_lines(docs["offline"]["result"]["models"], images.get("coverage"))
+        if coverage:
+            lines += ["", *coverage]
     if "engine" in docs:
         lines += ["", *_engine_section(docs["engine"], images)]
     if "http" in docs:

@@ -148,6 +148,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="budgets per budgeted-MAC policy curve (default 24, quick 12)",
     )
+    off.add_argument(
+        "--coverage-resamples",
+        type=int,
+        default=None,
+        help="calibration draws of the coverage experiment (bench.coverage; default 200, quick 50, 0 = skip)",
+    )
 
     eng = parser.add_argument_group("engine suite")
     eng.add_argument("--batch-sizes", type=_ints, default=None, help="default 1,8,32,128 (quick: 1,32)")
@@ -337,16 +343,21 @@ def run(args: argparse.Namespace) -> int:
         settings: dict[str, Any]
         providers: list[str] | None = None
         if suite == "offline":
+            from bench.coverage import DEFAULT_RESAMPLES
             from bench.offline import DEFAULT_BUDGET_POINTS, run_offline
 
             points = _pick(args.budget_points, DEFAULT_BUDGET_POINTS, 12, quick)
+            resamples = _pick(args.coverage_resamples, DEFAULT_RESAMPLES, 50, quick)
             settings = {
                 "quick": quick,
                 "artifacts": str(artifacts),
                 "baseline": str(baseline),
                 "budget_points": points,
+                "coverage_resamples": resamples,
             }
-            result = run_offline(artifacts, baseline, budget_points=points, progress=progress)
+            result = run_offline(
+                artifacts, baseline, budget_points=points, progress=progress, coverage_resamples=resamples
+            )
         elif suite == "engine":
             from bench.engine_suite import EngineSettings, run_engine
 

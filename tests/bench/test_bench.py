@@ -91,6 +91,31 @@ def test_offline_numbers_are_sane(bench_out: Path) -> None:
         assert all(a >= b - 1e-6 for a, b in itertools.pairwise(held))
 
 
+def test_coverage_experiment(bench_out: Path) -> None:
+    """The offline suite's coverage experiment: JSON per model, a markdown section and a PNG."""
+    doc = json.loads((bench_out / "offline.json").read_text())
+    assert doc["settings"]["coverage_resamples"] == 50  # quick mode
+    for m in doc["result"]["models"].values():
+        cov = m["coverage"]["coverage"]
+        assert cov["resamples"] == 50 and cov["noise_sd_at_delta"] == pytest.approx(math.sqrt(0.95 * 0.05 / 50))
+        for policy in ("optimal", "reference", "previous"):
+            rows = cov["max_accuracy_drop"][policy]
+            assert set(rows) == {"0", "0.001", "0.0025", "0.005", "0.0075", "0.01", "0.015", "0.02", "0.03", "0.05"}
+            for row in rows.values():
+                assert 0.0 <= row["violation_rate"] <= row["violation_rate_upper95"] <= 1.0
+                assert 0.0 < row["macs_fraction_mean"] <= 1.0 + 1e-9
+        # d = 0 on 400 calibration images: nothing below the full network is certified
+        assert cov["max_accuracy_drop"]["optimal"]["0"]["macs_fraction_mean"] == pytest.approx(1.0)
+        pol = m["coverage"]["policies"]
+        assert pol["heldout_gap"]["below_eq9"]["optimal"] == 0  # never below Eq. 9 at the exact budget
+        for row in pol["rows"]:
+            assert row["optimal_accuracy"] >= 0.0 and 0.0 <= row["optimal_worse_share"] <= 1.0
+    png = bench_out / "offline_coverage.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (bench_out / "README.md").read_text()
+    assert "do the budget knobs hold on new images?" in text and "![coverage](offline_coverage.png)" in text
+
+
 def test_engine_numbers_are_sane(bench_out: Path) -> None:
     doc = json.loads((bench_out / "engine.json").read_text())
     r = doc["result"]
