@@ -300,11 +300,67 @@ def faults_section(runs: dict[str, dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def hostile_section(runs: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["## Hostile images (decode isolation)", ""]
+    attack = runs.get("mixed_attack")
+    if attack is None:
+        lines += ["Mixed attack: not run.", ""]
+    else:
+        alone, attacked = attack["legit_alone"], attack["legit_under_attack"]
+        lines += [
+            f"Mixed attack, {attack['duration_s']:g} s: {attack['attackers']} clients looping "
+            f"{len(attack['bombs_bytes'])} bombs ({', '.join(f'{b:,} B' for b in attack['bombs_bytes'])}) beside "
+            f"{attack['legit_clients']} legitimate single-image clients; server on CPU 0, clients on CPU 1.",
+            "",
+            "| legitimate clients | req/s | p50 ms | p99 ms | max ms |",
+            "|---|---:|---:|---:|---:|",
+            row("alone", alone["rps"], round(alone["p50"], 1), round(alone["p99"], 1), round(alone["max"], 1)),
+            row(
+                "under attack",
+                attacked["rps"],
+                round(attacked["p50"], 1),
+                round(attacked["p99"], 1),
+                round(attacked["max"], 1),
+            ),
+            "",
+            f"- p99 under attack / alone: {attack['p99_ratio']}",
+            f"- /livez every 0.1 s: {attack['livez_probes']} probes, p50 {attack['livez_p50_ms']} ms, p99 "
+            f"{attack['livez_p99_ms']} ms, max {attack['livez_max_ms']} ms, failures {len(attack['livez_failures'])}; "
+            f"during the alone phase p99 {attack.get('livez_alone_p99_ms')} ms, "
+            f"max {attack.get('livez_alone_max_ms')} ms",
+            f"- answers to the attackers: {_fmt(attack['attack_statuses'])}; to the legitimate clients: "
+            f"{_fmt(attack['legit_statuses'])}",
+            f"- server process tree (decode workers included) RSS max: {attack['rss_mib_max']} MiB",
+            "",
+            _stamp(attack),
+            "",
+        ]
+    bombs = runs.get("memory_bombs")
+    if bombs is not None:
+        growth = (bombs["rss_after"] - bombs["rss_before"]) / 2**20
+        lines += [
+            f"8 concurrent WebP memory bombs (4096x4096 RGBA, 38 B each): all 413 from the header; process tree "
+            f"RSS {bombs['rss_before'] / 2**20:.1f} -> {bombs['rss_after'] / 2**20:.1f} MiB ({growth:+.1f} MiB). "
+            + _stamp(bombs),
+            "",
+        ]
+    decode = runs.get("shutdown_during_decode")
+    if decode is not None:
+        lines += [
+            f"SIGTERM during a {decode.get('image_side', 4096)}² progressive JPEG with {decode['scans_repeated']} "
+            f"repeated scans (grace {decode['grace_s']:g} s): exit code {decode['exit_code']} "
+            f"{decode['exit_after_sigterm_s']} s after SIGTERM; client: {decode['client']}. " + _stamp(decode),
+            "",
+        ]
+    return lines
+
+
 def render(runs: dict[str, dict[str, Any]]) -> str:
     parts: list[str] = []
     sections = (
         fuzz_section,
         bad_images_section,
+        hostile_section,
         overload_section,
         soak_section,
         shutdown_section,

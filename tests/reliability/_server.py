@@ -85,6 +85,7 @@ class LiveServer:
         *,
         port: int | None = None,
         extra_args: list[str] | None = None,
+        cpus: set[int] | None = None,
         **settings: Any,
     ) -> None:
         self.artifacts = Path(artifacts)
@@ -92,6 +93,8 @@ class LiveServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.settings = settings
         self.extra_args = list(extra_args or [])
+        #: CPUs the server process (and every thread it starts) may run on; None: all.
+        self.cpus = cpus
         log_dir.mkdir(parents=True, exist_ok=True)
         self.stdout_path = log_dir / f"server-{self.port}.out"
         self.stderr_path = log_dir / f"server-{self.port}.err"
@@ -115,10 +118,20 @@ class LiveServer:
     def start(self, timeout: float = 60.0) -> LiveServer:
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                self.command(), stdout=out, stderr=err, env=serve_env(**self.settings), cwd=str(REPO)
+                self.command(),
+                stdout=out,
+                stderr=err,
+                env=serve_env(**self.settings),
+                cwd=str(REPO),
+                preexec_fn=None if self.cpus is None else self._pin,
             )
         self.wait_ready(timeout)
         return self
+
+    def _pin(self) -> None:
+        """In the child before exec: the server and all its threads inherit the affinity."""
+        assert self.cpus is not None
+        os.sched_setaffinity(0, self.cpus)
 
     @property
     def pid(self) -> int:

@@ -95,9 +95,9 @@ def live_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
     """live_server(artifacts, **settings) -> started LiveServer; all stopped at teardown."""
     servers: list[LiveServer] = []
 
-    def start(artifacts: Path, *, timeout: float = 60.0, **settings: Any) -> LiveServer:
+    def start(artifacts: Path, *, timeout: float = 60.0, cpus: set[int] | None = None, **settings: Any) -> LiveServer:
         merged = {"intra_op_threads": 1, "inter_op_threads": 1, "log_level": "warning", **settings}
-        server = LiveServer(artifacts, tmp_path / "logs", **merged)
+        server = LiveServer(artifacts, tmp_path / "logs", cpus=cpus, **merged)
         servers.append(server)
         return server.start(timeout=timeout)
 
