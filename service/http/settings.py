@@ -212,7 +212,7 @@ class Settings(BaseSettings):
         default=2.0,
         ge=0.05,
         le=60.0,
-        description="wall-clock limit for one image's decode -> 400 \"image too expensive to decode\"; a "
+        description='wall-clock limit for one image\'s decode -> 400 "image too expensive to decode"; a '
         "request's deadline_ms (422) or request_timeout_s (504) applies when sooner, and bounds its wait for a "
         "worker",
     )
