@@ -398,6 +398,7 @@ def plot_coverage(models: dict[str, Any], out_dir: Path) -> Path | None:
         bottom.set_ylabel("average MACs (% of full)")
         for ax in (top, bottom):
             ax.set_xscale("symlog", linthresh=0.1)
+            ax.set_xlim(left=0.0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
