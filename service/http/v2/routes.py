@@ -180,8 +180,10 @@ _INFER_DOC = dict(
 async def _infer(request: Request, service: ClassifyService) -> Response:
     start = time.perf_counter()
     headers = request.headers
+    body = await request.body()
+    service.check_capacity()  # refused before the JSON tensors are parsed
     parsed = codec.parse(
-        await request.body(),
+        body,
         headers.get("content-type"),
         headers.get(codec.HEADER_LENGTH),
         headers.get("content-encoding"),

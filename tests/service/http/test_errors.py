@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.core.errors import OverCapacityError
 from service.http.v1 import request as v1_wire
+from service.http.v2 import codec as v2_codec
 from tests.service.http import images
 from tests.service.http.conftest import ClientFactory, assert_error
 
@@ -338,7 +339,7 @@ def test_a_request_refused_for_capacity_is_refused_before_it_is_decoded(make_cli
         assert first[0].status_code == 200
 
 
-@pytest.mark.parametrize("encoding", ["json", "multipart"])
+@pytest.mark.parametrize("encoding", ["json", "multipart", "v2"])
 def test_a_request_refused_for_capacity_is_refused_before_its_body_is_parsed(
     make_client: ClientFactory, encoding: str
 ) -> None:
@@ -347,7 +348,7 @@ def test_a_request_refused_for_capacity_is_refused_before_its_body_is_parsed(
         service = client.app.state.service  # type: ignore[attr-defined]
         engine = service.scheduler.engine
         real_stage = engine.run_stage_batch
-        real_json, real_multipart = v1_wire.json_request, v1_wire.multipart_request
+        real_json, real_multipart, real_v2 = v1_wire.json_request, v1_wire.multipart_request, v2_codec.parse
         gate = threading.Event()
         parsed: list[str] = []
 
@@ -363,6 +364,10 @@ def test_a_request_refused_for_capacity_is_refused_before_its_body_is_parsed(
             parsed.append("multipart")
             return await real_multipart(*args)
 
+        def counting_v2(*args: Any) -> Any:
+            parsed.append("v2")
+            return real_v2(*args)
+
         engine.run_stage_batch = held
         first: list[Any] = []
         sender = threading.Thread(target=lambda: first.append(post_raw(client, images.png(seed=1))))
@@ -377,12 +382,23 @@ def test_a_request_refused_for_capacity_is_refused_before_its_body_is_parsed(
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(v1_wire, "json_request", counting_json)
                 patch.setattr(v1_wire, "multipart_request", counting_multipart)
-                if encoding == "json":
+                patch.setattr(v2_codec, "parse", counting_v2)
+                if encoding == "v2":
+                    tensor = {"name": "image", "shape": [64, 8, 8, 1], "datatype": "UINT8", "data": [7] * 64 * 64}
+                    refused = client.post("/v2/models/synthetic-boostnet/infer", json={"inputs": [tensor]})
+                elif encoding == "json":
                     payload = {"images": [base64.b64encode(png).decode()] * 64}
                     refused = client.post("/v1/classify", json=payload)
                 else:
                     refused = client.post("/v1/classify", files=[("file", ("a.png", png, "image/png"))] * 4)
-            assert_error(refused, 429, "over_capacity", "1 images are queued (limit 1); retry later")
+            if encoding == "v2":
+                assert refused.status_code == 429
+                assert refused.json() == {
+                    "error": "1 images are queued (limit 1); retry later",
+                    "error_type": "over_capacity",
+                }
+            else:
+                assert_error(refused, 429, "over_capacity", "1 images are queued (limit 1); retry later")
             assert parsed == []
         finally:
             gate.set()
