@@ -190,6 +190,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         exit_rule=manifest.exit_rule.confidence,
     )
     metrics.bind_live_gauges(queue_depths=scheduler.queue_depths, inflight=lambda: service.inflight)
+    metrics.bind_decode_pool(service.preprocessor.pool)
     service.publish_budget()
     app.state.service = service
     companions = AsyncExitStack()

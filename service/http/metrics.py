@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
@@ -122,6 +122,48 @@ class ArrayHistogram:
         yield family
 
 
+#: What happens to decode workers (service.core.decode_pool.DecodeStats), the `event` label's set.
+DECODE_EVENTS = ("decoded", "killed", "crashed", "recycled", "refused")
+
+
+class DecodePoolCollector:
+    """The decode pool's counters and gauges, read from the pool at scrape time.
+
+    Why read, not count: the pool is transport-free and keeps plain integers; exported before the
+    pool is bound (zeros), so the families never appear or vanish with traffic.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.source: Any = None
+        registry.register(self)
+
+    def describe(self) -> list[Any]:
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._families(self.source)
+
+    @staticmethod
+    def _families(pool: Any) -> Iterator[Any]:
+        events = CounterMetricFamily(
+            "boostserve_decode_events",
+            "images decoded by the decode workers, and decodes killed over their time limit, crashed (memory "
+            "cap), workers recycled, images refused because the decode queue was full",
+            labels=["event"],
+        )
+        for event in DECODE_EVENTS:
+            events.add_metric([event], 0 if pool is None else getattr(pool.stats, event))
+        yield events
+        yield GaugeMetricFamily(
+            "boostserve_decode_workers", "decode worker processes alive", value=0 if pool is None else len(pool.pids)
+        )
+        yield GaugeMetricFamily(
+            "boostserve_decode_queue_depth",
+            "images waiting for a decode worker",
+            value=0 if pool is None else pool.pending,
+        )
+
+
 #: The `method` label's closed set. The method is request data: a client (or h11, which accepts
 #: any token) sending made-up methods would otherwise create two series per method and route.
 STANDARD_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
@@ -139,6 +181,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
+        self.decode_pool = DecodePoolCollector(r)
         self.request_duration = Histogram(
             "boostserve_request_duration_seconds",
             "request latency by route template (gRPC: the method path) and protocol",
@@ -271,6 +314,10 @@ class Metrics:
         for k in range(len(queue_depths())):
             self.queue_depth.labels(stage=str(k + 1)).set_function(depth_of(k))
         self.inflight.set_function(lambda: float(inflight()))
+
+    def bind_decode_pool(self, pool: Any) -> None:
+        """Export this DecodePool's counters (read at scrape time)."""
+        self.decode_pool.source = pool
 
     def set_budget(
         self,

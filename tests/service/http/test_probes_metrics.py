@@ -22,6 +22,9 @@ DOCUMENTED = {
     "boostserve_merged_batch_images": ("counter", {"stage"}),
     "boostserve_queue_depth": ("gauge", {"stage"}),
     "boostserve_inflight_requests": ("gauge", set()),
+    "boostserve_decode_events": ("counter", {"event"}),
+    "boostserve_decode_workers": ("gauge", set()),
+    "boostserve_decode_queue_depth": ("gauge", set()),
     "boostserve_deadline_hits": ("counter", set()),
     "boostserve_budget_expected_macs": ("gauge", set()),
     "boostserve_budget_expected_accuracy": ("gauge", set()),
@@ -43,6 +46,8 @@ def test_metrics_after_traffic(client: TestClient) -> None:
     assert client.post("/v1/classify", files=files).status_code == 200
     assert client.post("/v1/classify?max_exit=1", content=images.png(), headers=png).status_code == 200
     assert client.post("/v1/classify", content=b"junk", headers=png).status_code == 400
+    jpeg = {"content-type": "image/jpeg"}
+    assert client.post("/v1/classify", content=images.encode(images.gray(), "JPEG"), headers=jpeg).status_code == 200  # a decode worker
     assert client.get("/no/such/path/12345").status_code == 404
     response = client.get("/metrics")
     assert response.status_code == 200
@@ -77,6 +82,10 @@ def test_metrics_after_traffic(client: TestClient) -> None:
     assert value("boostserve_model_info", stages="3", model="synthetic-boostnet") == 1
     assert 0 <= value("boostserve_budget_expected_accuracy") <= 1
     assert value("boostserve_inflight_requests") == 0
+    assert value("boostserve_decode_events", "boostserve_decode_events_total", event="decoded") == 1
+    assert value("boostserve_decode_events", "boostserve_decode_events_total", event="killed") == 0
+    assert value("boostserve_decode_workers") == 2  # started with the first image that needed one
+    assert value("boostserve_decode_queue_depth") == 0
 
 
 def test_two_apps_do_not_share_series(client: TestClient, make_client) -> None:  # type: ignore[no-untyped-def]
