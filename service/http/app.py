@@ -316,7 +316,8 @@ def create_app(
         companions = (_budget_file_companion(app, settings), *companions)
     app.state.companions = tuple(companions)
     install_error_handlers(app)
-    middleware.install(app, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    body_budget = middleware.BodyBudget(settings.max_inflight_body_mb << 20)
+    middleware.install(app, metrics=metrics, max_body_bytes=settings.max_body_bytes, body_budget=body_budget)
     app.include_router(v1_routes.router, tags=["v1"])
     app.include_router(v2_routes.router)
     app.include_router(probes.router)
@@ -324,7 +325,9 @@ def create_app(
     if settings.fast_path:
         route = next(r for r in v1_routes.router.routes if getattr(r, "path", None) == CLASSIFY_PATH)
         fast_path = RawClassifyFastPath(route)
-        app.front = middleware.RequestMiddleware(fast_path, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+        app.front = middleware.RequestMiddleware(
+            fast_path, metrics=metrics, max_body_bytes=settings.max_body_bytes, body_budget=body_budget
+        )
     _install_openapi(app)
     return app
 

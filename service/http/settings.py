@@ -184,6 +184,13 @@ class Settings(BaseSettings):
         le=256 * 1024 * 1024,
         description="request body limit (413); 1 KiB..256 MiB (a body is held in memory while parsed)",
     )
+    max_inflight_body_mb: int = Field(
+        default=256,
+        ge=1,
+        le=65536,
+        description="request-body bytes all requests in progress may hold together (MiB); over it a body "
+        "still arriving is refused (429) unless it is the only one (1..65536)",
+    )
     max_image_pixels: int = Field(
         default=4096 * 4096,
         ge=1,
