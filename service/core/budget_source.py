@@ -38,13 +38,13 @@ from typing import Any, Literal
 
 from service.core.classify import ClassifyService, ResolvedBudget
 from service.core.errors import ValidationFailedError
-from service.core.knobs import BUDGET_KNOBS, KNOB_BY_NAME, RequestOptions, parse_options
+from service.core.knobs import BUDGET_FIELD_KNOBS, BUDGET_KNOBS, KNOB_BY_NAME, RequestOptions, parse_options
 
 log = logging.getLogger("boostserve.budget")
 
 #: What PUT /v1/budget and the budget file accept: a budget knob (with its policy) and/or the
 #: global early-exit switch.
-BUDGET_UPDATE_KNOBS = (*BUDGET_KNOBS, KNOB_BY_NAME["policy"], KNOB_BY_NAME["early_exit"])
+BUDGET_UPDATE_KNOBS = (*BUDGET_FIELD_KNOBS, KNOB_BY_NAME["early_exit"])
 #: A budget file is a few dozen bytes; anything much bigger is not one.
 MAX_FILE_BYTES = 64 * 1024
 

@@ -214,7 +214,8 @@ KNOBS: tuple[Knob, ...] = (
         "deadline_ms",
         "float",
         "request",
-        "answer with the best exit reached by then (milliseconds from arrival)",
+        "answer with the best exit reached by then (milliseconds from arrival, decoding included; one that "
+        "passes before a worker has decoded the image is a 422)",
         50,
         low=0.0,
         high=DEADLINE_MS_MAX,

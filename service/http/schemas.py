@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.core.knobs import BUDGET_KNOBS, KNOB_BY_NAME, Knob
+from service.core.knobs import BUDGET_FIELD_KNOBS, Knob
 
 # ---------------------------------------------------------------------------------------------
 # common
@@ -107,7 +107,7 @@ def budget_fields_schema() -> dict[str, Any]:
         "type": "object",
         "additionalProperties": False,
         "description": "override of the global budget: at most one budget knob, plus policy where it applies",
-        "properties": {k.name: k.json_schema() for k in (*BUDGET_KNOBS, KNOB_BY_NAME["policy"])},
+        "properties": {k.name: k.json_schema() for k in BUDGET_FIELD_KNOBS},
     }
 
 

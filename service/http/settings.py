@@ -239,7 +239,8 @@ class Settings(BaseSettings):
     default_policy: str | None = Field(
         default=None,
         description="policy for the default budget (default_budget) when it takes one and names none; "
-        "request and PUT budgets without a policy get optimal",
+        "request and PUT budgets without a policy get their knob's default (budget_macs: reference, "
+        "max_accuracy_drop: optimal)",
     )
     early_exit: bool = Field(default=True, description="false: every request runs every stage (A/B)")
     fast_path: bool = Field(

@@ -161,7 +161,12 @@ def restores_budget(server: LiveServer, initial_budget: dict[str, object]) -> It
         timeout=5.0,
     )
     assert restore.status_code == 200, restore.text
-    assert httpx.get(server.base_url + "/v1/budget", timeout=5.0).json() == initial_budget
+    restored = httpx.get(server.base_url + "/v1/budget", timeout=5.0).json()
+    # The same budget in force; its source is now the PUT that restored it.
+    assert {k: v for k, v in restored.items() if k != "source"} == {
+        k: v for k, v in initial_budget.items() if k != "source"
+    }
+    assert restored["source"]["kind"] == "put"
 
 
 def run_block(block: Block, base_url: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], int]:

@@ -24,7 +24,7 @@ from service.core.errors import (
     UnsupportedMediaTypeError,
     ValidationFailedError,
 )
-from service.core.knobs import BUDGET_KNOBS, KNOB_BY_NAME, KNOBS, Knob
+from service.core.knobs import BUDGET_FIELD_KNOBS, KNOB_BY_NAME, KNOBS, Knob
 from service.core.preprocess import EncodedImages
 from service.http.v1.render import TOP_K
 
@@ -36,7 +36,7 @@ FIELD = "field"
 #: Members of the JSON body besides the knobs.
 JSON_IMAGE_FIELDS = ("image", "images")
 #: Members of the JSON body's `budget` object.
-BUDGET_FIELDS = (*(k.name for k in BUDGET_KNOBS), "policy")
+BUDGET_FIELDS = tuple(k.name for k in BUDGET_FIELD_KNOBS)
 #: Top-level knobs of the JSON body (the budget knobs go inside `budget`).
 JSON_KNOBS = tuple(k.name for k in (*KNOBS, *V1_KNOBS) if k.role == "request")
 

@@ -69,3 +69,34 @@ def test_v2_parameters(client: TestClient, synthetic_artifact: Path) -> None:
         "error": "drop_confidence applies to max_accuracy_drop only, not to max_exit",
         "error_type": "validation_error",
     }
+
+
+def test_v1_json_budget_object_carries_drop_confidence(client: TestClient, synthetic_artifact: Path) -> None:
+    """The JSON `budget` object takes every budget field of the knob table, drop_confidence included."""
+    import base64
+
+    low = _expected(synthetic_artifact, 0.5)
+    payload = {
+        "image": base64.b64encode(images.png()).decode(),
+        "budget": {"max_accuracy_drop": DROP, "drop_confidence": 0.5},
+    }
+    response = client.post("/v1/classify", json=payload)
+    assert response.status_code == 200, response.text
+    budget = response.json()["budget"]
+    assert budget["budget"] == {"max_accuracy_drop": DROP, "policy": "optimal", "drop_confidence": 0.5}
+    assert budget["thresholds"] == low["thresholds"]
+
+
+def test_put_budget_carries_drop_confidence(client: TestClient, synthetic_artifact: Path) -> None:
+    from tests.service.http.conftest import ADMIN_TOKEN
+
+    low = _expected(synthetic_artifact, 0.5)
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    before = client.get("/v1/budget").json()
+    try:
+        response = client.put("/v1/budget", json={"max_accuracy_drop": DROP, "drop_confidence": 0.5}, headers=auth)
+        assert response.status_code == 200, response.text
+        assert response.json()["budget"] == {"max_accuracy_drop": DROP, "policy": "optimal", "drop_confidence": 0.5}
+        assert response.json()["thresholds"] == low["thresholds"]
+    finally:
+        assert client.put("/v1/budget", json=before["budget"], headers=auth).status_code == 200

@@ -47,7 +47,8 @@ def test_metrics_after_traffic(client: TestClient) -> None:
     assert client.post("/v1/classify?max_exit=1", content=images.png(), headers=png).status_code == 200
     assert client.post("/v1/classify", content=b"junk", headers=png).status_code == 400
     jpeg = {"content-type": "image/jpeg"}
-    assert client.post("/v1/classify", content=images.encode(images.gray(), "JPEG"), headers=jpeg).status_code == 200  # a decode worker
+    jpeg_body = images.encode(images.gray(), "JPEG")
+    assert client.post("/v1/classify", content=jpeg_body, headers=jpeg).status_code == 200  # a decode worker
     assert client.get("/no/such/path/12345").status_code == 404
     response = client.get("/metrics")
     assert response.status_code == 200

@@ -206,7 +206,8 @@ def test_json_options_come_from_the_body_or_the_query_not_both(client: TestClien
         ),
         (
             {"image": "x", "budget": {"max_exits": 1}},
-            "unknown budget field 'max_exits'; accepted: budget_macs, max_accuracy_drop, max_exit, thresholds, policy",
+            "unknown budget field 'max_exits'; accepted: budget_macs, max_accuracy_drop, max_exit, thresholds, "
+            "policy, drop_confidence",
         ),
         (
             {"image": "x", "early_exit": "yes"},
