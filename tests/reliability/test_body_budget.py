@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.reliability._procs import tree_rss_bytes
+from tests.reliability._results import record
 from tests.reliability._server import LiveServer
 
 CLIENTS = 100
@@ -90,4 +91,15 @@ def test_stalled_bodies_are_bounded_in_memory(server: LiveServer) -> None:
     }
     assert all(b"retry-after: 1" in a.lower() for a in refused)
     growth = held - before
+    record(
+        "body_budget",
+        {
+            "clients": CLIENTS,
+            "sent_bytes": SENT,
+            "budget_mib": BUDGET_MB,
+            "refused": len(refused),
+            "rss_before": before,
+            "rss_held": held,
+        },
+    )
     assert growth < (BUDGET_MB + 64) << 20, f"RSS grew by {growth >> 20} MiB with {len(refused)} refused"
