@@ -344,6 +344,16 @@ def hostile_section(runs: dict[str, dict[str, Any]]) -> list[str]:
             + _stamp(bombs),
             "",
         ]
+    bodies = runs.get("body_budget")
+    if bodies is not None:
+        growth = (bodies["rss_held"] - bodies["rss_before"]) / 2**20
+        lines += [
+            f"{bodies['clients']} clients each sending {bodies['sent_bytes']:,} B of a 10 MiB body and stalling, body "
+            f"budget {bodies['budget_mib']} MiB: {bodies['refused']} refused with 429; process tree RSS "
+            f"{bodies['rss_before'] / 2**20:.1f} -> {bodies['rss_held'] / 2**20:.1f} MiB ({growth:+.1f} MiB) while "
+            "they stall. " + _stamp(bodies),
+            "",
+        ]
     decode = runs.get("shutdown_during_decode")
     if decode is not None:
         lines += [

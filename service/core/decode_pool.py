@@ -292,7 +292,8 @@ class DecodePool:
     @staticmethod
     async def _exchange(sock: socket.socket, data: bytes) -> tuple[Any, bool]:
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(sock, _frame(data))
+        await loop.sock_sendall(sock, _frame_header(len(data)))
+        await loop.sock_sendall(sock, data)  # no concatenated copy of a 10 MB image
         header = await _read_exactly(sock, 4)
         (size,) = struct.unpack("!i", header)
         if size == -1:  # Connection's framing for messages over 2 GiB
@@ -301,11 +302,15 @@ class DecodePool:
         return result, bool(recycle)
 
 
+def _frame_header(size: int) -> bytes:
+    """multiprocessing.Connection's framing (what the worker's `recv_bytes` reads) for `size` bytes."""
+    if size > 0x7FFFFFFF:
+        return struct.pack("!iQ", -1, size)
+    return struct.pack("!i", size)
+
+
 def _frame(payload: bytes) -> bytes:
-    """multiprocessing.Connection's framing (what the worker's `recv_bytes` reads)."""
-    if len(payload) > 0x7FFFFFFF:
-        return struct.pack("!iQ", -1, len(payload)) + payload
-    return struct.pack("!i", len(payload)) + payload
+    return _frame_header(len(payload)) + payload
 
 
 async def _read_exactly(sock: socket.socket, size: int) -> bytes:

@@ -97,8 +97,15 @@ def serve(conn: Connection, spec: Preprocessing, limits: Limits, memory_cap_byte
             os._exit(0)
 
 
+#: Scheduling niceness of a worker: decoding yields the CPU to the serving process's event loop,
+#: which answers every other request (and the liveness probe) when both want the same core.
+WORKER_NICENESS = 10
+
+
 def main(argv: list[str]) -> int:
     _die_with_parent()
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     conn = Connection(int(argv[1]))
     try:

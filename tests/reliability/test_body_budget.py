@@ -44,6 +44,34 @@ def server(rel_artifact: Path, tmp_path: Path) -> Any:
         yield live
 
 
+def _read_response(sock: socket.socket) -> bytes:
+    """Head and Content-Length body of one response; b"" when nothing comes (the body is still held)."""
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+    except (TimeoutError, OSError):
+        return data
+
+
 def _stall(port: int, answers: list[bytes], sent: threading.Event) -> None:
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     try:
@@ -60,10 +88,7 @@ def _stall(port: int, answers: list[bytes], sent: threading.Event) -> None:
             left -= len(part)
         sent.set()
         sock.settimeout(5)
-        try:
-            answers.append(sock.recv(65536))
-        except TimeoutError:
-            answers.append(b"")  # still held: nothing answered while it stalls
+        answers.append(_read_response(sock))
     finally:
         sock.close()
 

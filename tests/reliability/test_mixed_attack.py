@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.http_suite import pinned
 from bench.loadgen import _RawConnection, build_raw_requests, run_closed_loop, summarize_latency
 from service.http.settings import EMBEDDED_MODEL_DIR
 from tests.reliability import _hostile as hostile
@@ -44,7 +45,7 @@ PROBE_EVERY_S = 0.1
 LIVEZ_BOUND_MS = 100.0
 P99_RATIO_BOUND = 3.0
 RSS_BOUND = 1 << 30
-SERVER_CPUS, CLIENT_CPUS = {0}, {1}
+SERVER_CPUS, CLIENT_CPUS = {0}, [1]
 
 
 class Prober(threading.Thread):
@@ -133,9 +134,7 @@ def test_mixed_attack(live_server: Any) -> None:
     bodies = [img.valid_png(seed=seed) for seed in range(32)]
     bombs = [hostile.progressive_scan_bomb(256, 700_000), hostile.progressive_scan_bomb(4096, 2000)]
     bombs.append(hostile.webp_memory_bomb())
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, CLIENT_CPUS)
-    try:
+    with pinned(CLIENT_CPUS):
         alone_prober = Prober(server.port)
         alone_prober.start()
         alone = asyncio.run(legit(server.port, bodies, ALONE_S))
@@ -149,8 +148,6 @@ def test_mixed_attack(live_server: Any) -> None:
         sampler.stop.set()
         prober.join(timeout=15)
         sampler.join(timeout=15)
-    finally:
-        os.sched_setaffinity(0, before)
     legit_alone = summarize_latency(alone.latencies_s)
     legit_attacked = summarize_latency(attacked.latencies_s)
     probes = np.asarray(prober.latencies_ms)

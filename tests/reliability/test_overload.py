@@ -15,17 +15,16 @@ Soak (slow marker): 5 minutes at ~70 % of capacity: no errors, RSS growth < 10 %
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from bench.http_suite import pinned
 from tests.reliability import _images as img
 from tests.reliability._load import (
     RunResult,
@@ -127,18 +126,7 @@ def _rss_window(sampler: Sampler, start: float, end: float) -> float | None:
 #: OVERLOAD_SETTINGS pins stage_execution to "thread", the mode the server chose on two CPUs: on
 #: one CPU "auto" runs stages on the event loop, and this artifact's long batches then hold the
 #: loop so requests wait unread (client p50 2-3 s, server-side p99 <= 0.5 s; docs/reliability.md).
-SERVER_CPUS, CLIENT_CPUS = {0}, {1}
-
-
-@contextlib.contextmanager
-def pinned(cpus: set[int]) -> Iterator[None]:
-    """The calling thread, and the threads it starts meanwhile, on `cpus`."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
+SERVER_CPUS, CLIENT_CPUS = {0}, [1]
 
 
 def run_overload(load_artifact: Path, live_server: Any, *, seconds: float, label: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from service.core.errors import InvalidImageError, OverCapacityError, Validation
 from service.core.preprocess import Limits, Preprocessor
 from service.http.settings import EMBEDDED_MODEL_DIR
 from tests.reliability._hostile import progressive_scan_bomb
+from tests.reliability._procs import alive
 
 #: A decode of several seconds that every bound accepts (scan count under the limit).
 SLOW = progressive_scan_bomb(4096, 90)
@@ -53,14 +54,6 @@ def jpeg(seed: int = 0, size: tuple[int, int] = (60, 40)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG")
     return buffer.getvalue()
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def wait_gone(pid: int, seconds: float = 10.0) -> bool:

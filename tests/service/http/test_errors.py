@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -302,41 +303,53 @@ def test_a_deadline_hit_reaches_the_answer_in_v1_and_v2(make_client: ClientFacto
         assert next(o for o in v2.json()["outputs"] if o["name"] == "exit")["data"] == [1]
 
 
+@contextlib.contextmanager
+def queue_held_full(client: TestClient) -> Iterator[Any]:
+    """max_queue=1 and one admitted image whose stage is held: every other request is over capacity.
+
+    Yields the service; on exit the held stage is released and the admitted request must get 200.
+    """
+    service = client.app.state.service  # type: ignore[attr-defined]
+    engine = service.scheduler.engine
+    real_stage = engine.run_stage_batch
+    gate = threading.Event()
+
+    def held(k: int, state: Any) -> Any:
+        gate.wait(timeout=30)
+        return real_stage(k, state)
+
+    engine.run_stage_batch = held
+    first: list[Any] = []
+    sender = threading.Thread(target=lambda: first.append(post_raw(client, images.png(seed=1))))
+    sender.start()
+    try:
+        for _ in range(3000):  # until the first image is admitted (bounded: 30 s)
+            if service.scheduler.pending == 1:
+                break
+            time.sleep(0.01)
+        assert service.scheduler.pending == 1
+        yield service
+    finally:
+        gate.set()
+        sender.join(timeout=30)
+        engine.run_stage_batch = real_stage
+    assert first[0].status_code == 200
+
+
 def test_a_request_refused_for_capacity_is_refused_before_it_is_decoded(make_client: ClientFactory) -> None:
     """Item 6 of the hardening issue: every 429 used to pay for the full decode first."""
-    with make_client(max_queue=1, stage_execution="thread") as client:
-        service = client.app.state.service  # type: ignore[attr-defined]
-        engine = service.scheduler.engine
-        real_stage, real_prepare = engine.run_stage_batch, service.preprocessor.prepare
-        gate = threading.Event()
+    with make_client(max_queue=1, stage_execution="thread") as client, queue_held_full(client) as service:
+        real_prepare = service.preprocessor.prepare
         decoded: list[int] = []
-
-        def held(k: int, state: Any) -> Any:
-            gate.wait(timeout=30)
-            return real_stage(k, state)
 
         async def counting_prepare(images: Any, *limits: Any) -> Any:
             decoded.append(len(images))
             return await real_prepare(images, *limits)
 
-        engine.run_stage_batch = held
         service.preprocessor.prepare = counting_prepare
-        first: list[Any] = []
-        sender = threading.Thread(target=lambda: first.append(post_raw(client, images.png(seed=1))))
-        sender.start()
-        try:
-            for _ in range(3000):  # until the first image is admitted (bounded: 30 s)
-                if service.scheduler.pending == 1:
-                    break
-                time.sleep(0.01)
-            assert service.scheduler.pending == 1
-            refused = post_raw(client, images.png(seed=2))
-            assert_error(refused, 429, "over_capacity", "1 images are queued (limit 1); retry later")
-            assert decoded == [1]  # only the admitted request was decoded
-        finally:
-            gate.set()
-            sender.join(timeout=30)
-        assert first[0].status_code == 200
+        refused = post_raw(client, images.png(seed=2))
+        assert_error(refused, 429, "over_capacity", "1 images are queued (limit 1); retry later")
+        assert decoded == []  # the admitted request was decoded before the counter; the refused one never
 
 
 @pytest.mark.parametrize("encoding", ["json", "multipart", "v2"])
@@ -344,63 +357,40 @@ def test_a_request_refused_for_capacity_is_refused_before_its_body_is_parsed(
     make_client: ClientFactory, encoding: str
 ) -> None:
     """Item 6: 64 base64 images in JSON were parsed and decoded on the event loop for every 429."""
-    with make_client(max_queue=1, stage_execution="thread") as client:
-        service = client.app.state.service  # type: ignore[attr-defined]
-        engine = service.scheduler.engine
-        real_stage = engine.run_stage_batch
-        real_json, real_multipart, real_v2 = v1_wire.json_request, v1_wire.multipart_request, v2_codec.parse
-        gate = threading.Event()
-        parsed: list[str] = []
+    real_json, real_multipart, real_v2 = v1_wire.json_request, v1_wire.multipart_request, v2_codec.parse
+    parsed: list[str] = []
 
-        def held(k: int, state: Any) -> Any:
-            gate.wait(timeout=30)
-            return real_stage(k, state)
+    def counting_json(*args: Any) -> Any:
+        parsed.append("json")
+        return real_json(*args)
 
-        def counting_json(*args: Any) -> Any:
-            parsed.append("json")
-            return real_json(*args)
+    async def counting_multipart(*args: Any) -> Any:
+        parsed.append("multipart")
+        return await real_multipart(*args)
 
-        async def counting_multipart(*args: Any) -> Any:
-            parsed.append("multipart")
-            return await real_multipart(*args)
+    def counting_v2(*args: Any) -> Any:
+        parsed.append("v2")
+        return real_v2(*args)
 
-        def counting_v2(*args: Any) -> Any:
-            parsed.append("v2")
-            return real_v2(*args)
-
-        engine.run_stage_batch = held
-        first: list[Any] = []
-        sender = threading.Thread(target=lambda: first.append(post_raw(client, images.png(seed=1))))
-        sender.start()
-        try:
-            for _ in range(3000):  # until the first image is admitted (bounded: 30 s)
-                if service.scheduler.pending == 1:
-                    break
-                time.sleep(0.01)
-            assert service.scheduler.pending == 1
-            png = images.png(seed=2)
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(v1_wire, "json_request", counting_json)
-                patch.setattr(v1_wire, "multipart_request", counting_multipart)
-                patch.setattr(v2_codec, "parse", counting_v2)
-                if encoding == "v2":
-                    tensor = {"name": "image", "shape": [64, 8, 8, 1], "datatype": "UINT8", "data": [7] * 64 * 64}
-                    refused = client.post("/v2/models/synthetic-boostnet/infer", json={"inputs": [tensor]})
-                elif encoding == "json":
-                    payload = {"images": [base64.b64encode(png).decode()] * 64}
-                    refused = client.post("/v1/classify", json=payload)
-                else:
-                    refused = client.post("/v1/classify", files=[("file", ("a.png", png, "image/png"))] * 4)
+    with make_client(max_queue=1, stage_execution="thread") as client, queue_held_full(client):
+        png = images.png(seed=2)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(v1_wire, "json_request", counting_json)
+            patch.setattr(v1_wire, "multipart_request", counting_multipart)
+            patch.setattr(v2_codec, "parse", counting_v2)
             if encoding == "v2":
-                assert refused.status_code == 429
-                assert refused.json() == {
-                    "error": "1 images are queued (limit 1); retry later",
-                    "error_type": "over_capacity",
-                }
+                tensor = {"name": "image", "shape": [64, 8, 8, 1], "datatype": "UINT8", "data": [7] * 64 * 64}
+                refused = client.post("/v2/models/synthetic-boostnet/infer", json={"inputs": [tensor]})
+            elif encoding == "json":
+                refused = client.post("/v1/classify", json={"images": [base64.b64encode(png).decode()] * 64})
             else:
-                assert_error(refused, 429, "over_capacity", "1 images are queued (limit 1); retry later")
-            assert parsed == []
-        finally:
-            gate.set()
-            sender.join(timeout=30)
-        assert first[0].status_code == 200
+                refused = client.post("/v1/classify", files=[("file", ("a.png", png, "image/png"))] * 4)
+        if encoding == "v2":
+            assert refused.status_code == 429
+            assert refused.json() == {
+                "error": "1 images are queued (limit 1); retry later",
+                "error_type": "over_capacity",
+            }
+        else:
+            assert_error(refused, 429, "over_capacity", "1 images are queued (limit 1); retry later")
+        assert parsed == []
