@@ -234,9 +234,17 @@ class ClassifyService:
         adapters call this once the body is read and before they parse it; `classify` applies the
         full rule (the request's image count) again.
         """
+        self._admit(1)
+
+    def _admit(self, count: int) -> None:
+        """The one admission rule for `count` images: ready (or draining), and room in the scheduler.
+
+        While draining (closing) requests still go to the scheduler: it answers what it admits and
+        refuses (503) once stopped; only the readiness probes flip first.
+        """
         if not self.ready and not self.closing:
             raise NotReadyError("the model is not ready (starting up)")
-        self.scheduler.admit(1)
+        self.scheduler.admit(count)
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResult:
         """Options -> budget, admission, images -> tensor, scheduler -> answers (1-based exits)."""
@@ -245,11 +253,7 @@ class ClassifyService:
         deadline_ms = options.deadline_ms
         count = len(request.images)
         self.check_count(count)
-        # While draining (closing) requests still go to the scheduler: it answers what it admits
-        # and refuses (503) once stopped; only the readiness probes flip first.
-        if not self.ready and not self.closing:
-            raise NotReadyError("the model is not ready (starting up)")
-        self.scheduler.admit(count)  # a request that will be refused is refused before it is decoded
+        self._admit(count)  # a request that will be refused is refused before it is decoded
         deadline = None if deadline_ms is None else start + deadline_ms / 1000.0
         limits = _DecodeLimits(start, deadline, deadline_ms, self.scheduler.request_timeout)
         images = await self.preprocessor.prepare(request.images, limits.remaining, limits.expired)  # (B, C, H, W)
