@@ -254,23 +254,27 @@ class DecodePool:
         started = loop.time()
         # Waiting for a worker (one may be restarting) is not the image's fault: only the
         # request's own time limits it; the pool's cap starts with the decode.
-        request_expire: OnTimeout = on_timeout or too_expensive
-        wait = None if timeout is None else max(timeout, 0.0)
-        worker = await self._acquire(wait, lambda: request_expire(max(timeout or 0.0, 0.0)))
-        limit: float = self.config.timeout_s
-        expire: OnTimeout = too_expensive
-        if timeout is not None:
-            left = timeout - (loop.time() - started)
+        request_limit = None if timeout is None else max(timeout, 0.0)
+
+        def request_expired() -> BoostServeError:
+            return (on_timeout or too_expensive)(request_limit or 0.0)
+
+        def cap_expired() -> BoostServeError:
+            return too_expensive(self.config.timeout_s)
+
+        worker = await self._acquire(request_limit, request_expired)
+        limit, expired = self.config.timeout_s, cap_expired
+        if request_limit is not None:
+            left = request_limit - (loop.time() - started)
             if left < limit:
-                limit = max(left, 0.0)
-                expire = lambda _: request_expire(max(timeout or 0.0, 0.0))  # noqa: E731 - the request's own limit
+                limit, expired = max(left, 0.0), request_expired
         try:
             result, recycle = await asyncio.wait_for(self._exchange(worker.sock, data), limit)
         except TimeoutError:
             self.stats.killed += 1
             log.warning("decode worker %d killed: image not decoded within %.3g s", worker.pid, limit)
             self._retire(worker)
-            raise expire(self.config.timeout_s) from None
+            raise expired() from None
         except (EOFError, OSError, pickle.UnpicklingError):
             self.stats.crashed += 1
             log.warning("decode worker %d died while decoding (exit code %s)", worker.pid, worker.process.poll())
@@ -294,10 +298,10 @@ class DecodePool:
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(sock, _frame_header(len(data)))
         await loop.sock_sendall(sock, data)  # no concatenated copy of a 10 MB image
-        header = await _read_exactly(sock, 4)
-        (size,) = struct.unpack("!i", header)
-        if size == -1:  # Connection's framing for messages over 2 GiB
-            (size,) = struct.unpack("!Q", await _read_exactly(sock, 8))
+        size = _frame_size(await _read_exactly(sock, 4))
+        if size is None:
+            size = _frame_size(await _read_exactly(sock, 8))
+        assert size is not None
         result, recycle = pickle.loads(await _read_exactly(sock, size))
         return result, bool(recycle)
 
@@ -307,6 +311,14 @@ def _frame_header(size: int) -> bytes:
     if size > 0x7FFFFFFF:
         return struct.pack("!iQ", -1, size)
     return struct.pack("!i", size)
+
+
+def _frame_size(header: bytes) -> int | None:
+    """The payload size a frame header says; None after the 4-byte marker of an 8-byte size."""
+    if len(header) == 8:
+        return int(struct.unpack("!Q", header)[0])
+    (size,) = struct.unpack("!i", header)
+    return None if size == -1 else int(size)
 
 
 def _frame(payload: bytes) -> bytes:
@@ -338,5 +350,8 @@ def _read_message_blocking(sock: socket.socket) -> Any:
             chunks += chunk
         return bytes(chunks)
 
-    (size,) = struct.unpack("!i", exactly(4))
+    size = _frame_size(exactly(4))
+    if size is None:
+        size = _frame_size(exactly(8))
+    assert size is not None
     return pickle.loads(exactly(size))
