@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from service.core import policies
@@ -16,7 +17,7 @@ from service.core.errors import InvalidBudgetError
 from service.core.exit_rule import NEVER_EXIT, force_last_exit
 from service.core.knobs import BUDGET_KNOBS, POLICIES, Budget
 
-__all__ = ["BudgetKey", "BudgetResolver", "budget_key"]
+__all__ = ["BudgetKey", "BudgetResolver", "ResolvedBudget", "budget_key"]
 
 #: Hashable canonical form of a budget: (kind, normalised value, policy or None, drop_confidence or None).
 BudgetKey = tuple[str, Any, str | None, float | None]
@@ -29,6 +30,25 @@ def budget_key(budget: Budget) -> BudgetKey:
         return (budget.kind, tuple(force_last_exit(values)), None, None)
     confidence = budget.risk_confidence if budget.knob.takes_confidence else None
     return (budget.kind, budget.value, budget.policy, confidence)
+
+
+@dataclass(frozen=True)
+class ResolvedBudget:
+    """A budget with its thresholds, and whether early exit is on for the request.
+
+    ``budget`` is the budget as given (by the request, or the global budget as set). On the global
+    budget the live layer (`service.core.live`) may serve other thresholds than ``budget`` resolves
+    to: then ``effective`` is the budget whose thresholds are in force (the point the live
+    controllers moved to), and ``degraded`` is true when that point is cheaper than the budget
+    because of overload (SLO mode). Requests that carry their own budget always get
+    ``effective=None, degraded=False``: the controllers never touch them.
+    """
+
+    budget: Budget
+    thresholds: policies.ThresholdResult
+    early_exit: bool
+    effective: Budget | None = None
+    degraded: bool = False
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,14 +16,15 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from service.core.artifact import Manifest
-from service.core.budget import BudgetResolver
+from service.core.budget import BudgetResolver, ResolvedBudget
+from service.core.engine import ExitResult
 from service.core.errors import (
     BoostServeError,
     DeadlineExceededError,
@@ -32,8 +33,8 @@ from service.core.errors import (
     ValidationFailedError,
 )
 from service.core.knobs import KNOBS, Budget, Knob, RequestOptions, parse_options
+from service.core.live import LiveOperatingPoint
 from service.core.memo import IdentityMemo
-from service.core.policies import ThresholdResult
 from service.core.preprocess import ImageInput, Preprocessor
 from service.core.scheduler import Scheduler
 
@@ -41,15 +42,6 @@ log = logging.getLogger("boostserve.classify")
 
 #: Memo size for distinct request option sets (clients repeat a handful).
 _MEMO_SIZE = 256
-
-
-@dataclass(frozen=True)
-class ResolvedBudget:
-    """A budget with its thresholds, and whether early exit is on for the request."""
-
-    budget: Budget
-    thresholds: ThresholdResult
-    early_exit: bool
 
 
 @dataclass(frozen=True)
@@ -86,6 +78,15 @@ class ClassifyResult:
     extras: Mapping[str, Any] = field(default_factory=dict)
 
 
+#: Told of every answered request on the global budget: (the point it was served at, its results).
+#: The live MAC controller (`service.core.live`) measures the live MACs per image from it.
+GlobalAnswerHook = Callable[[ResolvedBudget, list[ExitResult]], None]
+
+#: Asked before every admission with the request's image count; raises OverCapacityError to shed
+#: (SLO mode sheds only beyond the cheapest allowed point, `service.core.live.control`).
+ShedCheck = Callable[[int], None]
+
+
 class BudgetObserver(Protocol):
     """Who hears of the global budget in force (the metrics' gauges)."""
 
@@ -112,7 +113,12 @@ class ClassifyService:
         self.resolver = resolver
         self.preprocessor = preprocessor
         self.scheduler = scheduler
-        self.global_budget = global_budget
+        self.global_budget = global_budget  # as set (settings, PUT, budget file)
+        #: The point in force for requests on the global budget (the live controllers move it).
+        self.live = LiveOperatingPoint(resolver, global_budget)
+        self.global_answer_hooks: list[GlobalAnswerHook] = []
+        self.shed_check: ShedCheck | None = None
+        self.admitted_images = 0  # images admitted since start (the SLO controller's arrival rate)
         self.max_images_per_request = max_images_per_request
         self.observer = observer
         self.ready = False
@@ -145,8 +151,8 @@ class ClassifyService:
 
         Why the memo: most traffic repeats a handful of option sets, and parsing, resolving and
         describing them was a visible share of the server's Python time per request. An entry is
-        used only while the global budget it was resolved against is still in force (PUT /v1/budget
-        replaces that object); errors are never memoised.
+        used only while the global point it was resolved against is still in force (PUT /v1/budget
+        and the live controllers replace that object); errors are never memoised.
         """
         names = tuple(k.name for k in extra_knobs)
         key: Any = (where, names, tuple(sorted((k, _frozen(v)) for k, v in options.items())))
@@ -154,23 +160,30 @@ class ClassifyService:
             hit = self._memo.get(key)
         except TypeError:  # an unhashable value (a nested object): not memoised, the parser refuses it
             key, hit = None, None
-        if hit is not None and hit[0] is self.global_budget:
+        if hit is not None and hit[0] is self.live.current:
             return hit[1], hit[2]
         parsed = parse_options(options, allowed=(*KNOBS, *extra_knobs), where=where)
         resolved = self._resolve(parsed)
         if key is not None:
             if len(self._memo) >= _MEMO_SIZE:
                 self._memo.clear()
-            self._memo[key] = (self.global_budget, resolved, parsed)
+            self._memo[key] = (self.live.current, resolved, parsed)
         return resolved, parsed
 
     def _resolve(self, options: RequestOptions) -> ResolvedBudget:
-        current = self.global_budget
-        early_exit = current.early_exit if options.early_exit is None else options.early_exit
+        """The request's own budget exactly as given, else the live point of the global budget.
+
+        A request with its own budget knob is resolved on the held-out split and never moved by the
+        live controllers (that is the promise of a per-request budget). A request that only flips
+        early_exit against the global switch gets the global budget as set: with every stage
+        running the thresholds do not matter, and with the global switch off no controller runs.
+        """
+        base = self.global_budget
+        early_exit = base.early_exit if options.early_exit is None else options.early_exit
         if options.budget is None:
-            if early_exit == current.early_exit:
-                return current
-            return ResolvedBudget(current.budget, current.thresholds, early_exit)
+            if early_exit == base.early_exit:
+                return self.live.current
+            return ResolvedBudget(base.budget, base.thresholds, early_exit)
         return ResolvedBudget(options.budget, self.resolver.resolve(options.budget), early_exit)
 
     async def set_global_budget(self, budget: Budget | None, early_exit: bool | None = None) -> ResolvedBudget:
@@ -182,6 +195,7 @@ class ClassifyService:
             if early_exit is not None:
                 current = ResolvedBudget(current.budget, current.thresholds, early_exit)
             self.global_budget = current
+            self.live.rebase(current)
             self.publish_budget()
         log.info("global budget: %s, early_exit=%s", current.budget.describe(), current.early_exit)
         return current
@@ -189,7 +203,7 @@ class ClassifyService:
     def publish_budget(self) -> None:
         if self.observer is None:
             return
-        result = self.global_budget.thresholds
+        result = self.live.current.thresholds
         self.observer.set_budget(
             expected_macs=result.expected_macs,
             expected_accuracy=result.expected_accuracy,
@@ -208,6 +222,8 @@ class ClassifyService:
         expected_macs = _finite_or_none(info["expected_macs"])
         return {
             "budget": resolved.budget.to_json(),
+            "effective_budget": None if resolved.effective is None else resolved.effective.to_json(),
+            "degraded": resolved.degraded,
             "thresholds": info["thresholds"],
             "policy": info["policy"],
             "expected_accuracy": _finite_or_none(info["expected_accuracy"]),
@@ -245,6 +261,8 @@ class ClassifyService:
         if not self.ready and not self.closing:
             raise NotReadyError("the model is not ready (starting up)")
         self.scheduler.admit(count)
+        if self.shed_check is not None:
+            self.shed_check(count)
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResult:
         """Options -> budget, admission, images -> tensor, scheduler -> answers (1-based exits)."""
@@ -257,6 +275,7 @@ class ClassifyService:
         deadline = None if deadline_ms is None else start + deadline_ms / 1000.0
         limits = _DecodeLimits(start, deadline, deadline_ms, self.scheduler.request_timeout)
         images = await self.preprocessor.prepare(request.images, limits.remaining, limits.expired)  # (B, C, H, W)
+        self.admitted_images += count
         self.inflight += 1
         try:  # the scheduler enforces the request timeout (one sweeper, no timer per request)
             results = await self.scheduler.submit(
@@ -268,6 +287,9 @@ class ClassifyService:
             )
         finally:
             self.inflight -= 1
+        if options.budget is None and resolved.early_exit:
+            for hook in self.global_answer_hooks:
+                hook(resolved, results)
         answers = [
             Classified(
                 label=int(r.probabilities.argmax()),

@@ -240,5 +240,8 @@ async def infer(
         "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
         "budget": json.dumps(info["budget"], separators=(",", ":")),
         "thresholds": json.dumps(info["thresholds"], separators=(",", ":")),
+        "degraded": info["degraded"],
     }
+    if info["effective_budget"] is not None:  # scalars only: absent when the thresholds are the budget's own
+        parameters["effective_budget"] = json.dumps(info["effective_budget"], separators=(",", ":"))
     return InferAnswer(output_arrays(answers, len(service.manifest.classes), wanted), parameters)

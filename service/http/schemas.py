@@ -61,6 +61,19 @@ class BudgetInfo(BaseModel):
     """A budget and the thresholds it resolved to, with what calibration expects of them."""
 
     budget: dict[str, Any] = Field(description="the budget as given", examples=[{"max_accuracy_drop": 0.01}])
+    effective_budget: dict[str, Any] | None = Field(
+        default=None,
+        description="the budget whose thresholds are in force when the server moved the global budget on live "
+        "traffic (live MAC budget, drift tightening, SLO mode); null: the thresholds are the budget's own. "
+        "A request's own budget is never moved",
+        examples=[None],
+    )
+    degraded: bool = Field(
+        default=False,
+        description="true: answered at a cheaper point than the global budget because of overload (SLO mode, "
+        "never past BOOSTSERVE_MAX_ACCURACY_DROP_UNDER_LOAD)",
+        examples=[False],
+    )
     thresholds: list[float | None] = Field(
         description="per-exit thresholds in force (null = never exit there; last = 0.0 always answers)",
         examples=[[0.93, 0.81, 0.72, 0.0]],
