@@ -43,7 +43,7 @@ from service.http.schemas import budget_fields_schema, classify_json_schema
 from service.http.settings import Settings
 from service.http.v1 import request as v1_request
 from service.http.v1 import routes as v1_routes
-from service.http.v1.fast_path import CLASSIFY_PATH, RawClassifyFastPath
+from service.http.v1.fast_path import CLASSIFY_PATH, ClassifyFastPath
 from service.http.v2 import routes as v2_routes
 from service.http.v2.schemas import InferenceRequest
 
@@ -258,7 +258,7 @@ def _install_openapi(app: FastAPI) -> None:
 class BoostServeApp(FastAPI):
     """FastAPI with a front door for the hot path (see service.http.v1.fast_path for why).
 
-    Raw-image `POST /v1/classify` requests go to `front` (RequestMiddleware around the fast-path
+    Raw-image and multipart `POST /v1/classify` requests go to `front` (RequestMiddleware around the fast-path
     handler); everything else, and every request when the fast path is off, is FastAPI's.
     """
 
@@ -266,7 +266,7 @@ class BoostServeApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         front = self.front
-        if front is not None and RawClassifyFastPath.takes(scope):
+        if front is not None and ClassifyFastPath.takes(scope):
             scope["app"] = self
             if self.root_path:
                 scope["root_path"] = self.root_path
@@ -324,7 +324,7 @@ def create_app(
     docs.install(app)
     if settings.fast_path:
         route = next(r for r in v1_routes.router.routes if getattr(r, "path", None) == CLASSIFY_PATH)
-        fast_path = RawClassifyFastPath(route)
+        fast_path = ClassifyFastPath(route)
         app.front = middleware.RequestMiddleware(
             fast_path, metrics=metrics, max_body_bytes=settings.max_body_bytes, body_budget=body_budget
         )

@@ -245,8 +245,8 @@ class Settings(BaseSettings):
     early_exit: bool = Field(default=True, description="false: every request runs every stage (A/B)")
     fast_path: bool = Field(
         default=True,
-        description="serve raw-image POST /v1/classify without FastAPI routing (same answers, less CPU; "
-        "false: every request goes through FastAPI, for A/B)",
+        description="serve raw-image and multipart POST /v1/classify without FastAPI routing (same answers, "
+        "less CPU; false: every request goes through FastAPI, for A/B)",
     )
     gc_freeze: bool = Field(
         default=True,

@@ -79,7 +79,7 @@ async def classify(request: Request, service: ServiceDep) -> Response:
         body = await request.body()
         service.check_capacity()  # refused before the JSON and base64 are parsed
         classify_request = wire.json_request(body, query)
-    elif kind == "multipart/form-data":
+    elif kind == wire.MULTIPART_TYPE:
         settings = request.app.state.settings
         await request.body()  # read (and kept for the parser) first: a refusal must not reset the client
         service.check_capacity()

@@ -352,13 +352,21 @@ def test_a_request_refused_for_capacity_is_refused_before_it_is_decoded(make_cli
         assert decoded == []  # the admitted request was decoded before the counter; the refused one never
 
 
-@pytest.mark.parametrize("encoding", ["json", "multipart", "v2"])
+@pytest.mark.parametrize("encoding", ["json", "multipart", "multipart-not-plain", "multipart-fastapi", "v2"])
 def test_a_request_refused_for_capacity_is_refused_before_its_body_is_parsed(
     make_client: ClientFactory, encoding: str
 ) -> None:
-    """Item 6: 64 base64 images in JSON were parsed and decoded on the event loop for every 429."""
+    """Item 6: 64 base64 images in JSON were parsed and decoded on the event loop for every 429.
+
+    Multipart three ways: a plain form (the fast path's own parser), a form only Starlette parses
+    (the fast path's fallback) and any form through FastAPI (BOOSTSERVE_FAST_PATH=false)."""
     real_json, real_multipart, real_v2 = v1_wire.json_request, v1_wire.multipart_request, v2_codec.parse
+    real_plain = v1_wire.plain_form_files
     parsed: list[str] = []
+
+    def counting_plain(*args: Any) -> Any:
+        parsed.append("plain form")
+        return real_plain(*args)
 
     def counting_json(*args: Any) -> Any:
         parsed.append("json")
@@ -372,17 +380,22 @@ def test_a_request_refused_for_capacity_is_refused_before_its_body_is_parsed(
         parsed.append("v2")
         return real_v2(*args)
 
-    with make_client(max_queue=1, stage_execution="thread") as client, queue_held_full(client):
+    fast_path = encoding != "multipart-fastapi"
+    with make_client(max_queue=1, stage_execution="thread", fast_path=fast_path) as client, queue_held_full(client):
         png = images.png(seed=2)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(v1_wire, "json_request", counting_json)
             patch.setattr(v1_wire, "multipart_request", counting_multipart)
+            patch.setattr(v1_wire, "plain_form_files", counting_plain)
             patch.setattr(v2_codec, "parse", counting_v2)
             if encoding == "v2":
                 tensor = {"name": "image", "shape": [64, 8, 8, 1], "datatype": "UINT8", "data": [7] * 64 * 64}
                 refused = client.post("/v2/models/synthetic-boostnet/infer", json={"inputs": [tensor]})
             elif encoding == "json":
                 refused = client.post("/v1/classify", json={"images": [base64.b64encode(png).decode()] * 64})
+            elif encoding == "multipart-not-plain":  # a field besides `file`: Starlette's to parse
+                files = [("file", ("a.png", png, "image/png"))] * 4
+                refused = client.post("/v1/classify", data={"note": "x"}, files=files)
             else:
                 refused = client.post("/v1/classify", files=[("file", ("a.png", png, "image/png"))] * 4)
         if encoding == "v2":
