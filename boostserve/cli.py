@@ -27,6 +27,9 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("models.commands.evaluate", "per-exit test accuracy and cumulative MACs of a checkpoint"),
     "macs": Command("models.commands.macs", "per-exit MACs and parameters of a model preset"),
     "export": Command("export.commands.export", "export a checkpoint to per-stage ONNX + manifest, calibrated"),
+    "attach-exits": Command(
+        "export.commands.attach_exits", "early exits on an ONNX classifier you already have, or a cascade of several"
+    ),
     "thresholds": Command("service.commands.thresholds", "turn a compute budget into per-exit thresholds"),
     "recalibrate": Command(
         "export.commands.recalibrate", "rewrite an artifact's calibration arrays through the serving engine"

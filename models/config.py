@@ -229,6 +229,20 @@ PRESETS: dict[str, ModelConfig] = {
             training=replace(_COMPACT_RECIPE, epochs=30, crop_padding=4),
             dataset="cifar10",
         ),
+        # The cheap member of the bring-your-own-model cascade (docs/byom.md): the first member of
+        # cascade-fashion-mnist as a network of its own, trained plain, independently of the large one.
+        ModelConfig(
+            name="small-fashion-mnist",
+            arch="compact",
+            num_classes=10,
+            in_channels=1,
+            image_size=28,
+            mean=FMNIST_MEAN,
+            std=FMNIST_STD,
+            compact=CompactConfig(stem_channels=8, widths=(16, 32), blocks=(1, 1), strides=(2, 2)),
+            training=_COMPACT_RECIPE,
+            dataset="fashion-mnist",
+        ),
         ModelConfig(
             name="cascade-fashion-mnist",
             arch="cascade",
