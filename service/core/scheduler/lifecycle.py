@@ -152,6 +152,14 @@ class Scheduler:
         """Images waiting per stage (running batches excluded)."""
         return list(self._depth)
 
+    def queue_delay(self) -> float:
+        """Seconds the longest-waiting queued chunk has waited (0 with empty queues): the queueing
+        signal of SLO mode (`service.core.live.slo`). Read per control tick, one look per stage."""
+        if self._loop is None:
+            return 0.0
+        oldest = [queue[0].enqueued for queue in self._queues if queue]
+        return max(0.0, self._loop.time() - min(oldest)) if oldest else 0.0
+
     @property
     def pending(self) -> int:
         """Images admitted and not yet answered (queued + running): what max_queue bounds."""

@@ -1,0 +1,212 @@
+"""SLO mode: accuracy scaling under overload, on queue delay and service rate, with hysteresis.
+
+Why: a server that only sheds (429) under a burst turns every excess request into an error. An
+early-exit model has a cheaper point on its frontier for every accuracy it may give up, so the
+server can instead move requests on the global budget to a cheaper *rung* of a ladder (each rung a
+calibrated point no worse than the floor `BOOSTSERVE_MAX_ACCURACY_DROP_UNDER_LOAD`), raising its
+service rate, and move back when the load falls. Only at the cheapest allowed rung does it shed.
+
+Signals, each control tick (`Signals`): the queue delay d (how long admitted images wait, the
+scheduler's oldest queued image or its backlog times the per-image cost, whichever is larger), the
+arrival rate λ (images admitted per second, smoothed), the completion rate X over the tick, and
+the per-image seconds t_k of each stage (smoothed).
+
+The service-rate model: per image at rung r the server spends c_r = o + Σ_k reach_r(k) · t_k, where
+reach_r(k) is the calibrated share of images that reach stage k under rung r's thresholds and o is
+the per-image work outside the stages (HTTP, decode, answer), unknown a priori. Whenever the queue
+is not empty for a whole tick the server is saturated and X is its capacity at the rung in force,
+so o = 1/X − Σ_k reach_r(k) t_k (smoothed, never below 0). Capacity at any rung: μ_j = 1 / c_j.
+The model sizes a move, so a step in load is answered by the one rung that fits, not by a blind
+walk: the least degraded rung j with λ ≤ ρ_high · μ_j.
+
+The rules (hysteresis: distinct levels, utilisations and a dwell for each direction):
+
+* **cheaper** when d > `delay_high` (a share of the latency target): to the rung the model says
+  fits (at least one rung down). If the delay is still above `delay_high` `dwell_down_s` after the
+  last move and the backlog has not fallen since, the model underestimated the load: down again,
+  sized by the model (at least one rung). A backlog that is falling is draining, not a reason to
+  move again. The rate used to size a step down is the larger of the smoothed arrival rate and
+  the last tick's, so a step in load is sized by what arrives now, not by the average.
+* **more accurate**, one rung at a time, when d has stayed below `delay_low` for `hold_up_s` and
+  the model says the load fits the more accurate rung with room: λ ≤ ρ_up · μ_{r−1}, ρ_up < ρ_high.
+  Between the levels nothing moves, which bounds oscillation: a steady load sits on one rung, or
+  alternates between two adjacent rungs no faster than once per `hold_up_s`.
+* **shed** (429) only at the cheapest rung, while the predicted wait of a new request (backlog ×
+  c_floor) exceeds `shed_share` × the latency target: admitting it would break the target anyway.
+
+Never past the floor: the ladder ends at the floor's rung and the index is clamped to it.
+Pure: times are passed in (tests drive it with a simulated clock and queue).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["Rung", "Signals", "SloConfig", "SloController"]
+
+
+@dataclass(frozen=True)
+class SloConfig:
+    latency_target_s: float
+    delay_high_share: float = 0.4  # act when the queue delay passes this share of the target
+    delay_low_share: float = 0.1  # consider stepping back below this share
+    utilisation_high: float = 0.9  # a step down aims for λ <= this · capacity
+    utilisation_up: float = 0.85  # a step back needs λ <= this · capacity of the more accurate rung
+    dwell_down_s: float = 0.3  # the least time between two steps down
+    hold_up_s: float = 3.0  # calm time before a step back
+    shed_share: float = 0.8  # at the floor: shed while the predicted wait passes this share of the target
+    smoothing_s: float = 1.0  # time constant of the rate and overhead estimates
+
+    def __post_init__(self) -> None:
+        if not self.latency_target_s > 0:
+            raise ValueError("latency_target_s must be > 0")
+        if not 0 < self.delay_low_share < self.delay_high_share:
+            raise ValueError("need 0 < delay_low_share < delay_high_share")
+        if not 0 < self.utilisation_up < self.utilisation_high <= 1:
+            raise ValueError("need 0 < utilisation_up < utilisation_high <= 1")
+
+    @property
+    def delay_high(self) -> float:
+        return self.latency_target_s * self.delay_high_share
+
+    @property
+    def delay_low(self) -> float:
+        return self.latency_target_s * self.delay_low_share
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One point of the ladder: the share of images reaching each stage (reach[0] = 1)."""
+
+    reach: tuple[float, ...]
+
+    @classmethod
+    def from_exit_fractions(cls, fractions: Sequence[float]) -> Rung:
+        tail = 0.0
+        reach: list[float] = []
+        for f in reversed(list(fractions)):
+            tail += float(f)
+            reach.append(min(1.0, tail))
+        return cls(tuple(reversed(reach)))
+
+
+@dataclass(frozen=True)
+class Signals:
+    now: float  # seconds (any monotonic clock)
+    delay: float  # queue delay, seconds
+    backlog: int  # images admitted and not answered
+    admitted: int  # images admitted during the tick
+    completed: int  # images answered during the tick
+    stage_seconds: Sequence[float | None]  # per-image seconds of each stage over the tick (None: no batch)
+    saturated: bool  # the queue held work for the whole tick
+
+
+class SloController:
+    """The controller of the module docstring; `rung` is the index in force (0 = not degraded)."""
+
+    def __init__(self, config: SloConfig, rungs: Sequence[Rung]) -> None:
+        if not rungs:
+            raise ValueError("the ladder needs at least rung 0")
+        self.config = config
+        self.rungs = list(rungs)
+        self.rung = 0
+        self.arrival_rate = 0.0  # images/s, smoothed
+        self.overhead = 0.0  # o: seconds per image outside the stages
+        self.stage_seconds: list[float] = [0.0] * len(rungs[0].reach)
+        self._last_now: float | None = None
+        self._last_move = -math.inf
+        self._backlog_at_move = -1.0  # -1: no step down to wait for
+        self._last_rate = 0.0  # images/s admitted over the last tick (unsmoothed)
+        self._calm_since: float | None = None
+
+    @property
+    def floor(self) -> int:
+        return len(self.rungs) - 1
+
+    # -- the model -------------------------------------------------------------------------------------
+    def stage_work(self, rung: int) -> float:
+        reach = self.rungs[rung].reach
+        return sum(r * t for r, t in zip(reach, self.stage_seconds, strict=True))
+
+    def cost(self, rung: int) -> float:
+        """Predicted seconds of work per image at `rung`."""
+        return self.overhead + self.stage_work(rung)
+
+    def capacity(self, rung: int) -> float:
+        """Predicted images per second at `rung` (inf before any measurement)."""
+        c = self.cost(rung)
+        return math.inf if c <= 0.0 else 1.0 / c
+
+    def predicted_wait(self, backlog: int) -> float:
+        return backlog * self.cost(self.rung)
+
+    def should_shed(self, backlog: int) -> bool:
+        """Refuse a new request now? Only at the floor, and only when its wait would break the target."""
+        cfg = self.config
+        return self.rung == self.floor and self.predicted_wait(backlog) > cfg.shed_share * cfg.latency_target_s
+
+    # -- one tick ----------------------------------------------------------------------------------------
+    def update(self, s: Signals) -> int:
+        """Learn from one tick's signals and return the rung to serve."""
+        dt = 0.0 if self._last_now is None else max(0.0, s.now - self._last_now)
+        self._last_now = s.now
+        if dt > 0.0:
+            self._learn(s, dt)
+        cfg = self.config
+        if s.delay > cfg.delay_high:
+            self._calm_since = None
+            self._maybe_down(s)
+        elif s.delay < cfg.delay_low:
+            if self._calm_since is None:
+                self._calm_since = s.now
+            self._maybe_up(s.now)
+        else:
+            self._calm_since = None
+        return self.rung
+
+    def _learn(self, s: Signals, dt: float) -> None:
+        w = 1.0 - math.exp(-dt / self.config.smoothing_s)
+        self._last_rate = s.admitted / dt
+        self.arrival_rate += w * (self._last_rate - self.arrival_rate)
+        for k, t in enumerate(s.stage_seconds):
+            if t is not None:
+                self.stage_seconds[k] += w * (t - self.stage_seconds[k]) if self.stage_seconds[k] else t
+        if s.saturated and s.completed > 0:
+            observed = dt / s.completed - self.stage_work(self.rung)  # 1/X minus the stages' share
+            self.overhead = max(0.0, self.overhead + w * (observed - self.overhead) if self.overhead else observed)
+
+    def _fits(self, rung: int, utilisation: float, rate: float) -> bool:
+        return rate <= utilisation * self.capacity(rung)
+
+    def _move(self, rung: int, now: float, backlog: float) -> None:
+        self.rung = max(0, min(self.floor, rung))
+        self._last_move = now
+        self._backlog_at_move = backlog
+        self._calm_since = None
+
+    def _maybe_down(self, s: Signals) -> None:
+        if self.rung == self.floor:
+            return
+        cfg = self.config
+        if s.now - self._last_move < cfg.dwell_down_s:
+            return
+        if s.backlog < self._backlog_at_move:
+            return  # draining: the last move is working (a backlog, not a delay: the delay of the
+            # same backlog falls with the cost per image at the move itself)
+        rate = max(self.arrival_rate, self._last_rate)  # a step shows in the last tick before the average
+        sized = next(
+            (j for j in range(self.rung + 1, self.floor + 1) if self._fits(j, cfg.utilisation_high, rate)), None
+        )
+        target = self.floor if sized is None else sized
+        self._move(max(target, self.rung + 1), s.now, s.backlog)
+
+    def _maybe_up(self, now: float) -> None:
+        if self.rung == 0 or self._calm_since is None:
+            return
+        cfg = self.config
+        if now - self._calm_since < cfg.hold_up_s or now - self._last_move < cfg.hold_up_s:
+            return
+        if self._fits(self.rung - 1, cfg.utilisation_up, self.arrival_rate):
+            self._move(self.rung - 1, now, -1.0)
