@@ -27,14 +27,20 @@ Default providers: CUDA first when ONNX Runtime offers it, else CPU. ORT silentl
 CPU when CUDA cannot be initialised, so `providers` reports what `session.get_providers()` says
 after loading, not what was asked for.
 
-With CUDA in use, `run_stage_batch` uses IO binding: feature outputs stay on the device as
-OrtValues and are bound as inputs of the next stage; only `logits` is bound to host memory (the
-exit decision needs it on the CPU). Compaction on the device is not possible with the ORT Python
-API alone (no device-side gather without an extra library such as CuPy), so when some samples
-exit, the surviving rows of the feature tensors are copied to the host, gathered with numpy and
-bound again as CPU inputs (ORT copies them to the device). When nobody exits (or when nothing is
-compacted, e.g. `run_all_stages`) the device tensors pass through untouched. This path is covered
-by code inspection only: the development machines have no GPU.
+With CUDA in use, `run_stage_batch` uses IO binding: every output (features and `logits`) stays
+on the device as an OrtValue and is bound as an input of the next stage; the logits are also
+copied to the host, since the exit decision runs on the CPU. Compaction on the device is not
+possible with the ORT Python API alone (no device-side gather without an extra library such as
+CuPy), so when some samples exit, the surviving rows are copied to the host, gathered with numpy
+and bound again as host inputs (ORT copies them to the device). When nobody exits (or when nothing
+is compacted, e.g. `run_all_stages`) the device tensors pass through untouched.
+
+`io_binding=True` takes the same binding path on CPU sessions (ORT binds CPU OrtValues the same
+way), so CI tests its wiring, compaction and answers without a GPU (tests/service/
+test_engine_binding.py); `make gpu-check` runs it on CUDA (tests/gpu/, docs/gpu.md). Each stage
+counts its inputs bound as OrtValues of an earlier stage (`StageCounters.ortvalue_inputs`, no host
+copy) and those uploaded from host arrays (`array_inputs`): the tests read "no host round trip when
+nobody exits" off them.
 
 Threads
 -------
@@ -59,7 +65,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +108,8 @@ class StageCounters:
     runs: int = 0
     items: int = 0
     seconds: float = 0.0
+    ortvalue_inputs: int = 0  # binding path: inputs bound as an earlier stage's OrtValue (no host copy)
+    array_inputs: int = 0  # inputs fed from host arrays (copied to the device on CUDA)
 
 
 def _to_host(value: Any) -> np.ndarray:
@@ -244,8 +252,12 @@ class Engine:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
         inter_op_threads: int = 1,
+        io_binding: bool | None = None,
         log: logging.Logger | None = None,
     ) -> None:
+        """io_binding: None = on exactly when every stage runs on CUDA; True = the binding path on
+        whatever device the sessions run on (CPU too: how CI tests it); False = plain `session.run`.
+        """
         import onnxruntime as ort
 
         self.manifest = manifest
@@ -291,16 +303,20 @@ class Engine:
         self.providers: list[str] = in_use
         # IO binding only when every stage really runs on CUDA (a mixed placement gains nothing).
         self.uses_cuda = all(CUDA in s.get_providers() for s in self._sessions)
+        self.uses_binding = self.uses_cuda if io_binding is None else bool(io_binding)
+        #: Where bound outputs live: the GPU when every stage runs there, else host memory.
+        self.binding_device = "cuda" if self.uses_cuda else "cpu"
         self._device_id = 0
         if requested and requested[0] == CUDA and not self.uses_cuda:
             self.log.warning("CUDA was requested but ONNX Runtime fell back to %s", self.providers)
         self.log.info(
-            "engine ready: %d stages, providers in use %s (requested %s), intra_op=%d inter_op=%d",
+            "engine ready: %d stages, providers in use %s (requested %s), intra_op=%d inter_op=%d, io_binding=%s",
             self.num_stages,
             self.providers,
             requested,
             self.intra_op_threads,
             self.inter_op_threads,
+            self.binding_device if self.uses_binding else "off",
         )
         self._lock = threading.Lock()
         self.stage_counters: list[StageCounters] = [StageCounters() for _ in range(self.num_stages)]
@@ -393,61 +409,62 @@ class Engine:
         plan = self._plans[k]
         start = time.perf_counter()
         try:
-            if self.uses_cuda:
-                outputs, logits = self._run_cuda(k, plan, state)
+            if self.uses_binding:
+                outputs, logits, bound = self._run_bound(k, plan, state)
             else:
                 feeds = {name: _to_host(state.arrays[source]) for name, source in plan.feeds}
                 values = self._sessions[k].run(list(plan.outputs), feeds)
                 outputs = dict(zip(plan.outputs, values, strict=True))
                 logits = outputs[plan.logits_output]
+                bound = 0
         except KeyError as exc:
             raise ValidationFailedError(f"stage {k + 1} needs source {exc.args[0]!r}") from exc
         except Exception as exc:
             raise StageFailedError(f"stage {k + 1} failed: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - start
-        self._count(k, state.size, seconds)
+        self._count(k, state.size, seconds, bound, len(plan.feeds) - bound)
         nxt: dict[str, Any] = {name: outputs[name] for name in plan.keep_outputs}
         if plan.keep_image:
             nxt["image"] = state.arrays["image"]
         return StageOutput(state=StageBatch(arrays=nxt, size=state.size), logits=logits, seconds=seconds)
 
-    def _run_cuda(self, k: int, plan: _StagePlan, state: StageBatch) -> tuple[dict[str, Any], np.ndarray]:
-        """IO-binding run: device OrtValues in/out, only the logits come back to the host.
+    def _run_bound(self, k: int, plan: _StagePlan, state: StageBatch) -> tuple[dict[str, Any], np.ndarray, int]:
+        """IO-binding run: OrtValues in and out on `binding_device`; returns (outputs, host logits, inputs
+        bound as OrtValues).
 
-        UNTESTED on real hardware (no GPU in development); kept close to the documented ORT API:
-        bind_ortvalue_input for device values from the previous stage, bind_cpu_input for host
-        arrays (ORT copies them to the device), bind_output(name, "cuda") lets ORT allocate the
-        device output, bind_output(logits, "cpu") returns the logits in host memory.
+        Host arrays (the image, rows gathered after an exit) are bound with bind_cpu_input (ORT copies
+        them to the device); an earlier stage's OrtValues are bound as they are. Every output is
+        allocated by ORT on the binding device, so the next stage reads features and logits where
+        they already are; the logits alone are also copied to the host for the exit decision.
         """
         session = self._sessions[k]
         binding = session.io_binding()
+        bound = 0
         for name, source in plan.feeds:
             value = state.arrays[source]
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             else:
                 binding.bind_ortvalue_input(name, value)
+                bound += 1
         for name in plan.outputs:
-            if name == plan.logits_output:
-                binding.bind_output(name, "cpu")
-            else:
-                binding.bind_output(name, "cuda", self._device_id)
+            binding.bind_output(name, self.binding_device, self._device_id)
         binding.synchronize_inputs()
         session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         values = binding.get_outputs()  # OrtValues in the order bound
         outputs = dict(zip(plan.outputs, values, strict=True))
-        logits = np.asarray(outputs[plan.logits_output].numpy())
-        # The logits are also the next stage's `logits_in`: keep the host copy (ORT uploads it).
-        outputs[plan.logits_output] = logits
-        return outputs, logits
+        logits = np.asarray(outputs[plan.logits_output].numpy())  # (B, classes) host copy
+        return outputs, logits, bound
 
-    def _count(self, k: int, items: int, seconds: float) -> None:
+    def _count(self, k: int, items: int, seconds: float, ortvalue_inputs: int, array_inputs: int) -> None:
         with self._lock:
             c = self.stage_counters[k]
             c.runs += 1
             c.items += items
             c.seconds += seconds
+            c.ortvalue_inputs += ortvalue_inputs
+            c.array_inputs += array_inputs
 
     # -- whole-network entry points -----------------------------------------------------------------
 
@@ -516,7 +533,7 @@ class Engine:
     def stage_stats(self) -> list[StageCounters]:
         """A snapshot of the cumulative per-stage counters."""
         with self._lock:
-            return [StageCounters(c.runs, c.items, c.seconds) for c in self.stage_counters]
+            return [replace(c) for c in self.stage_counters]
 
     def reset_stats(self) -> None:
         with self._lock:
