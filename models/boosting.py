@@ -93,9 +93,18 @@ class BoostedNet(nn.Module):
         """Parameters of the exit heads (by convention every backbone keeps them in `heads`)."""
         return {n for n, _ in self.named_parameters() if n.startswith("backbone.heads.")}
 
+    def last_head_prefix(self) -> str:
+        return f"backbone.heads.{self.num_stages - 1}."
+
     def freeze_backbone(self) -> None:
-        """Freeze everything but the heads: no gradients and BatchNorm statistics kept fixed."""
-        heads = self.head_parameter_names()
+        """Freeze the pre-trained network: everything but the exit heads 0..N-2 (no gradients, BN fixed).
+
+        Why the last head too: it is the network's own final classifier. Kept frozen (and t = 0),
+        the last exit answers exactly what the pre-trained network answers, so an accuracy drop
+        is measured against the user's network, not against a retrained one (seed 001).
+        """
+        last = self.last_head_prefix()
+        heads = {n for n in self.head_parameter_names() if not n.startswith(last)}
         for name, p in self.named_parameters():
             p.requires_grad_(name in heads)
         self.backbone_frozen = True
@@ -107,6 +116,9 @@ class BoostedNet(nn.Module):
             for name, child in self.backbone.named_children():
                 if name != "heads":
                     child.eval()
+            heads = getattr(self.backbone, "heads", None)
+            if isinstance(heads, nn.ModuleList):
+                heads[self.num_stages - 1].eval()
         return self
 
 

@@ -86,12 +86,17 @@ class TrainError(ValueError):
 
 
 def _frozen_backbone_from(model: BoostedNet, path: str) -> None:
-    """Copy the non-head weights (and BN statistics) of checkpoint `path` into `model`, then freeze them."""
+    """Copy the network of checkpoint `path` (every weight and BN statistic but heads 0..N-2) and freeze it.
+
+    The last head is the network's own final classifier: copied and frozen with the rest, so with
+    t = 0 the last exit is the checkpoint's network unchanged (see BoostedNet.freeze_backbone).
+    """
     src = load_checkpoint(path).model.state_dict()
     own = model.state_dict()
+    last = model.last_head_prefix()
     copied = 0
     for key, value in src.items():
-        if key.startswith("backbone.heads."):
+        if key.startswith("backbone.heads.") and not key.startswith(last):
             continue
         if key not in own or own[key].shape != value.shape:
             raise TrainError(f"--freeze-backbone {path}: {key} does not match this config's backbone")
@@ -138,6 +143,12 @@ def train(config: ModelConfig, opts: TrainOptions) -> dict[str, Any]:
     model = build_model(config)
     if opts.freeze_backbone:
         _frozen_backbone_from(model, opts.freeze_backbone)
+        if config.boosting.t != 0:
+            print(
+                f"warning: --freeze-backbone with t = {config.boosting.t:g}: the last exit becomes "
+                "f_last + t * F_(N-2), no longer the frozen network's own answer (t = 0 keeps it)",
+                file=sys.stderr,
+            )
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(

@@ -31,7 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--freeze-backbone",
         metavar="CKPT",
-        help="load the backbone from CKPT (same config) and train only the exit heads",
+        help="exits on a trained network: load CKPT (same config) whole, keep it frozen with its own final "
+        "classifier as the last exit (t defaults to 0) and train only the earlier exit heads",
     )
     parser.add_argument(
         "--plain",
@@ -79,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     boosting = {}
     if args.t is not None:
         boosting["t"] = args.t
+    elif args.freeze_backbone:
+        boosting["t"] = 0.0  # the frozen network's last exit stays its own answer
     if args.no_stop_grad:
         boosting["stop_grad"] = False
     if args.no_grad_rescale:

@@ -82,8 +82,33 @@ def test_freeze_backbone_leaves_only_head_parameters_trainable() -> None:
     model.freeze_backbone()
     model.train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == model.head_parameter_names() and trainable
-    assert not model.backbone.stages[0].training and model.backbone.heads.training
+    last = model.last_head_prefix()
+    assert trainable == {n for n in model.head_parameter_names() if not n.startswith(last)} and trainable
+    assert not model.backbone.stages[0].training and model.backbone.heads[0].training
+    assert not model.backbone.heads[-1].training  # the network's own classifier stays frozen
+
+
+def test_frozen_backbone_keeps_the_network_as_its_last_exit(idx_dir: Path, tmp_path: Path) -> None:
+    """Seed 001: with t = 0 the last exit after head training answers exactly what the plain network did."""
+    from models.data import load_splits
+
+    config = replace(tiny_compact(), training=replace(tiny_compact().training, epochs=1)).with_boosting(t=0.0)
+    train(config, TrainOptions(str(idx_dir), str(tmp_path / "plain"), heldout_size=40, quiet=True, plain=True))
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoint.pt").model
+    opts = TrainOptions(
+        str(idx_dir),
+        str(tmp_path / "heads"),
+        heldout_size=40,
+        quiet=True,
+        freeze_backbone=str(tmp_path / "plain" / "checkpoint.pt"),
+    )
+    train(config, opts)
+    tuned = load_checkpoint(tmp_path / "heads" / "checkpoint.pt").model
+    images, _ = next(load_splits(idx_dir, heldout_size=40, augment="none").test.batches(32))
+    with torch.no_grad():
+        before, after = plain(images), tuned(images)
+    assert torch.equal(before[-1], after[-1])
+    assert not torch.equal(before[0], after[0])  # the earlier heads did train
 
 
 def test_onecycle_schedule_warms_up_and_anneals() -> None:
