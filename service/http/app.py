@@ -15,6 +15,7 @@ drains: every admitted request is answered, within `shutdown_grace_s`.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -34,6 +35,7 @@ from service.core.decode_pool import DecodePool, DecodePoolConfig
 from service.core.engine import Engine
 from service.core.errors import ValidationFailedError
 from service.core.knobs import Budget
+from service.core.loop_lag import LoopLagMonitor
 from service.core.preprocess import Limits, Preprocessor
 from service.core.scheduler import Scheduler
 from service.http import docs, middleware, probes
@@ -203,6 +205,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise
     if settings.gc_freeze:
         _freeze_startup_objects()
+    lag_monitor = asyncio.create_task(LoopLagMonitor(metrics.observe_loop_lag).run(), name="loop-lag")
     service.ready = True
     metrics.set_ready(True)
     log.info(
@@ -220,6 +223,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         service.begin_shutdown()
         metrics.set_ready(False)
+        lag_monitor.cancel()
         await companions.aclose()
         log.info("shutting down: draining the scheduler (up to %.1f s)", settings.shutdown_grace_s)
         await scheduler.stop(drain=True, timeout=settings.shutdown_grace_s)

@@ -45,6 +45,7 @@ STAGE_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 #: Max softmax at exit: thresholds live mostly in 0.5..0.99, so resolve that range finely.
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999, 1.0)
 
@@ -180,6 +181,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._loop_lag_max = 0.0
         r = self.registry
         self.decode_pool = DecodePoolCollector(r)
         self.request_duration = Histogram(
@@ -253,6 +255,15 @@ class Metrics:
             registry=r,
         )
         self.full_macs = Gauge("boostserve_full_macs", "MACs of the full network (all stages)", registry=r)
+        self.loop_lag = Histogram(
+            "boostserve_event_loop_lag_seconds",
+            "how late the event loop ran a 50 ms timer: the wait a probe or a small request sees",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "boostserve_event_loop_lag_max_seconds", "the largest event loop lag since start", registry=r
+        )
         self.ready = Gauge("boostserve_ready", "1 when models are loaded and warmed up", registry=r)
         self.model_info = Gauge(
             "boostserve_model_info",
@@ -332,6 +343,12 @@ class Metrics:
         if exit_fractions is not None:
             for k, fraction in enumerate(exit_fractions, start=1):
                 self.calibrated_exit_fraction.labels(stage=str(k)).set(float(fraction))
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self.loop_lag.observe(seconds)
+        if seconds > self._loop_lag_max:
+            self._loop_lag_max = seconds
+            self.loop_lag_max.set(seconds)
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)

@@ -267,6 +267,36 @@ class Settings(BaseSettings):
         description="bearer token for PUT /v1/budget; unset or empty -> the endpoint answers 403",
     )
 
+    # -- live control of the global budget (service.core.live, docs/policies.md) -------------------
+    live_budget: bool = Field(
+        default=True,
+        description="with a global budget_macs, move its thresholds along the calibrated frontier so the live "
+        "MACs per image stay at the budget when the image mix drifts (requests with their own budget are never "
+        "moved)",
+    )
+    live_budget_window: int = Field(
+        default=2000,
+        ge=100,
+        le=1_000_000,
+        description="images in the live MAC average (EWMA 1/alpha; 100..1000000): shorter follows a drift sooner "
+        "and moves the thresholds on sampling noise more",
+    )
+    latency_target_ms: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=60_000.0,
+        description="SLO mode: the latency target of admitted requests (ms, (0, 60000]); under overload requests "
+        "on the global budget move to cheaper points, never past max_accuracy_drop_under_load, and only beyond "
+        "the cheapest allowed point is a request refused (429); unset or empty = off",
+    )
+    max_accuracy_drop_under_load: float = Field(
+        default=0.03,
+        gt=0.0,
+        le=0.5,
+        description="SLO mode's floor: the cheapest point served under overload is max_accuracy_drop=this "
+        "(a guaranteed drop, (0, 0.5])",
+    )
+
     # -- operations ------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["text", "json"] = "text"
@@ -311,10 +341,11 @@ class Settings(BaseSettings):
         raw = value.get_secret_value() if isinstance(value, SecretStr) else value
         return None if isinstance(raw, str) and not raw.strip() else value
 
-    @field_validator("grpc_port", "budget_file", mode="before")
+    @field_validator("grpc_port", "budget_file", "latency_target_ms", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
-        """`BOOSTSERVE_GRPC_PORT=` or `BOOSTSERVE_BUDGET_FILE=` (a template's empty value) means off."""
+        """`BOOSTSERVE_GRPC_PORT=`, `BOOSTSERVE_BUDGET_FILE=` or `BOOSTSERVE_LATENCY_TARGET_MS=` (a
+        template's empty value) means off."""
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level", mode="before")

@@ -112,7 +112,7 @@ _BUDGET_UPDATE_SCHEMA: dict[str, Any] = {
     summary="The global budget and the thresholds in force",
 )
 async def get_budget(request: Request, service: ServiceDep) -> GlobalBudgetInfo:
-    return _global_budget(request, service.budget_info(service.global_budget))
+    return _global_budget(request, service.budget_info(service.live.current))
 
 
 def _global_budget(request: Request, info: dict[str, Any]) -> GlobalBudgetInfo:
