@@ -128,14 +128,18 @@ class DecodePool:
         if self._closed:
             for worker in workers:
                 self._kill(worker)
+                self._reap(worker)
             return
         self._idle.extend(workers)
 
     def close(self) -> None:
         """Kill every worker now (shutdown: a decode in progress is not worth waiting for)."""
         self._closed = True
-        for worker in list(self._all):
+        workers = list(self._all)
+        for worker in workers:
             self._kill(worker)
+        for worker in workers:
+            self._reap(worker)
         self._idle.clear()
         for waiter in self._waiters:
             if not waiter.done():
@@ -172,18 +176,37 @@ class DecodePool:
             ours.setblocking(False)
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             self._kill(worker)
+            self._reap(worker)
             raise RuntimeError(f"decode worker {process.pid} did not start: {exc}") from exc
         self._all.add(worker)
         return worker
 
     def _kill(self, worker: _Worker) -> None:
+        """SIGKILL `worker` and forget it; returns at once (the caller reaps it, off the loop)."""
         self._all.discard(worker)
         with contextlib.suppress(OSError):
             worker.process.kill()
         with contextlib.suppress(OSError):
             worker.sock.close()
+
+    @staticmethod
+    def _reap(worker: _Worker) -> None:
+        """Wait for a killed worker to be gone, for at most a second (blocking).
+
+        Never on the event loop: a killed process ends only once the kernel has torn down its
+        memory, and a worker killed over a memory bomb holds hundreds of MiB and runs at a low
+        priority on a busy core, so its end can take a good part of a second of wall time.
+        """
         with contextlib.suppress(subprocess.TimeoutExpired):
-            worker.process.wait(timeout=1.0)  # SIGKILLed: reaped at once
+            worker.process.wait(timeout=1.0)
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        """The killed `worker`, reaped, and its replacement started (blocking: in a thread).
+
+        Reaped first, so a dying worker's memory and its replacement's never add up.
+        """
+        self._reap(worker)
+        return self._spawn()
 
     def _retire(self, worker: _Worker) -> None:
         """Replace `worker` (killed, crashed or recycled) without holding the event loop."""
@@ -191,7 +214,7 @@ class DecodePool:
         if self._closed:
             return
         loop = asyncio.get_running_loop()
-        spawned = loop.run_in_executor(None, self._spawn)
+        spawned = loop.run_in_executor(None, self._replace, worker)
 
         def ready(done: asyncio.Future[_Worker]) -> None:
             if done.cancelled() or done.exception() is not None:
@@ -200,6 +223,7 @@ class DecodePool:
             replacement = done.result()
             if self._closed:
                 self._kill(replacement)
+                self._reap(replacement)
             else:
                 self._release(replacement)
 

@@ -22,10 +22,11 @@ import resource
 import signal
 import sys
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
-from service.core.artifact import Preprocessing
-from service.core.errors import BoostServeError, InvalidImageError
-from service.core.preprocess import Limits, Preprocessor
+if TYPE_CHECKING:
+    from service.core.artifact import Preprocessing
+    from service.core.preprocess import Limits
 
 _PR_SET_PDEATHSIG = 1
 
@@ -65,6 +66,9 @@ def _cap_memory(extra_bytes: int) -> None:
 
 def serve(conn: Connection, spec: Preprocessing, limits: Limits, memory_cap_bytes: int, recycle_bytes: int) -> None:
     """Decode until the pool closes the socket (or kills this process)."""
+    from service.core.errors import BoostServeError, InvalidImageError
+    from service.core.preprocess import Preprocessor
+
     preprocessor = Preprocessor(spec, limits)
     _cap_memory(memory_cap_bytes)
     conn.send("ready")
@@ -103,9 +107,11 @@ WORKER_NICENESS = 10
 
 
 def main(argv: list[str]) -> int:
-    _die_with_parent()
+    # Niceness first, before the decoder's imports: a replacement worker's start-up (numpy, Pillow)
+    # is as much the worker's CPU as a decode is, and it must not compete with the event loop either.
     with contextlib.suppress(OSError):
         os.nice(WORKER_NICENESS)
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     conn = Connection(int(argv[1]))
     try:

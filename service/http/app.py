@@ -35,6 +35,7 @@ from service.core.decode_pool import DecodePool, DecodePoolConfig
 from service.core.engine import Engine
 from service.core.errors import ValidationFailedError
 from service.core.knobs import Budget
+from service.core.live.control import LiveSettings, running
 from service.core.loop_lag import LoopLagMonitor
 from service.core.preprocess import Limits, Preprocessor
 from service.core.scheduler import Scheduler
@@ -295,6 +296,25 @@ def _budget_file_companion(app: FastAPI, settings: Settings) -> Companion:
     return companion
 
 
+def _live_companion(app: FastAPI, settings: Settings) -> Companion:
+    """The live controllers of the global budget (service.core.live), published as app.state.live."""
+    live = LiveSettings(
+        live_budget=settings.live_budget,
+        window=settings.live_budget_window,
+        latency_target_s=None if settings.latency_target_ms is None else settings.latency_target_ms / 1000.0,
+        max_drop_under_load=settings.max_accuracy_drop_under_load,
+    )
+
+    @asynccontextmanager
+    async def companion(service: ClassifyService, metrics: Metrics) -> AsyncIterator[None]:
+        async with running(service, live, metrics) as control:
+            app.state.live = control
+            yield
+        app.state.live = None
+
+    return companion
+
+
 def create_app(
     settings: Settings | None = None, *, metrics: Metrics | None = None, companions: Sequence[Companion] = ()
 ) -> BoostServeApp:
@@ -316,6 +336,9 @@ def create_app(
     app.state.startup_error = None
     app.state.budget_source = BudgetSource()
     app.state.budget_file = None
+    app.state.live = None
+    if settings.live_budget or settings.latency_target_ms is not None:  # after the file: it sets the budget
+        companions = (_live_companion(app, settings), *companions)
     if settings.budget_file is not None:  # first: the file's budget is in force before gRPC or readiness
         companions = (_budget_file_companion(app, settings), *companions)
     app.state.companions = tuple(companions)

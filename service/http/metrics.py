@@ -255,6 +255,28 @@ class Metrics:
             registry=r,
         )
         self.full_macs = Gauge("boostserve_full_macs", "MACs of the full network (all stages)", registry=r)
+        # The live layer of the global budget (service.core.live); budget_expected_* above follow its
+        # point in force, these say how far it is from the budget as set and why.
+        self.operating_point_expected_drop = Gauge(
+            "boostserve_operating_point_expected_drop",
+            "held-out accuracy of the full network minus that of the global budget's point in force",
+            registry=r,
+        )
+        self.degraded = Gauge(
+            "boostserve_degraded", "1 while SLO mode serves the global budget at a cheaper point", registry=r
+        )
+        self.degraded_seconds = Counter("boostserve_degraded_seconds", "seconds spent degraded (SLO mode)", registry=r)
+        self.degraded_requests = Counter(
+            "boostserve_degraded_requests", "requests answered at a degraded point (SLO mode)", registry=r
+        )
+        self.degraded_images = Counter(
+            "boostserve_degraded_images", "images answered at a degraded point (SLO mode)", registry=r
+        )
+        self.live_macs = Gauge(
+            "boostserve_live_macs_per_image",
+            "live MACs per image of the global budget_macs (the live MAC controller's weighted average)",
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "boostserve_event_loop_lag_seconds",
             "how late the event loop ran a 50 ms timer: the wait a probe or a small request sees",
@@ -352,6 +374,23 @@ class Metrics:
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
+
+    # -- the live layer (service.core.live.control.LiveObserver) ---------------------------------
+    def set_operating_point(self, *, expected_macs: float | None, expected_drop: float | None, degraded: bool) -> None:
+        """The global budget's point in force changed (expected_macs: in budget_expected_macs)."""
+        self.operating_point_expected_drop.set(float("nan") if expected_drop is None else float(expected_drop))
+        self.degraded.set(1 if degraded else 0)
+
+    def add_degraded(self, *, seconds: float = 0.0, requests: int = 0, images: int = 0) -> None:
+        if seconds > 0:
+            self.degraded_seconds.inc(seconds)
+        if requests:
+            self.degraded_requests.inc(requests)
+        if images:
+            self.degraded_images.inc(images)
+
+    def set_live_macs(self, macs_per_image: float | None) -> None:
+        self.live_macs.set(float("nan") if macs_per_image is None else float(macs_per_image))
 
     # -- HTTP ----------------------------------------------------------------------------------
     def _child(self, metric: Any, *values: str) -> Any:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +97,32 @@ def test_a_decode_over_the_cap_is_killed_and_its_worker_replaced(manifest: Manif
     assert before != after and len(after) == 1
     assert wait_gone(before[0])
     assert pool.stats.killed == 1
+
+
+def test_a_killed_worker_is_reaped_off_the_event_loop(manifest: Manifest, pools: list[DecodePool]) -> None:
+    """A worker killed over a memory bomb can take most of a second to end (its memory is torn down
+    at its low priority): waiting for it on the event loop stalled every request and /livez."""
+    pool = make_pool(manifest, timeout_s=0.3)
+    pools.append(pool)
+    waited_on: list[int] = []
+
+    async def run() -> int:
+        await pool.decode(jpeg())  # starts the worker
+        (worker,) = pool._idle
+        real_wait = worker.process.wait
+
+        def wait(timeout: float | None = None) -> int:
+            waited_on.append(threading.get_ident())
+            return real_wait(timeout)
+
+        worker.process.wait = wait  # type: ignore[method-assign]
+        with pytest.raises(InvalidImageError):
+            await pool.decode(SLOW)
+        await pool.decode(jpeg())  # the replacement is in, so the old one was reaped
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(run())
+    assert waited_on and loop_thread not in waited_on
 
 
 def test_the_request_limit_answers_its_own_error(manifest: Manifest, pools: list[DecodePool]) -> None:

@@ -25,6 +25,8 @@ DOCUMENTED = {
     "boostserve_decode_events": ("counter", {"event"}),
     "boostserve_decode_workers": ("gauge", set()),
     "boostserve_decode_queue_depth": ("gauge", set()),
+    "boostserve_event_loop_lag_seconds": ("histogram", set()),
+    "boostserve_event_loop_lag_max_seconds": ("gauge", set()),
     "boostserve_deadline_hits": ("counter", set()),
     "boostserve_budget_expected_macs": ("gauge", set()),
     "boostserve_budget_expected_accuracy": ("gauge", set()),
