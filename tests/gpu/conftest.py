@@ -1,0 +1,75 @@
+"""Fixtures of the `gpu` tests: the engine on the device under test, and its references.
+
+BOOSTSERVE_GPU_TEST_DEVICE picks the device: `cuda` (default; what `make gpu-check` runs on a GPU
+machine) or `cpu` (the same tests through the CPU binding path: the script's `--cpu-only` dry run,
+which CI runs). Without a CUDA build of ONNX Runtime the cuda tests skip; with one whose sessions
+fall back to CPU they fail (that is the defect the check is for).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.core.artifact import load_manifest
+from service.core.engine import CPU, CUDA, Engine
+
+ROOT = Path(__file__).resolve().parents[2]
+EMBEDDED = ROOT / "service" / "embedded_model"
+EXAMPLES = ROOT / "examples" / "images"
+DEVICE_ENV = "BOOSTSERVE_GPU_TEST_DEVICE"
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    name = os.environ.get(DEVICE_ENV, "cuda")
+    if name not in ("cuda", "cpu"):
+        raise pytest.UsageError(f"{DEVICE_ENV} must be cuda or cpu, got {name!r}")
+    if name == "cuda":
+        import onnxruntime as ort
+
+        if CUDA not in ort.get_available_providers():
+            pytest.skip(f"this onnxruntime build has no {CUDA} (install the gpu extra on a GPU machine)")
+    return name
+
+
+@pytest.fixture(scope="session")
+def engine(device: str) -> Engine:
+    """The engine under test: CUDA with IO binding (its default there), or CPU with io_binding=True."""
+    providers = [CUDA, CPU] if device == "cuda" else [CPU]
+    return Engine(load_manifest(EMBEDDED), EMBEDDED, providers=providers, io_binding=True)
+
+
+@pytest.fixture(scope="session")
+def plain_on_device(engine: Engine) -> Engine:
+    """Same device, plain session.run: same kernels, so answers agree within a batch's rounding."""
+    return Engine(engine.manifest, EMBEDDED, providers=engine.requested_providers, io_binding=False)
+
+
+@pytest.fixture(scope="session")
+def cpu_engine(engine: Engine) -> Engine:
+    return Engine(engine.manifest, EMBEDDED, providers=[CPU])
+
+
+@pytest.fixture(scope="session")
+def images() -> np.ndarray:
+    """(522, 1, 28, 28): the shipped 512 first test images, then the 10 example PNGs."""
+    from PIL import Image
+
+    from bench.common import load_artifact
+    from bench.data import preprocess
+    from bench.gpu_check import load_images, preprocessed
+
+    artifact = load_artifact(EMBEDDED)
+    test, _ = load_images(None, 512)
+    names = sorted(json.loads((EXAMPLES / "labels.json").read_text()))
+    pngs = np.stack([np.asarray(Image.open(EXAMPLES / n).convert("L")) for n in names])  # (10, 28, 28)
+    spec = artifact.manifest.preprocessing
+    examples = preprocess(
+        pngs, height=spec.height, width=spec.width, channels=spec.channels, mean=list(spec.mean), std=list(spec.std)
+    )
+    return np.concatenate([preprocessed(artifact, test), examples])
