@@ -30,6 +30,7 @@ from service.core.errors import (
 )
 from service.core.exit_rule import confidence, exits, softmax
 from service.core.scheduler.policy import BatchingSettings, Pick, pick_stage, plan_batch
+from service.core.scheduler.shadow import ShadowItem, ShadowQueues, ShadowSink
 from service.core.scheduler.stats import SchedulerObserver, SchedulerStats, StageStats
 from service.core.scheduler.work import Chunk, Computed, RequestState
 
@@ -69,9 +70,14 @@ class Scheduler:
         log: logging.Logger | None = None,
         run_on_loop: bool = False,
         request_timeout_s: float | None = None,
+        shadow_fraction: float = 0.0,
+        shadow_sink: ShadowSink | None = None,
+        shadow_seed: int | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
+        if not 0.0 <= shadow_fraction <= 1.0:  # also NaN
+            raise ValueError(f"shadow_fraction must be in [0, 1], got {shadow_fraction!r}")
         self.engine = engine
         max_wait = float(max_wait_ms) / 1000.0
         self.settings = BatchingSettings(
@@ -101,6 +107,11 @@ class Scheduler:
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = SchedulerStats(stages=[StageStats() for _ in range(self.num_stages)])
+        # Shadow work (see .shadow): sampled early exits run to the last stage when the worker is idle.
+        self.shadow_fraction = float(shadow_fraction)
+        self.shadow_sink = shadow_sink if shadow_fraction > 0.0 else None
+        self._shadow = ShadowQueues(self.num_stages)
+        self._shadow_rng = np.random.default_rng(shadow_seed)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -191,6 +202,7 @@ class Scheduler:
         early_exit: bool = True,
         deadline: float | None = None,
         started: float | None = None,
+        shadow: object | None = None,
     ) -> list[ExitResult]:
         """Classify (B, C, H, W) images; results in input order.
 
@@ -199,6 +211,8 @@ class Scheduler:
         package docstring). Raises NotReadyError, OverCapacityError, ValidationFailedError,
         DeadlineExceededError (the request timeout only), StageFailedError. started: the request's
         arrival (time.monotonic()), so the request timeout counts its decode too (default: now).
+        shadow: a tag (the thresholds in force) making the request's early exits eligible for
+        shadow sampling (.shadow); None: never sampled.
         """
         arr = self.engine.check_images(images)
         n = int(arr.shape[0])
@@ -209,6 +223,8 @@ class Scheduler:
         loop = self._loop
         assert loop is not None  # admit() refuses while the scheduler is not running
         req = RequestState(next(self._ids), n, thr, deadline, loop.create_future())
+        if early_exit and self.shadow_sink is not None:
+            req.shadow = shadow
         if self.request_timeout is not None:
             req.expires = (loop.time() if started is None else started) + self.request_timeout
         if deadline is not None:
@@ -269,7 +285,13 @@ class Scheduler:
             k, sleep = self._pick(loop.time())
             if k is None:
                 if self._closing and sum(self._depth) == 0:
+                    self._drop_shadow()
                     return
+                if self._shadow.rows and not self._closing and sum(self._depth) == 0:
+                    await self._run_shadow()  # the worker would idle: spare capacity
+                    if self.run_on_loop:
+                        await asyncio.sleep(0)
+                    continue
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(sleep):  # no extra task, unlike wait_for
@@ -288,8 +310,11 @@ class Scheduler:
                 for req in {id(c.request): c.request for c in chunks}.values():
                     self._fail(req, err)
 
-    def _compute(self, k: int, states: list[StageBatch], thr: np.ndarray | None) -> Computed:
-        """Worker thread: concatenate, run stage k, softmax, exit test, compact survivors."""
+    def _compute(
+        self, k: int, states: list[StageBatch], thr: np.ndarray | None, drawn: np.ndarray | None = None
+    ) -> Computed:
+        """Worker thread: concatenate, run stage k, softmax, exit test, compact survivors; keep the
+        next-stage state of the rows `drawn` for shadow work that exit here."""
         state = StageBatch.concat(states)  # (n, ...) per key
         out = self.engine.run_stage_batch(k, state)
         logits = np.asarray(out.logits, dtype=np.float32)  # (n, classes)
@@ -303,7 +328,12 @@ class Scheduler:
             next_state = out.state  # nobody left: pass through (device values stay on the device)
         else:
             next_state = out.state.take(stay)
-        return Computed(logits, probs, conf, leave, next_state, out.seconds)
+        comp = Computed(logits, probs, conf, leave, next_state, out.seconds)
+        if drawn is not None:
+            sampled = np.flatnonzero(drawn & leave)  # (s,)
+            if sampled.size:
+                comp.shadow_rows, comp.shadow_state = sampled, out.state.take(sampled)
+        return comp
 
     async def _execute(self, k: int, chunks: list[Chunk]) -> None:
         """Run one batch of stage k, then answer its exits and queue its survivors at stage k + 1."""
@@ -320,10 +350,11 @@ class Scheduler:
         last = k == self.num_stages - 1
         thr = None if last else np.concatenate([c.thresholds(k) for c in chunks])  # (n,)
         states = [c.state for c in chunks]
+        drawn = None if last else self._draw_shadow(chunks, size)
         try:
             if self._executor is None:  # run_on_loop: no worker thread was started
-                return self._compute(k, states, thr)
-            return await self._loop.run_in_executor(self._executor, self._compute, k, states, thr)
+                return self._compute(k, states, thr, drawn)
+            return await self._loop.run_in_executor(self._executor, self._compute, k, states, thr, drawn)
         except Exception as exc:
             self._fail_batch(k, chunks, size, exc)
             return None
@@ -353,6 +384,7 @@ class Scheduler:
             k, comp, comp.leave.tolist(), comp.conf.tolist(), self._cum_macs[k], batch_id, self._loop.time()
         )
         answered: list[int] = []  # batch positions whose answer reached a live request
+        eligible: list[tuple[object, int, list[int]]] = []  # per shadow-eligible chunk: tag, exits, positions
         late_rows: list[int] = []  # batch positions answered because their request's deadline passed
         start = 0
         kept = 0  # survivors so far = where the next chunk's survivors start in comp.next_state
@@ -369,7 +401,10 @@ class Scheduler:
                 # deeper (k > 0): these rows were answered best-so-far when the deadline fired
             elif not req.done:  # else a deadline, failure or cancel ended it while this batch ran
                 if exiting:
-                    answered += self._answer(out, chunk, exiting, start)
+                    positions = self._answer(out, chunk, exiting, start)
+                    answered += positions
+                    if req.shadow is not None:
+                        eligible.append((req.shadow, len(exiting), positions))
                 if n_stay:
                     self._forward(out, chunk, start, bool(exiting), slice(kept, kept + n_stay))
                 if req.remaining == 0:
@@ -378,6 +413,8 @@ class Scheduler:
             kept += n_stay
         if answered and self.observer is not None:
             self._safe(self.observer.on_exits, k, comp.conf[answered], float(out.macs), False)
+        if eligible:
+            self._shadow_exits(k, comp, eligible)
         if late_rows:
             self.stats.deadline_hits += len(late_rows)
             if self.observer is not None:
@@ -426,6 +463,89 @@ class Scheduler:
         state = comp.next_state if m == comp.next_state.size else comp.next_state.take(survivors)
         whole = chunk.whole and not partial
         self._enqueue(out.stage + 1, Chunk(req, keep_rows, state, out.source, out.now, whole=whole))
+
+    # -- shadow work (see .shadow) ---------------------------------------------------------------------
+
+    def _draw_shadow(self, chunks: list[Chunk], size: int) -> np.ndarray | None:
+        """(n,) bool: rows of eligible requests drawn for shadow work (Bernoulli(shadow_fraction) per
+        row; kept only where the row exits), or None when no row is drawn."""
+        if self.shadow_sink is None:
+            return None
+        eligible = [c.request.shadow is not None for c in chunks]
+        if not any(eligible):
+            return None
+        lengths = [len(c.rows) for c in chunks]
+        mask = np.repeat(np.asarray(eligible), lengths)  # (n,)
+        drawn = mask & (self._shadow_rng.random(size) < self.shadow_fraction)
+        return drawn if drawn.any() else None
+
+    def _shadow_exits(self, k: int, comp: Computed, eligible: list[tuple[object, int, list[int]]]) -> None:
+        """Tell the sink of the eligible exits, and queue the answered, sampled rows at stage k + 1."""
+        sink = self.shadow_sink
+        if sink is None:
+            return
+        counts: dict[int, tuple[object, int, list[int]]] = {}  # per tag (by identity)
+        for tag, n, positions in eligible:
+            held = counts.get(id(tag))
+            counts[id(tag)] = (tag, n, positions) if held is None else (tag, held[1] + n, held[2] + positions)
+        sampled = comp.shadow_rows
+        labels = comp.logits.argmax(axis=-1)  # (n,) the exits' labels (argmax F = argmax softmax F)
+        for tag, n, positions in counts.values():
+            self._safe(sink.on_eligible_exits, k, n, tag)
+            if sampled is None or comp.shadow_state is None:
+                continue
+            mine = np.intersect1d(sampled, np.asarray(positions, dtype=np.int64))  # (s,) sorted positions
+            if mine.size == 0:
+                continue
+            item = ShadowItem(k, labels[mine], comp.shadow_state.take(np.searchsorted(sampled, mine)), tag)
+            shed = self._shadow.offer(k + 1, item)
+            if shed:
+                self._safe(sink.on_shadow_shed, k, shed)
+
+    async def _run_shadow(self) -> None:
+        """One shadow batch: the deepest queued stage; at the last stage, compare with the exits."""
+        assert self._loop is not None
+        taken = self._shadow.take()
+        if taken is None:
+            return
+        k, items = taken
+        state = StageBatch.concat([item.state for item in items])  # (s, ...)
+        try:
+            if self._executor is None:
+                out = self.engine.run_stage_batch(k, state)
+            else:
+                out = await self._loop.run_in_executor(self._executor, self.engine.run_stage_batch, k, state)
+        except Exception as exc:  # shadow work never fails a request: its rows are shed
+            self.log.warning("shadow batch at stage %d failed: %s", k + 1, exc)
+            for item in items:
+                self._shed(item)
+            return
+        sink = self.shadow_sink
+        start = 0
+        if k == self.num_stages - 1:
+            full = np.asarray(out.logits).argmax(axis=-1)  # (s,) the full network's labels
+            for item in items:
+                m = len(item.labels)
+                if sink is not None:
+                    self._safe(sink.on_shadow, item.exit_stage, item.labels != full[start : start + m], item.tag)
+                start += m
+            return
+        for item in items:
+            m = len(item.labels)
+            onward = ShadowItem(item.exit_stage, item.labels, out.state.take(slice(start, start + m)), item.tag)
+            start += m
+            shed = self._shadow.offer(k + 1, onward)
+            if shed and sink is not None:
+                self._safe(sink.on_shadow_shed, item.exit_stage, shed)
+
+    def _shed(self, item: ShadowItem) -> None:
+        if self.shadow_sink is not None:
+            self._safe(self.shadow_sink.on_shadow_shed, item.exit_stage, len(item.labels))
+
+    def _drop_shadow(self) -> None:
+        """Shutdown: queued shadow rows are shed."""
+        for item in self._shadow.clear():
+            self._shed(item)
 
     # -- request endings -----------------------------------------------------------------------------
 

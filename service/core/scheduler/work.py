@@ -29,6 +29,7 @@ class RequestState:
         "queued_chunks",
         "remaining",
         "results",
+        "shadow",
         "size",
         "thresholds",
         "timer",
@@ -58,6 +59,9 @@ class RequestState:
         # Best-so-far F per row, kept only for requests with a deadline: (B, classes), exit (B,).
         self.best_logits: np.ndarray | None = None
         self.best_exit: np.ndarray | None = None
+        # Shadow sampling (service.core.scheduler.shadow): the tag of the thresholds in force when
+        # the request is eligible (on the global budget), else None.
+        self.shadow: object | None = None
 
 
 class Chunk:
@@ -105,3 +109,5 @@ class Computed:
     leave: np.ndarray  # (n,) bool
     next_state: StageBatch | None  # m rows, None when nobody survives
     seconds: float
+    shadow_rows: np.ndarray | None = None  # (s,) batch positions sampled for shadow work (exiting rows)
+    shadow_state: StageBatch | None = None  # s rows: their state for the next stage
