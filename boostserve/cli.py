@@ -31,6 +31,9 @@ COMMANDS: dict[str, Command] = {
         "export.commands.attach_exits", "early exits on an ONNX classifier you already have, or a cascade of several"
     ),
     "thresholds": Command("service.commands.thresholds", "turn a compute budget into per-exit thresholds"),
+    "quantize": Command(
+        "export.commands.quantize", "an fp32 artifact -> int8 stage graphs where measured faster, recalibrated"
+    ),
     "recalibrate": Command(
         "export.commands.recalibrate", "rewrite an artifact's calibration arrays through the serving engine"
     ),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +36,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--exporter", choices=("torchscript", "dynamo"), default="torchscript", help="torch.onnx exporter"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="int8: also quantize the stage graphs (export.quantize: int8 where measured faster, "
+        "calibration recomputed through the int8 engine); the options below apply",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from export.commands.quantize import add_quantize_options
+
+    add_quantize_options(parser.add_argument_group("int8 (--precision int8)"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         threads=max(1, args.threads),
     )
+    if args.precision == "int8":
+        if not args.calibrate:
+            print("export: --precision int8 needs calibration (drop --no-calibrate)", file=sys.stderr)
+            return 2
+        return _export_int8(args, options)
     try:
         result = export_from_checkpoint(
             args.checkpoint,
@@ -82,4 +98,49 @@ def run(args: argparse.Namespace) -> int:
             print(f"test accuracy per exit:     {test}")
     macs = " ".join(f"{m / 1e6:.2f}" for m in manifest.cumulative_macs)
     print(f"cumulative MMACs per exit:  {macs}")
+    return 0
+
+
+def _export_int8(args: argparse.Namespace, options: Any) -> int:
+    """fp32 export into a scratch directory beside --out, then `boostserve quantize` of it into --out."""
+    import dataclasses
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from export.commands.quantize import print_result, quantize_options
+    from export.errors import ExportError
+    from export.quantize import quantize_artifact
+    from export.source import export_from_checkpoint
+    from service.core.artifact import ArtifactError
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"export failed: {out} already exists (pass --overwrite to replace it)", file=sys.stderr)
+        return 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.parent))
+    try:
+        fp32 = export_from_checkpoint(
+            args.checkpoint,
+            args.data,
+            scratch / "fp32",
+            dataclasses.replace(options, overwrite=False),
+            name=args.name,
+            heldout_size=args.heldout_size,
+            seed=args.seed,
+        )
+        result = quantize_artifact(
+            fp32.path,
+            out,
+            args.data,
+            quantize_options(args, threads=options.threads, overwrite=args.overwrite, progress=options.progress),
+        )
+    except (ExportError, ArtifactError) as exc:
+        print(f"export failed: {exc}\nnothing was written to {args.out}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"parity max abs (torch vs fp32 ONNX, logits): {fp32.parity.worst:.2e}")
+    print_result(result)
     return 0

@@ -55,10 +55,21 @@ class StageInput(TensorSpec):
         return value
 
 
+#: Numeric precision of a stage graph's weights and activations. Inputs and outputs are float32
+#: either way (an int8 graph quantizes and dequantizes inside), so the engine's wiring is the same.
+Precision = Literal["fp32", "int8"]
+#: What a manifest written before the field existed means: its stages are fp32.
+DEFAULT_PRECISION: Final[Precision] = "fp32"
+
+
 class StageSpec(_Frozen):
     index: int = Field(ge=0, description="0-based stage index; exit number shown to users is index + 1")
     file: str
     sha256: str
+    precision: Precision = Field(
+        default=DEFAULT_PRECISION,
+        description="fp32, or int8 (static QDQ: per-channel int8 weights, uint8 activations; export.quantize)",
+    )
     inputs: list[StageInput]
     outputs: list[TensorSpec]
     logits_output: str = "logits"
@@ -169,6 +180,10 @@ class Manifest(_Frozen):
     def full_macs(self) -> int:
         return self.stages[-1].cumulative_macs
 
+    @property
+    def precisions(self) -> list[Precision]:
+        return [s.precision for s in self.stages]
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -179,8 +194,20 @@ def sha256_file(path: Path) -> str:
 
 
 def content_version(manifest_without_version: dict[str, Any]) -> str:
-    """A short content hash over everything that defines behaviour (file hashes included)."""
+    """A short content hash over everything that defines behaviour (file hashes included).
+
+    A stage at the default precision hashes as if the field were absent, so a manifest written
+    before `precision` existed keeps the version it was published with.
+    """
     body = {k: v for k, v in manifest_without_version.items() if k not in ("version", "provenance")}
+    stages = body.get("stages")
+    if isinstance(stages, list):
+        body["stages"] = [
+            {k: v for k, v in s.items() if not (k == "precision" and v == DEFAULT_PRECISION)}
+            if isinstance(s, dict)
+            else s
+            for s in stages
+        ]
     blob = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
