@@ -15,9 +15,9 @@ from typing import Any
 
 from bench.coverage import coverage_lines, plot_coverage
 from bench.stats import safe_ratio
-from bench.targets import TARGET_SPEEDUP, Target, evaluate, limits_analysis, limits_bounds
+from bench.targets import TARGET_SPEEDUP, Target, evaluate, evaluate_slo, limits_analysis, limits_bounds
 
-SUITES = ("offline", "engine", "http")
+SUITES = ("offline", "engine", "http", "slo")
 
 
 def load_results(out_dir: Path) -> dict[str, dict[str, Any]]:
@@ -504,10 +504,14 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
         paths = plot_http(docs["http"], out_dir)
         images["http"] = (rel / paths[0].name).as_posix()
         images["http_exits"] = (rel / paths[1].name).as_posix()
+    if "slo" in docs:
+        from bench.slo_suite import plot_slo
+
+        images["slo"] = (rel / plot_slo(docs["slo"], out_dir).name).as_posix()
 
     offline = docs["offline"]["result"] if "offline" in docs else None
     http = docs["http"]["result"] if "http" in docs else None
-    targets = evaluate(offline, http)
+    targets = evaluate(offline, http) + evaluate_slo(docs["slo"]["result"] if "slo" in docs else None)
     (out_dir / "targets.json").write_text(json.dumps([t.as_dict() for t in targets], indent=2, default=str) + "\n")
 
     lines = [
@@ -540,6 +544,10 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
         lines += ["", *_engine_section(docs["engine"], images)]
     if "http" in docs:
         lines += ["", *_http_section(docs["http"], images)]
+    if "slo" in docs:
+        from bench.slo_suite import slo_section
+
+        lines += ["", *slo_section(docs["slo"], images.get("slo"))]
     engine_result = docs["engine"]["result"] if "engine" in docs else None
     limits = limits_analysis(http, engine_result)
     bounds = limits_bounds(limits, engine_result)

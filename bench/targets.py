@@ -306,3 +306,95 @@ def limits_bounds(rows: list[dict[str, Any]], engine: dict[str, Any] | None) -> 
                 )
             )
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The live controllers (bench.slo_suite, issue 19 section 4)
+# ------------------------------------------------------------------------------------------------
+SLO_OVERLOAD = 1.5  # the load step (x capacity) the shedding verdict is read at
+SLO_MAX_SHED = 0.01
+SLO_VIOLATION_RATIO = 10.0
+DRIFT_BAND = 0.03
+
+
+def evaluate_slo(slo: dict[str, Any] | None) -> list[Target]:
+    """Verdicts of the slo suite: SLO mode vs static under overload, the live MAC budget under drift."""
+    src = "slo: open-loop Poisson load, accuracy-first scenario"
+    scenario = (slo or {}).get("accuracy_first") or {}
+    static, mode = scenario.get("static"), scenario.get("slo")
+    settings = (slo or {}).get("settings") or {}
+    target_ms = _nan(settings.get("latency_target_ms"))
+    floor = _nan(settings.get("floor"))
+
+    def at(steps: list[dict[str, Any]] | None, load: float) -> dict[str, Any] | None:
+        return next((s for s in steps or [] if s["load"] == load), None)
+
+    rows: list[Target] = []
+    s_over = at(mode and mode["steps"], SLO_OVERLOAD)
+    t_over = at(static and static["steps"], SLO_OVERLOAD)
+    shed = _nan(s_over["shed_share"]) if s_over else math.nan
+    static_fails = t_over is not None and (t_over["shed_share"] >= SLO_MAX_SHED or t_over["p99_ms"] > target_ms)
+    rows.append(
+        _row(
+            "slo_shed",
+            f"SLO mode sheds at {SLO_OVERLOAD:g}× offered load, while static sheds or misses the target",
+            f"< {100 * SLO_MAX_SHED:g} % (static: ≥ {100 * SLO_MAX_SHED:g} % shed or p99 > target)",
+            100 * shed,
+            "{:.2f} %" + (" (static fails)" if static_fails else " (static does not fail)"),
+            bool(shed < SLO_MAX_SHED and static_fails),
+            src,
+        )
+    )
+    worst_p99 = max((_nan(s["p99_ms"]) for s in mode["steps"]), default=math.nan) if mode else math.nan
+    rows.append(
+        _row(
+            "slo_p99",
+            "SLO mode: p99 of admitted requests in every load step",
+            f"≤ {target_ms:g} ms",
+            worst_p99,
+            "{:.1f} ms (worst step)",
+            worst_p99 <= target_ms,
+            src,
+        )
+    )
+    losses = [_nan(s.get("loss_vs_all_stages")) for s in mode["steps"]] if mode else []
+    worst_loss = max(losses, default=math.nan)
+    rows.append(
+        _row(
+            "slo_loss",
+            "SLO mode: served accuracy loss vs all stages (same images), every step",
+            f"≤ the floor {100 * floor:g} pp",
+            100 * worst_loss,
+            "{:.2f} pp (worst step)",
+            worst_loss <= floor,
+            src,
+        )
+    )
+    ratio = safe_ratio(static["violations"], max(1, mode["violations"])) if static and mode else math.nan
+    rows.append(
+        _row(
+            "slo_violations",
+            "SLO-violating requests (shed, failed or over target) over the trace: static ÷ SLO mode",
+            f"≥ {SLO_VIOLATION_RATIO:g}×",
+            ratio,
+            "{:.1f}×" + (f" ({static['violations']} vs {mode['violations']})" if static and mode else ""),
+            ratio >= SLO_VIOLATION_RATIO,
+            src,
+        )
+    )
+    drift = (slo or {}).get("drift") or {}
+    live, fixed = drift.get("drift_live"), drift.get("drift_static")
+    live_dev = abs(_nan(live["settled_macs_over_budget"]) - 1.0) if live else math.nan
+    static_dev = abs(_nan(fixed["settled_macs_over_budget"]) - 1.0) if fixed else math.nan
+    rows.append(
+        _row(
+            "drift_macs",
+            "under drift (hardest third of the test images), live MACs per image vs the global budget_macs",
+            f"within ±{100 * DRIFT_BAND:g} % (static: outside)",
+            100 * live_dev,
+            "{:.1f} % off" + ("" if not fixed else f" (static {100 * static_dev:.1f} % off)"),
+            bool(live_dev <= DRIFT_BAND and static_dev > DRIFT_BAND),
+            "slo: open-loop drift scenario, settled part of phase 2",
+        )
+    )
+    return rows

@@ -1,0 +1,431 @@
+"""`boostserve bench --suite slo`: the live controllers under open-loop load (issue 19, section 4).
+
+Two scenarios, each with its servers side by side in one run (same artifact, same CPUs, same
+Poisson schedule and seed, one after the other):
+
+* **accuracy first**: global budget `max_accuracy_drop=0.001`; server `static` (today: the held-out
+  thresholds whatever the load) and server `slo` (BOOSTSERVE_LATENCY_TARGET_MS, floor
+  BOOSTSERVE_MAX_ACCURACY_DROP_UNDER_LOAD). Offered load steps through multiples of the capacity
+  measured in the same run (closed loop, 64 clients, on `static` at its budget); per step: offered
+  and served req/s, p50/p99 of admitted requests (latency from the scheduled arrival), shares shed
+  (429) and degraded, served accuracy and the loss vs the full network on the same images (the
+  test split's all-stages correctness from calibration.npz, which the server's engine computed),
+  and the live disagreement of the shadow monitor when the server exports it. Also: capacity at
+  the floor ÷ capacity at the budget (closed loop, same server, per-request budget).
+* **drift**: global `budget_macs` (the held-out cost of `max_accuracy_drop=0.01`); server
+  `drift_static` (BOOSTSERVE_LIVE_BUDGET=false) vs `drift_live` (the live MAC budget). Open loop at
+  a share of the capacity; the image mix moves from the whole test split to its hardest third (by
+  the exit each image takes under the budget's held-out thresholds, from the calibration's test
+  confidences). MACs per image vs the budget over time, and accuracy, per phase.
+
+Every number is computed here from the per-request records; bench.targets turns them into verdicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import Artifact, Progress
+from bench.data import TestSet, encode_png
+from bench.http_suite import pinned
+from bench.loadgen import run_closed_loop
+from bench.openloop import OpenLoopResult, Phase, run_open_loop
+from bench.server import ServerProcess, metric_sum
+
+CLASSIFY_PATH = "/v1/classify"
+SHADOW_SAMPLES = "boostserve_shadow_samples_total"
+SHADOW_DISAGREEMENTS = "boostserve_shadow_disagreements_total"
+
+
+@dataclass(frozen=True)
+class SloSettings:
+    step_s: float = 20.0
+    steps: tuple[float, ...] = (0.5, 1.0, 1.5, 0.5)  # x the measured capacity
+    budget_drop: float = 0.001
+    floor: float = 0.03
+    latency_target_ms: float = 50.0
+    capacity_s: float = 6.0
+    capacity_clients: int = 64
+    drift_budget_drop: float = 0.01  # budget_macs = this drop's held-out cost
+    drift_phases_s: tuple[float, float] = (15.0, 40.0)
+    drift_load: float = 0.5  # x the measured capacity
+    drift_settle_s: float = 15.0  # of phase 2, before the settled average
+    window_s: float = 2.0  # time series resolution
+    images: int = 10_000
+    seed: int = 0
+    server_cpus: list[int] | None = None
+    client_cpus: list[int] | None = None
+
+
+def _base_env() -> dict[str, str]:
+    return {
+        "BOOSTSERVE_LOG_LEVEL": "warning",
+        "BOOSTSERVE_INTRA_OP_THREADS": "1",
+        "BOOSTSERVE_INTER_OP_THREADS": "1",
+        "BOOSTSERVE_MAX_QUEUE": "4096",
+    }
+
+
+def server_envs(settings: SloSettings, drift_budget_macs: float) -> dict[str, dict[str, str]]:
+    accuracy = {**_base_env(), "BOOSTSERVE_DEFAULT_BUDGET": json.dumps({"max_accuracy_drop": settings.budget_drop})}
+    drift = {**_base_env(), "BOOSTSERVE_DEFAULT_BUDGET": json.dumps({"budget_macs": round(drift_budget_macs)})}
+    return {
+        "static": {**accuracy, "BOOSTSERVE_LIVE_BUDGET": "false"},
+        "slo": {
+            **accuracy,
+            "BOOSTSERVE_LIVE_BUDGET": "false",
+            "BOOSTSERVE_LATENCY_TARGET_MS": f"{settings.latency_target_ms:g}",
+            "BOOSTSERVE_MAX_ACCURACY_DROP_UNDER_LOAD": f"{settings.floor:g}",
+        },
+        "drift_static": {**drift, "BOOSTSERVE_LIVE_BUDGET": "false"},
+        "drift_live": {**drift, "BOOSTSERVE_LIVE_BUDGET": "true"},
+    }
+
+
+def _full_correct(artifact: Artifact, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(all-stages correctness (n,), test confidences (E, n)) when the test split is `labels` in order."""
+    if artifact.test is None or artifact.manifest.calibration is None:
+        return None
+    with np.load(artifact.path / artifact.manifest.calibration.file) as data:
+        cal_labels = np.asarray(data["test_labels"]) if "test_labels" in data else None
+    n = len(labels)
+    if cal_labels is None or cal_labels.shape[0] < n or not np.array_equal(cal_labels[:n], labels):
+        return None
+    return artifact.test.correct[-1, :n].astype(bool), artifact.test.confidence[:, :n]
+
+
+def hardest_third(confidence: np.ndarray, thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Indices of the third of the images that exit last under `thresholds` ((E, n) confidences;
+    ties broken by the lowest first-exit confidence)."""
+    from service.core.exit_rule import exit_indices
+
+    taken = exit_indices(confidence, thresholds)  # (n,)
+    order = np.lexsort((confidence[0], -taken))  # latest exit first, then least confident
+    return np.sort(order[: confidence.shape[1] // 3])
+
+
+def step_summary(
+    rec: dict[str, np.ndarray],
+    phase: int,
+    seconds: float,
+    labels: np.ndarray,
+    full_correct: np.ndarray | None,
+    target_s: float,
+) -> dict[str, Any]:
+    """One phase of an open-loop trace: rates, latency of admitted requests, shed, degraded, accuracy."""
+    sel = rec["phase"] == phase
+    status = rec["status"][sel]
+    ok = status == 200
+    lat = rec["latency_s"][sel][ok]  # (m,)
+    images = rec["image"][sel][ok]
+    correct = rec["label"][sel][ok] == labels[images]
+    arrivals = int(sel.sum())
+    over = int((lat > target_s).sum())
+    violating = int(arrivals - ok.sum()) + over
+    out: dict[str, Any] = {
+        "offered_rps": arrivals / seconds,
+        "served_rps": float(ok.sum()) / seconds,
+        "arrivals": arrivals,
+        "answered": int(ok.sum()),
+        "shed": int((status == 429).sum()),
+        "shed_share": float((status == 429).sum()) / max(1, arrivals),
+        "errors": int(((status != 200) & (status != 429)).sum()),
+        "p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else math.nan,
+        "p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else math.nan,
+        "over_target": over,
+        "slo_violations": violating,
+        "degraded_share": float(rec["degraded"][sel][ok].mean()) if ok.any() else math.nan,
+        "accuracy": float(correct.mean()) if ok.any() else math.nan,
+        "macs_mean": float(rec["macs"][sel][ok].mean()) if ok.any() else math.nan,
+    }
+    if full_correct is not None and ok.any():
+        out["full_accuracy_same_images"] = float(full_correct[images].mean())
+        out["loss_vs_all_stages"] = out["full_accuracy_same_images"] - out["accuracy"]
+    return out
+
+
+def time_series(rec: dict[str, np.ndarray], window_s: float, target_s: float) -> dict[str, list[float]]:
+    """Per window of arrivals: offered req/s, p99 of admitted (ms), shed and degraded shares, MACs."""
+    end = float(rec["scheduled_s"].max()) if rec["scheduled_s"].size else 0.0
+    edges = np.arange(0.0, end + window_s, window_s)
+    out: dict[str, list[float]] = {k: [] for k in ("t", "offered_rps", "p99_ms", "shed_share", "degraded", "macs")}
+    for lo in edges[:-1]:
+        sel = (rec["scheduled_s"] >= lo) & (rec["scheduled_s"] < lo + window_s)
+        ok = sel & (rec["status"] == 200)
+        out["t"].append(float(lo + window_s / 2))
+        out["offered_rps"].append(float(sel.sum()) / window_s)
+        out["p99_ms"].append(float(np.percentile(rec["latency_s"][ok], 99) * 1e3) if ok.any() else math.nan)
+        out["shed_share"].append(float((rec["status"][sel] == 429).mean()) if sel.any() else math.nan)
+        out["degraded"].append(float(rec["degraded"][ok].mean()) if ok.any() else math.nan)
+        out["macs"].append(float(rec["macs"][ok].mean()) if ok.any() else math.nan)
+    return out
+
+
+def _open_loop(server: ServerProcess, bodies: list[bytes], phases: list[Phase], seed: int) -> OpenLoopResult:
+    return asyncio.run(
+        run_open_loop(host=server.host, port=server.port, path=CLASSIFY_PATH, bodies=bodies, phases=phases, seed=seed)
+    )
+
+
+def _capacity(server: ServerProcess, bodies: list[bytes], settings: SloSettings, query: str = "") -> float:
+    path = CLASSIFY_PATH + (f"?{query}" if query else "")
+    result = asyncio.run(
+        run_closed_loop(
+            host=server.host,
+            port=server.port,
+            path=path,
+            bodies=bodies,
+            concurrency=settings.capacity_clients,
+            duration_s=settings.capacity_s,
+            max_requests=10**7,
+            warmup_s=1.0,
+        )
+    )
+    ok = sum(1 for s in result.statuses if s == 200)
+    return ok / result.wall_s if result.wall_s > 0 else math.nan
+
+
+def _shadow(server: ServerProcess) -> dict[str, float] | None:
+    metrics = server.scrape()
+    samples = metric_sum(metrics, SHADOW_SAMPLES)
+    if not any(name == SHADOW_SAMPLES for name, _ in metrics):
+        return None
+    return {"samples": samples, "disagreements": metric_sum(metrics, SHADOW_DISAGREEMENTS)}
+
+
+def _delta(after: dict[str, float] | None, before: dict[str, float] | None) -> dict[str, float] | None:
+    if after is None or before is None:
+        return None
+    out = {k: after[k] - before.get(k, 0.0) for k in after}
+    out["rate"] = out["disagreements"] / out["samples"] if out["samples"] > 0 else math.nan
+    return out
+
+
+def run_slo(
+    artifact: Artifact, test: TestSet, settings: SloSettings, logs_dir: Path, progress: Progress
+) -> dict[str, Any]:
+    """Both scenarios; returns the suite's JSON body."""
+    from service.core.budget import BudgetResolver
+    from service.core.knobs import Budget
+
+    subset = test.head(settings.images)
+    bodies = encode_png(subset.images)
+    labels = subset.labels
+    aligned = _full_correct(artifact, labels)
+    full_correct = None if aligned is None else aligned[0]
+    resolver = BudgetResolver(artifact.manifest, artifact.heldout)
+    drift_point = resolver.resolve(Budget.of(max_accuracy_drop=settings.drift_budget_drop))
+    drift_budget = float(drift_point.expected_macs or artifact.full_macs)
+    envs = server_envs(settings, drift_budget)
+    target_s = settings.latency_target_ms / 1000.0
+    out: dict[str, Any] = {"settings": asdict(settings), "drift_budget_macs": drift_budget}
+    servers = {
+        name: ServerProcess(artifact.path, env, cpus=settings.server_cpus, log_path=logs_dir / f"slo-{name}.log")
+        for name, env in envs.items()
+    }
+    total = 3 + 2 * 2
+    with progress.task("slo", total) as advance, pinned(settings.client_cpus):
+        try:
+            for server in servers.values():
+                server.start()
+            static = servers["static"]
+            capacity = _capacity(static, bodies, settings)
+            advance(1, f"capacity {capacity:.0f} req/s")
+            floor_capacity = _capacity(static, bodies, settings, f"max_accuracy_drop={settings.floor:g}")
+            advance(1, f"floor capacity {floor_capacity:.0f} req/s")
+            out["capacity"] = {
+                "budget_rps": capacity,
+                "floor_rps": floor_capacity,
+                "floor_over_budget": floor_capacity / capacity if capacity > 0 else math.nan,
+                "clients": settings.capacity_clients,
+            }
+            everything = np.arange(len(bodies))
+            phases = [Phase(settings.step_s, f * capacity, everything) for f in settings.steps]
+            scenario: dict[str, Any] = {}
+            for name in ("static", "slo"):
+                server = servers[name]
+                before = _shadow(server)
+                rec = _open_loop(server, bodies, phases, settings.seed).as_arrays()
+                after = _shadow(server)
+                scenario[name] = {
+                    "steps": [
+                        {"load": f, **step_summary(rec, p, settings.step_s, labels, full_correct, target_s)}
+                        for p, f in enumerate(settings.steps)
+                    ],
+                    "series": time_series(rec, settings.window_s / 2, target_s),
+                    "shadow": _delta(after, before),
+                }
+                scenario[name]["violations"] = sum(s["slo_violations"] for s in scenario[name]["steps"])
+                scenario[name]["arrivals"] = sum(s["arrivals"] for s in scenario[name]["steps"])
+                advance(1, f"accuracy first: {name}")
+            out["accuracy_first"] = scenario
+            if aligned is not None:
+                hard = hardest_third(aligned[1], drift_point.as_array())
+                drift_phases = [
+                    Phase(settings.drift_phases_s[0], settings.drift_load * capacity, everything),
+                    Phase(settings.drift_phases_s[1], settings.drift_load * capacity, hard),
+                ]
+                drift: dict[str, Any] = {"hard_images": int(hard.size)}
+                for name in ("drift_static", "drift_live"):
+                    rec = _open_loop(servers[name], bodies, drift_phases, settings.seed + 1).as_arrays()
+                    ok = rec["status"] == 200
+                    settled = (
+                        ok
+                        & (rec["phase"] == 1)
+                        & (rec["scheduled_s"] >= settings.drift_phases_s[0] + settings.drift_settle_s)
+                    )
+                    first = ok & (rec["phase"] == 0)
+                    drift[name] = {
+                        "phase1_macs_over_budget": float(rec["macs"][first].mean() / drift_budget),
+                        "settled_macs_over_budget": float(rec["macs"][settled].mean() / drift_budget),
+                        "settled_images": int(settled.sum()),
+                        "phase_accuracy": [
+                            float(
+                                (
+                                    rec["label"][ok & (rec["phase"] == p)]
+                                    == labels[rec["image"][ok & (rec["phase"] == p)]]
+                                ).mean()
+                            )
+                            for p in (0, 1)
+                        ],
+                        "series": time_series(rec, settings.window_s, target_s),
+                        "errors": int((~ok).sum()),
+                    }
+                    advance(1, f"drift: {name}")
+                out["drift"] = drift
+        finally:
+            for server in servers.values():
+                server.stop()
+    return out
+
+
+def plot_slo(doc: dict[str, Any], out_dir: Path) -> Path:
+    """p99 and degraded share over the accuracy-first trace; MACs / budget over the drift trace."""
+    from bench.report import _pyplot
+
+    plt = _pyplot()
+    result = doc["result"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax = axes[0]
+    target = result["settings"]["latency_target_ms"]
+    for name, style in (("static", "-"), ("slo", "-")):
+        series = result.get("accuracy_first", {}).get(name)
+        if series:
+            s = series["series"]
+            ax.plot(s["t"], [v if v is not None else math.nan for v in s["p99_ms"]], style, label=f"{name}: p99 ms")
+    ax.axhline(target, color="grey", linestyle=":", label=f"target {target:g} ms")
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds (load steps x capacity: " + ", ".join(f"{f:g}" for f in result["settings"]["steps"]) + ")")
+    ax.set_ylabel("p99 of admitted requests (ms)")
+    slo = result.get("accuracy_first", {}).get("slo")
+    if slo:
+        twin = ax.twinx()
+        twin.plot(
+            slo["series"]["t"], slo["series"]["degraded"], color="tab:green", alpha=0.6, label="slo: degraded share"
+        )
+        twin.set_ylim(0, 1.05)
+        twin.set_ylabel("share degraded (slo)")
+        twin.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("accuracy first: static vs SLO mode (open loop)")
+    ax = axes[1]
+    drift = result.get("drift") or {}
+    budget = result.get("drift_budget_macs") or 1.0
+    for name in ("drift_static", "drift_live"):
+        if name in drift:
+            s = drift[name]["series"]
+            ax.plot(s["t"], [(v if v is not None else math.nan) / budget for v in s["macs"]], label=name)
+    ax.axhspan(0.97, 1.03, color="grey", alpha=0.2, label="±3 % of the budget")
+    ax.axvline(result["settings"]["drift_phases_s"][0], color="grey", linestyle=":")
+    ax.set_xlabel("seconds (mix: whole test split, then its hardest third)")
+    ax.set_ylabel("served MACs per image / budget")
+    ax.set_title("drift: static thresholds vs live MAC budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "slo.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
+    """The markdown section of the slo suite."""
+    r = doc["result"]
+    st = r["settings"]
+    lines = [
+        "## Live traffic: SLO mode and the live MAC budget (open loop)",
+        "",
+        f"Open-loop Poisson arrivals (bench.openloop), latency from the scheduled arrival. Accuracy first: global "
+        f"budget max_accuracy_drop={st['budget_drop']:g}, latency target {st['latency_target_ms']:g} ms, floor "
+        f"{st['floor']:g}; steps of {st['step_s']:g} s at "
+        + ", ".join(f"{f:g}" for f in st["steps"])
+        + " × the capacity measured in the same run (closed loop, "
+        f"{st['capacity_clients']} clients). Servers run one after the other on the same CPUs and schedule.",
+        "",
+    ]
+    cap = r.get("capacity")
+    if cap:
+        lines += [
+            f"Capacity at the budget: {cap['budget_rps']:.0f} req/s; at the floor (max_accuracy_drop={st['floor']:g}): "
+            f"{cap['floor_rps']:.0f} req/s; floor ÷ budget = {cap['floor_over_budget']:.2f}× (how much overload "
+            "accuracy scaling can absorb on this model and CPU).",
+            "",
+        ]
+    lines += [
+        "| server | load × cap | offered req/s | served req/s | p50 ms | p99 ms | shed | degraded | accuracy "
+        "| loss vs all stages | over target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, sc in (r.get("accuracy_first") or {}).items():
+        for s in sc["steps"]:
+            loss = s.get("loss_vs_all_stages")
+            lines.append(
+                f"| {name} | {s['load']:g} | {s['offered_rps']:.0f} | {s['served_rps']:.0f} | {s['p50_ms']:.1f} "
+                f"| {s['p99_ms']:.1f} | {100 * s['shed_share']:.2f} % | {100 * (s['degraded_share'] or 0):.1f} % "
+                f"| {100 * s['accuracy']:.2f} % | {'–' if loss is None else f'{100 * loss:.2f} pp'} "
+                f"| {s['over_target']} |"
+            )
+    for name, sc in (r.get("accuracy_first") or {}).items():
+        shadow = sc.get("shadow")
+        lines.append("")
+        lines.append(
+            f"- {name}: {sc['violations']} SLO-violating requests (shed, failed or over target) of {sc['arrivals']}; "
+            + (
+                "shadow monitor: not exported by this server"
+                if not shadow
+                else f"shadow monitor: {shadow['disagreements']:.0f} disagreements in {shadow['samples']:.0f} samples"
+                f" ({100 * shadow['rate']:.2f} %)"
+            )
+        )
+    drift = r.get("drift")
+    if drift:
+        lines += [
+            "",
+            f"Drift: global budget_macs = {r['drift_budget_macs'] / 1e6:.2f} M (held-out cost of max_accuracy_drop="
+            f"{st['drift_budget_drop']:g}); {st['drift_phases_s'][0]:g} s of the whole test split then "
+            f"{st['drift_phases_s'][1]:g} s of its hardest third ({drift['hard_images']} images), open loop at "
+            f"{st['drift_load']:g} × capacity; settled = phase 2 after {st['drift_settle_s']:g} s.",
+            "",
+            "| server | MACs / budget, phase 1 | MACs / budget, phase 2 settled | images settled | accuracy phase 1 "
+            "| accuracy phase 2 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name in ("drift_static", "drift_live"):
+            if name in drift:
+                d = drift[name]
+                lines.append(
+                    f"| {name} | {d['phase1_macs_over_budget']:.3f} | {d['settled_macs_over_budget']:.3f} "
+                    f"| {d['settled_images']} | {100 * d['phase_accuracy'][0]:.2f} % "
+                    f"| {100 * d['phase_accuracy'][1]:.2f} % |"
+                )
+    if image:
+        lines += ["", f"![slo]({image})"]
+    return lines

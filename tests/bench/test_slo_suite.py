@@ -1,0 +1,130 @@
+"""The slo suite's pieces without servers: the Poisson schedule, per-step numbers, the verdicts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench.openloop import Phase, run_open_loop, schedule
+from bench.slo_suite import hardest_third, step_summary
+from bench.targets import evaluate_slo
+
+
+def test_schedule_is_poisson_at_the_set_rate_per_phase() -> None:
+    arrivals = schedule([Phase(200.0, 50.0, [1, 2]), Phase(200.0, 0.0, [3]), Phase(200.0, 200.0, [4])], seed=3)
+    times = np.asarray([a[0] for a in arrivals])
+    phases = np.asarray([a[1] for a in arrivals])
+    assert np.all(np.diff(times) > 0)
+    assert set(phases.tolist()) == {0, 2}  # rate 0: no arrival
+    assert abs((phases == 0).sum() / 200.0 - 50.0) < 3.0  # 10,000 expected: sd 100 -> 0.5/s
+    assert abs((phases == 2).sum() / 200.0 - 200.0) < 6.0
+    gaps = np.diff(times[phases == 2])
+    assert abs(gaps.std() / gaps.mean() - 1.0) < 0.05  # exponential gaps: coefficient of variation 1
+    assert {a[2] for a in arrivals if a[1] == 0} == {1, 2} and {a[2] for a in arrivals if a[1] == 2} == {4}
+    assert schedule([Phase(5.0, 10.0, [0])], seed=1) == schedule([Phase(5.0, 10.0, [0])], seed=1)
+
+
+def test_open_loop_sends_on_schedule_whatever_the_server_answers() -> None:
+    """Against a tiny server that answers 429 to every other request and is slow: every arrival is
+    sent (none waits for an answer), statuses and latencies recorded per arrival."""
+
+    async def main() -> tuple[Any, int]:
+        seen = 0
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal seen
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))[15:])
+                    await reader.readexactly(length)
+                    seen += 1
+                    await asyncio.sleep(0.05)
+                    if seen % 2:
+                        body = json.dumps(
+                            {"results": [{"label": 1, "exit": 2, "macs": 10}], "budget": {"degraded": True}}
+                        ).encode()
+                        status = b"200 OK"
+                    else:
+                        body, status = b"{}", b"429 Too Many Requests"
+                    writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: " + str(len(body)).encode())
+                    writer.write(b"\r\n\r\n" + body)
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        result = await run_open_loop(
+            host="127.0.0.1", port=port, path="/v1/classify", bodies=[b"x"], phases=[Phase(1.0, 100.0, [0])], seed=0
+        )
+        server.close()
+        return result, seen
+
+    result, seen = asyncio.run(main())
+    arrays = result.as_arrays()
+    n = arrays["status"].size
+    assert n == seen > 60  # ~100 arrivals in 1 s, all sent although each answer takes 50 ms
+    assert set(arrays["status"].tolist()) == {200, 429}
+    ok = arrays["status"] == 200
+    assert np.all(arrays["degraded"][ok]) and np.all(arrays["macs"][ok] == 10)
+    assert np.all(arrays["latency_s"] >= 0.05)
+
+
+def test_step_summary_counts_shed_over_target_and_loss() -> None:
+    rec = {
+        "phase": np.array([0, 0, 0, 0, 1]),
+        "status": np.array([200, 200, 429, 200, 200]),
+        "latency_s": np.array([0.01, 0.2, np.nan, 0.03, 0.01]),
+        "image": np.array([0, 1, 2, 3, 0]),
+        "label": np.array([5, 6, -1, 0, 5]),
+        "degraded": np.array([True, False, False, True, False]),
+        "macs": np.array([1.0, 2.0, np.nan, 3.0, 1.0]),
+        "scheduled_s": np.array([0.0, 0.1, 0.2, 0.3, 1.5]),
+    }
+    labels = np.array([5, 7, 1, 0])
+    full = np.array([True, True, True, False])
+    s = step_summary(rec, 0, 2.0, labels, full, target_s=0.05)
+    assert (s["arrivals"], s["answered"], s["shed"], s["over_target"], s["slo_violations"]) == (4, 3, 1, 1, 2)
+    assert s["offered_rps"] == 2.0 and s["served_rps"] == 1.5 and s["shed_share"] == 0.25
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["degraded_share"] == pytest.approx(2 / 3)
+    assert s["loss_vs_all_stages"] == pytest.approx(2 / 3 - 2 / 3)
+
+
+def test_hardest_third_takes_the_latest_exits() -> None:
+    conf = np.array([[0.99, 0.1, 0.5, 0.2, 0.95, 0.3], [0.5, 0.99, 0.1, 0.2, 0.5, 0.1], [0, 0, 0, 0, 0, 0]])
+    thresholds = [0.9, 0.9, -np.inf]
+    # exits: 0, 1, 2, 2, 0, 2 -> the two latest and least confident: images 3 (0.2) and 5 (0.3)
+    assert hardest_third(conf.astype(np.float32), thresholds).tolist() == [3, 5]
+
+
+def _steps(shed: float, p99: float, loss: float, violations: int) -> dict[str, Any]:
+    steps = [
+        {"load": f, "shed_share": shed if f == 1.5 else 0.0, "p99_ms": p99, "loss_vs_all_stages": loss}
+        for f in (0.5, 1.0, 1.5, 0.5)
+    ]
+    return {"steps": steps, "violations": violations}
+
+
+def _verdicts(static: dict[str, Any], slo: dict[str, Any], live: float, fixed: float) -> dict[str, str]:
+    doc = {
+        "settings": {"latency_target_ms": 50.0, "floor": 0.03},
+        "accuracy_first": {"static": static, "slo": slo},
+        "drift": {
+            "drift_live": {"settled_macs_over_budget": live},
+            "drift_static": {"settled_macs_over_budget": fixed},
+        },
+    }
+    return {t.key: t.verdict for t in evaluate_slo(doc)}
+
+
+def test_slo_verdicts_pass_and_miss_on_their_limits() -> None:
+    good = _verdicts(_steps(0.2, 900.0, 0.001, 5000), _steps(0.005, 40.0, 0.02, 100), 1.01, 1.2)
+    assert good == dict.fromkeys(("slo_shed", "slo_p99", "slo_loss", "slo_violations", "drift_macs"), "PASS")
+    bad = _verdicts(_steps(0.0, 40.0, 0.001, 500), _steps(0.02, 60.0, 0.04, 100), 1.04, 1.01)
+    assert bad == dict.fromkeys(("slo_shed", "slo_p99", "slo_loss", "slo_violations", "drift_macs"), "MISS")
+    assert {t.verdict for t in evaluate_slo(None)} == {"N/A"}
