@@ -35,10 +35,10 @@ from typing import Any, Final
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.errors import INTERNAL_MESSAGE, NOT_READY_RETRY_AFTER_S, error_body
+from service.http.logging_setup import log_access
 from service.http.metrics import Metrics
 
 log = logging.getLogger("boostserve.http")
-access_log = logging.getLogger("boostserve.access")
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 OTHER_ROUTE = "other"
@@ -281,22 +281,9 @@ class RequestMiddleware:
         elapsed = time.perf_counter() - start
         route = route_template(scope)
         self.metrics.observe_request(route, scope["method"], status, elapsed)
-        if access_log.isEnabledFor(logging.INFO):
-            # Never the body or query values that could carry image data: method, template, status.
-            access_log.info(
-                "%s %s -> %d in %.2f ms",
-                scope["method"],
-                route if route != OTHER_ROUTE else scope["path"][:200],
-                status,
-                elapsed * 1000.0,
-                extra={
-                    "request_id": request_id,
-                    "route": route,
-                    "method": scope["method"],
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000.0, 3),
-                },
-            )
+        # Never the body or query values that could carry image data: method, template, status.
+        target = route if route != OTHER_ROUTE else scope["path"][:200]
+        log_access(scope["method"], target, status, elapsed, request_id, route)
 
 
 def _client_request_id(scope: Scope) -> str | None:
