@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help venv serve test test-all lint model bench bench-quick grpc-stubs clean
+.PHONY: help venv serve test test-all lint model bench bench-quick grpc-stubs gpu-check gpu-wheels clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -55,6 +55,13 @@ bench-quick: $(VENV)/.dev-installed  ## quick benchmarks (< 3 min) into results/
 
 grpc-stubs: $(VENV)/.dev-installed  ## regenerate the checked-in gRPC message stubs (service/grpc/proto) with the pinned grpcio-tools
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. service/grpc/proto/grpc_predict_v2.proto
+
+# No .venv prerequisite: a fresh GPU machine needs only python3 (>= 3.11); the script makes its own venv.
+gpu-check:  ## on a GPU machine (<= 8 min): .[gpu] in build/gpu-venv, CUDA providers, gpu tests, CUDA vs CPU engine suite -> results/gpu-check (docs/gpu.md)
+	bash scripts/gpu_check.sh
+
+gpu-wheels:  ## wheels of .[gpu] for an offline GPU machine (CPython 3.12, manylinux x86_64) -> build/gpu-wheels; then GPU_WHEELS=build/gpu-wheels make gpu-check
+	bash scripts/gpu_check.sh --fetch-wheels build/gpu-wheels
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
