@@ -9,6 +9,18 @@ Runs are interleaved (round r runs every mode once, the order rotating each roun
 drifts of a shared machine hit all modes alike; each mode sees the same image chunks in the
 same order within a round. Reported: median images/s over rounds with min/max, and pooled
 per-call latency percentiles.
+
+Precisions: when an int8 version of the artifact sits beside it (`<DIR>_int8`, what
+`boostserve quantize --artifacts DIR` writes; the embedded model's is `service/embedded_model_int8`),
+the same three modes run on it too, in the same rounds (`early_exit_int8`, `all_stages_int8`,
+`full_onnx_int8`), each with thresholds chosen on its own held-out calibration. Plain mode names
+are the fp32 artifact's, so the fp32 full network stays the reference "what a user runs today".
+
+Time-ideal (per precision and batch size): all-stages time ÷ Σ_k f_k C_k, with f_k the measured
+early-exit fractions and C_k the cumulative *measured* stage time per image (engine stage timers,
+all stages run at that batch size). It is the early-exit speed-up the hardware allows if nothing
+but the stages cost anything; MAC-ideal (full MACs ÷ average MACs) assumes time ∝ MACs, which the
+per-stage µs/MMAC shows is not true, and is kept as information.
 """
 
 from __future__ import annotations
@@ -22,11 +34,30 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import TARGET_DROP, Artifact, Progress, thresholds_for_drop
+from bench.common import TARGET_DROP, Artifact, Progress, load_artifact, simulate_exits, thresholds_for_drop
 from bench.data import TestSet, preprocess
 from bench.stats import percentiles, safe_ratio, spread
 
 MODES: tuple[str, ...] = ("early_exit", "all_stages", "full_onnx")
+#: Mode-name suffix of each precision's cells: plain names are the fp32 artifact's.
+SUFFIX: dict[str, str] = {"fp32": "", "int8": "_int8"}
+
+
+def int8_variant(path: Path) -> Path | None:
+    """The int8 artifact beside `path` (`<path>_int8`, `boostserve quantize`'s default), if there is one."""
+    candidate = path.with_name(f"{path.name}_int8")
+    return candidate if (candidate / "manifest.json").is_file() else None
+
+
+def mode_name(mode: str, precision: str) -> str:
+    return f"{mode}{SUFFIX[precision]}"
+
+
+def time_ideal(stage_ms: list[float], exit_fractions: list[float]) -> float:
+    """All-stages time ÷ expected early-exit time: C_N / Σ_k f_k C_k, C_k = Σ_{j<=k} stage_ms[j]."""
+    cumulative = np.cumsum(np.asarray(stage_ms, dtype=np.float64))  # (E,)
+    expected = float(np.dot(np.asarray(exit_fractions, dtype=np.float64), cumulative))
+    return float(cumulative[-1] / expected) if expected > 0 else math.nan
 
 
 @dataclass(frozen=True)
@@ -102,10 +133,94 @@ def build_full_session(artifact: Artifact, settings: EngineSettings, workdir: Pa
     }
 
 
+@dataclass
+class _Variant:
+    """One precision's artifact, engine, full-network session and early-exit thresholds."""
+
+    precision: str
+    artifact: Artifact
+    engine: Any
+    session: Any
+    full_info: dict[str, Any]
+    thresholds: list[float]
+    exit_counts: np.ndarray  # (E,) early-exit images per exit in the current batch size
+
+
+def _variant(precision: str, artifact: Artifact, settings: EngineSettings, workdir: Path) -> _Variant:
+    session, info = build_full_session(artifact, settings, workdir / precision)
+    return _Variant(
+        precision=precision,
+        artifact=artifact,
+        engine=build_engine(artifact, settings),
+        session=session,
+        full_info=info,
+        thresholds=thresholds_for_drop(artifact, settings.drop),
+        exit_counts=np.zeros(artifact.manifest.num_stages, dtype=np.int64),
+    )
+
+
+def _parity(v: _Variant, probe: np.ndarray) -> dict[str, Any]:
+    """The three modes of one precision must agree on what they compute."""
+    all_logits = v.engine.run_all_stages(probe)
+    parity: dict[str, Any] = {}
+    if v.session is not None:
+        full_logits = v.session.run(["logits"], {"image": probe})[0]
+        parity["full_onnx_vs_all_stages_max_abs_diff"] = float(np.abs(full_logits - all_logits[-1]).max())
+    early = v.engine.classify(probe, v.thresholds)
+    early_exits = np.asarray([_exit_of(r) for r in early])
+    expected = np.stack(all_logits)[early_exits, np.arange(len(probe))].argmax(axis=-1)
+    parity["early_exit_label_mismatches"] = int((expected != _labels_of(early)).sum())
+    return parity
+
+
+def _modes(v: _Variant) -> dict[str, Callable[[np.ndarray], None]]:
+    engine, thresholds, counts, session = v.engine, v.thresholds, v.exit_counts, v.session
+
+    def early_exit(batch: np.ndarray) -> None:
+        results = engine.classify(batch, thresholds)
+        np.add.at(counts, [_exit_of(r) for r in results], 1)
+
+    def all_stages(batch: np.ndarray) -> None:
+        engine.run_all_stages(batch)
+
+    def full_onnx(batch: np.ndarray) -> None:
+        session.run(["logits"], {"image": batch})
+
+    modes: dict[str, Callable[[np.ndarray], None]] = {
+        mode_name("early_exit", v.precision): early_exit,
+        mode_name("all_stages", v.precision): all_stages,
+    }
+    if session is not None:
+        modes[mode_name("full_onnx", v.precision)] = full_onnx
+    return modes
+
+
+def _accuracy(artifact: Artifact, thresholds: list[float]) -> dict[str, Any] | None:
+    """Test-split accuracy of these thresholds and of all stages, from the calibration arrays (engine-computed)."""
+    test = artifact.test
+    if test is None:
+        return None
+    early = simulate_exits(test.confidence, test.correct, thresholds, artifact.cumulative_macs)
+    return {
+        "early_exit": early["accuracy"],
+        "all_stages": float(np.asarray(test.correct)[-1].mean()),
+        "per_exit": [float(a) for a in np.asarray(test.correct).mean(axis=1)],
+        "exit_fractions_test": early["exit_fractions"],
+    }
+
+
 def run_engine(
-    artifact: Artifact, test: TestSet, settings: EngineSettings, workdir: Path, progress: Progress
+    artifact: Artifact,
+    test: TestSet,
+    settings: EngineSettings,
+    workdir: Path,
+    progress: Progress,
+    int8: Artifact | str | None = "auto",
 ) -> dict[str, Any]:
-    """Measure every (batch size, mode) cell; returns the suite's JSON body."""
+    """Measure every (batch size, mode) cell; returns the suite's JSON body.
+
+    int8: the int8 artifact to measure beside `artifact` (fp32); "auto" looks for `<DIR>_int8`.
+    """
     spec = artifact.manifest.preprocessing
     subset = test.head(settings.images)
     x = preprocess(
@@ -118,39 +233,19 @@ def run_engine(
         input_scale=spec.input_scale,
         resize=spec.resize,
     )
-    thresholds = thresholds_for_drop(artifact, settings.drop)
-    engine = build_engine(artifact, settings)
-    session, full_info = build_full_session(artifact, settings, workdir)
-    macs = artifact.cumulative_macs
-
-    # Correctness first: the three modes must agree on what they compute.
+    if isinstance(int8, str):
+        found = int8_variant(artifact.path)
+        int8 = load_artifact(found) if found is not None else None
+    variants = [_variant("fp32", artifact, settings, workdir)]
+    if int8 is not None:
+        variants.append(_variant("int8", int8, settings, workdir))
     probe = x[: min(64, len(x))]
-    all_logits = engine.run_all_stages(probe)
-    parity: dict[str, Any] = {}
-    if session is not None:
-        full_logits = session.run(["logits"], {"image": probe})[0]
-        parity["full_onnx_vs_all_stages_max_abs_diff"] = float(np.abs(full_logits - all_logits[-1]).max())
-    early = engine.classify(probe, thresholds)
-    early_exits = np.asarray([_exit_of(r) for r in early])
-    expected = np.stack(all_logits)[early_exits, np.arange(len(probe))].argmax(axis=-1)
-    parity["early_exit_label_mismatches"] = int((expected != _labels_of(early)).sum())
-
-    exit_counts = np.zeros(artifact.manifest.num_stages, dtype=np.int64)
-
-    def early_exit(batch: np.ndarray) -> None:
-        results = engine.classify(batch, thresholds)
-        np.add.at(exit_counts, [_exit_of(r) for r in results], 1)
-
-    def all_stages(batch: np.ndarray) -> None:
-        engine.run_all_stages(batch)
-
-    def full_onnx(batch: np.ndarray) -> None:
-        session.run(["logits"], {"image": batch})
-
-    modes: dict[str, Callable[[np.ndarray], None]] = {"early_exit": early_exit, "all_stages": all_stages}
-    if session is not None:
-        modes["full_onnx"] = full_onnx
+    parity = {v.precision: _parity(v, probe) for v in variants}
+    modes: dict[str, Callable[[np.ndarray], None]] = {}
+    for v in variants:
+        modes.update(_modes(v))
     names = list(modes)
+    precision_of = {mode_name(m, v.precision): v for v in variants for m in MODES}
 
     cells: list[dict[str, Any]] = []
     total = len(settings.batch_sizes) * settings.rounds * len(names)
@@ -164,7 +259,8 @@ def run_engine(
             for fn in modes.values():  # one untimed call per mode and batch shape
                 fn(chunks[0])
             per_mode: dict[str, dict[str, list[float]]] = {m: {"ips": [], "lat": [], "cpu": []} for m in names}
-            exit_counts[:] = 0
+            for v in variants:
+                v.exit_counts[:] = 0
             start_chunk = 0
             for r in range(settings.rounds):
                 order = names[r % len(names) :] + names[: r % len(names)]
@@ -188,14 +284,16 @@ def run_engine(
                     calls_this_round = max(calls_this_round, calls)
                     advance(1, f"batch {batch_size} {mode}")
                 start_chunk += calls_this_round
-            ee_images = max(int(exit_counts.sum()), 1)
-            avg_macs = float((exit_counts * macs).sum() / ee_images)
             for mode in names:
+                v = precision_of[mode]
+                ee_images = max(int(v.exit_counts.sum()), 1)
+                early = mode == mode_name("early_exit", v.precision)
                 lat_ms = np.asarray(per_mode[mode]["lat"]) * 1e3
                 cells.append(
                     {
                         "batch_size": batch_size,
                         "mode": mode,
+                        "precision": v.precision,
                         "images_per_s": spread(per_mode[mode]["ips"]),
                         "cpu_ms_per_image": spread(per_mode[mode]["cpu"]),
                         "latency_ms": {
@@ -203,51 +301,96 @@ def run_engine(
                             "mean": float(lat_ms.mean()),
                             "calls": int(lat_ms.size),
                         },
-                        "avg_macs": avg_macs if mode == "early_exit" else artifact.full_macs,
-                        "exit_fractions": (exit_counts / ee_images).tolist() if mode == "early_exit" else None,
+                        "avg_macs": float((v.exit_counts * v.artifact.cumulative_macs).sum() / ee_images)
+                        if early
+                        else v.artifact.full_macs,
+                        "exit_fractions": (v.exit_counts / ee_images).tolist() if early else None,
                     }
                 )
-    stage_costs = _stage_costs(engine, artifact, x, settings)
-    speedups = []
-    for batch_size in settings.batch_sizes:
-        by_mode = {c["mode"]: c for c in cells if c["batch_size"] == batch_size}
-        ee = by_mode["early_exit"]["images_per_s"]["median"]
-        speedups.append(
-            {
-                "batch_size": batch_size,
-                "early_exit_vs_all_stages": safe_ratio(ee, by_mode["all_stages"]["images_per_s"]["median"]),
-                "early_exit_vs_full_onnx": safe_ratio(
-                    ee, by_mode["full_onnx"]["images_per_s"]["median"] if "full_onnx" in by_mode else None
-                ),
-                "all_stages_vs_full_onnx": safe_ratio(
-                    by_mode["all_stages"]["images_per_s"]["median"],
-                    by_mode["full_onnx"]["images_per_s"]["median"] if "full_onnx" in by_mode else None,
-                ),
-                "mac_ideal": safe_ratio(artifact.full_macs, by_mode["early_exit"]["avg_macs"]),
-            }
-        )
+    stage_costs = [c for v in variants for c in _stage_costs(v, x, settings)]
+    speedups = [_speedups(cells, stage_costs, v, b) for b in settings.batch_sizes for v in variants]
+    fp32 = variants[0]
     return {
         "artifacts": str(artifact.path),
         "model": artifact.manifest.name,
         "version": artifact.manifest.version,
         "images": len(x),
-        "thresholds": thresholds,
+        "thresholds": fp32.thresholds,
         "drop": settings.drop,
-        "engine_providers": list(getattr(engine, "providers", []) or []),
-        "full_network": full_info,
-        "parity": parity,
+        "engine_providers": list(getattr(fp32.engine, "providers", []) or []),
+        "full_network": fp32.full_info,
+        "parity": parity["fp32"],
+        "precisions": {
+            v.precision: {
+                "artifacts": str(v.artifact.path),
+                "version": v.artifact.manifest.version,
+                "stage_precisions": list(v.artifact.manifest.precisions),
+                "thresholds": v.thresholds,
+                "full_network": v.full_info,
+                "parity": parity[v.precision],
+                "test_accuracy": _accuracy(v.artifact, v.thresholds),
+                "batching": _batching(cells, v.precision),
+            }
+            for v in variants
+        },
         "cells": cells,
         "speedups": speedups,
         "stage_costs": stage_costs,
     }
 
 
-def _stage_costs(engine: Any, artifact: Artifact, x: np.ndarray, settings: EngineSettings) -> list[dict[str, Any]]:
+def _median(cells: list[dict[str, Any]], batch_size: int, mode: str) -> float | None:
+    for c in cells:
+        if c["batch_size"] == batch_size and c["mode"] == mode:
+            return float(c["images_per_s"]["median"])
+    return None
+
+
+def _speedups(cells: list[dict[str, Any]], costs: list[dict[str, Any]], v: _Variant, batch_size: int) -> dict[str, Any]:
+    """Ratios of one precision at one batch size, with the MAC- and time-ideal early-exit speed-ups."""
+    p = v.precision
+    ee = _median(cells, batch_size, mode_name("early_exit", p))
+    cell = next(c for c in cells if c["batch_size"] == batch_size and c["mode"] == mode_name("early_exit", p))
+    stage_ms = [c["ms_per_image"] for c in costs if c["precision"] == p and c["batch_size"] == batch_size]
+    ideal = time_ideal(stage_ms, cell["exit_fractions"]) if stage_ms else math.nan
+    vs_all = safe_ratio(ee, _median(cells, batch_size, mode_name("all_stages", p)))
+    return {
+        "batch_size": batch_size,
+        "precision": p,
+        "early_exit_vs_all_stages": vs_all,
+        "early_exit_vs_full_onnx": safe_ratio(ee, _median(cells, batch_size, mode_name("full_onnx", p))),
+        "early_exit_vs_fp32_full_onnx": safe_ratio(ee, _median(cells, batch_size, "full_onnx")),
+        "all_stages_vs_full_onnx": safe_ratio(
+            _median(cells, batch_size, mode_name("all_stages", p)),
+            _median(cells, batch_size, mode_name("full_onnx", p)),
+        ),
+        "mac_ideal": safe_ratio(v.artifact.full_macs, cell["avg_macs"]),
+        "time_ideal": ideal,
+        "of_time_ideal": safe_ratio(vs_all, ideal),
+    }
+
+
+def _batching(cells: list[dict[str, Any]], precision: str) -> list[dict[str, Any]]:
+    """images/s at each batch size ÷ batch 1 (the most cross-request batching can give), per mode."""
+    sizes = sorted({c["batch_size"] for c in cells})
+    out = []
+    for mode in MODES:
+        name = mode_name(mode, precision)
+        one = _median(cells, sizes[0], name)
+        for b in sizes[1:]:
+            out.append(
+                {"mode": name, "batch_size": b, "vs_batch": sizes[0], "ratio": safe_ratio(_median(cells, b, name), one)}
+            )
+    return out
+
+
+def _stage_costs(v: _Variant, x: np.ndarray, settings: EngineSettings) -> list[dict[str, Any]]:
     """Per-stage wall time per image (all stages, every batch size) next to the stage's MACs.
 
     Why: the MAC-ideal speedup assumes time ∝ MACs; per-stage µs per MMAC shows where that breaks
     (fixed per-run costs of small stages, cache effects of large batches).
     """
+    engine, artifact = v.engine, v.artifact
     stats_of = getattr(engine, "stage_stats", None)
     reset = getattr(engine, "reset_stats", None)
     if not callable(stats_of) or not callable(reset):
@@ -267,6 +410,7 @@ def _stage_costs(engine: Any, artifact: Artifact, x: np.ndarray, settings: Engin
             out.append(
                 {
                     "batch_size": batch_size,
+                    "precision": v.precision,
                     "stage": stage.index + 1,
                     "ms_per_image": ms,
                     "macs": stage.macs,

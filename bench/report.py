@@ -138,7 +138,10 @@ def plot_offline(doc: dict[str, Any], out_dir: Path) -> list[Path]:
 def plot_engine(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     plt = _pyplot()
     cells = doc["result"]["cells"]
-    modes = sorted({c["mode"] for c in cells}, key=["early_exit", "all_stages", "full_onnx"].index)
+    from bench.engine_suite import MODES, SUFFIX, mode_name
+
+    order = [mode_name(m, p) for p in SUFFIX for m in MODES]  # fp32 modes first, then int8's
+    modes = sorted({c["mode"] for c in cells}, key=order.index)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     for mode in modes:
         mc = sorted((c for c in cells if c["mode"] == mode), key=lambda c: c["batch_size"])
@@ -146,8 +149,9 @@ def plot_engine(doc: dict[str, Any], out_dir: Path) -> list[Path]:
         med = [c["images_per_s"]["median"] for c in mc]
         lo = [c["images_per_s"]["median"] - c["images_per_s"]["min"] for c in mc]
         hi = [c["images_per_s"]["max"] - c["images_per_s"]["median"] for c in mc]
-        ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=mode)
-        ax2.plot(xs, [c["latency_ms"]["p50"] for c in mc], marker="o", label=f"{mode} p50")
+        style = "--" if mc and mc[0].get("precision", "fp32") != "fp32" else "-"
+        ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=mode, linestyle=style)
+        ax2.plot(xs, [c["latency_ms"]["p50"] for c in mc], marker="o", label=f"{mode} p50", linestyle=style)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("images/s (median over rounds, bars: min–max)")
@@ -345,38 +349,84 @@ def _engine_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
             f"| {_m(c['avg_macs'])} "
             f"| {c['latency_ms']['calls']} |"
         )
+    lines += ["", *_precision_lines(r)]
     lines += [
         "",
-        "| batch | early exit / all stages | early exit / full ONNX | all stages / full ONNX | MAC-ideal |",
-        "|---:|---:|---:|---:|---:|",
+        "Time-ideal = all-stages time ÷ Σ exit fraction × cumulative measured stage time (the stage table "
+        "below, same precision and batch size): what the stage times allow; MAC-ideal (full MACs ÷ average "
+        "MACs) assumes time ∝ MACs and is information only.",
+        "",
+        "| batch | precision | early exit / all stages | early exit / full ONNX (same precision) "
+        "| early exit / fp32 full ONNX | all stages / full ONNX | time-ideal | ÷ time-ideal | MAC-ideal |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for sp in r["speedups"]:
         lines.append(
-            f"| {sp['batch_size']} | {_f(sp['early_exit_vs_all_stages'])}× "
+            f"| {sp['batch_size']} | {sp.get('precision', 'fp32')} | {_f(sp['early_exit_vs_all_stages'])}× "
             f"| {_f(sp['early_exit_vs_full_onnx'])}× "
-            f"| {_f(sp['all_stages_vs_full_onnx'])}× | {_f(sp['mac_ideal'])}× |"
+            f"| {_f(sp.get('early_exit_vs_fp32_full_onnx', sp['early_exit_vs_full_onnx']))}× "
+            f"| {_f(sp['all_stages_vs_full_onnx'])}× | {_f(sp.get('time_ideal'))}× "
+            f"| {_f(sp.get('of_time_ideal'))} | {_f(sp['mac_ideal'])}× |"
         )
     costs = r.get("stage_costs") or []
     if costs:
         sizes = sorted({c["batch_size"] for c in costs})
         stages = sorted({c["stage"] for c in costs})
-        by = {(c["batch_size"], c["stage"]): c for c in costs}
+        precisions = list(dict.fromkeys(c.get("precision", "fp32") for c in costs))
+        by = {(c.get("precision", "fp32"), c["batch_size"], c["stage"]): c for c in costs}
         lines += [
             "",
             "Per-stage cost, all stages run (engine stage timers): ms per image and µs per million MACs. "
             "Time proportional to MACs would give equal µs/MMAC everywhere.",
             "",
-            "| stage | MACs | " + " | ".join(f"batch {b}: ms/img (µs/MMAC)" for b in sizes) + " |",
-            "|---:|---:|" + "---:|" * len(sizes),
+            "| stage | precision | MACs | " + " | ".join(f"batch {b}: ms/img (µs/MMAC)" for b in sizes) + " |",
+            "|---:|---|---:|" + "---:|" * len(sizes),
         ]
         for k in stages:
-            row = by[(sizes[0], k)]
-            cells = " | ".join(
-                f"{_f(by[(b, k)]['ms_per_image'], '{:.3f}')} ({_f(by[(b, k)]['us_per_mmac'], '{:.1f}')})" for b in sizes
-            )
-            lines.append(f"| {k} | {_m(row['macs'])} | {cells} |")
+            for p in precisions:
+                row = by[(p, sizes[0], k)]
+                cells = " | ".join(
+                    f"{_f(by[(p, b, k)]['ms_per_image'], '{:.3f}')} ({_f(by[(p, b, k)]['us_per_mmac'], '{:.1f}')})"
+                    for b in sizes
+                )
+                lines.append(f"| {k} | {p} | {_m(row['macs'])} | {cells} |")
     if "engine" in images:
         lines += ["", f"![engine throughput]({images['engine']})"]
+    return lines
+
+
+def _precision_lines(r: dict[str, Any]) -> list[str]:
+    """fp32 and int8 side by side: stage precisions, test accuracy per exit and at the ≤1 % budget, batching."""
+    precisions = r.get("precisions")
+    if not precisions:
+        return []
+    reference = ((precisions.get("fp32") or {}).get("test_accuracy") or {}).get("all_stages")
+    lines = [
+        "Precisions (test split, from each artifact's calibration.npz, i.e. what its engine computes; "
+        f"early exit at max_accuracy_drop={r['drop']:g}, thresholds from its own held-out arrays):",
+        "",
+        "| precision | version | stages | test acc. per exit | early-exit acc. | loss vs fp32 all stages "
+        "| early exit images/s, batch 32 ÷ batch 1 |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for p, info in precisions.items():
+        acc = info.get("test_accuracy") or {}
+        loss = reference - acc["early_exit"] if reference is not None and "early_exit" in acc else None
+        per_exit = " / ".join(_pct(a) for a in acc.get("per_exit", []))
+        batching = next(
+            (
+                b["ratio"]
+                for b in info.get("batching", [])
+                if b["mode"].startswith("early_exit") and b["batch_size"] == 32
+            ),
+            None,
+        )
+        lines.append(
+            f"| {p} | {info.get('version')} | {', '.join(info.get('stage_precisions', []))} | {per_exit} "
+            f"| {_pct(acc.get('early_exit'))} | {_f(loss, '{:.2f} pp', 100)} | {_f(batching)}× |"
+        )
+    parity = {p: info.get("parity") for p, info in precisions.items()}
+    lines += ["", f"Parity per precision: {json.dumps(parity)}."]
     return lines
 
 
@@ -511,7 +561,8 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
 
     offline = docs["offline"]["result"] if "offline" in docs else None
     http = docs["http"]["result"] if "http" in docs else None
-    targets = evaluate(offline, http) + evaluate_slo(docs["slo"]["result"] if "slo" in docs else None)
+    engine = docs["engine"]["result"] if "engine" in docs else None
+    targets = evaluate(offline, http, engine) + evaluate_slo(docs["slo"]["result"] if "slo" in docs else None)
     (out_dir / "targets.json").write_text(json.dumps([t.as_dict() for t in targets], indent=2, default=str) + "\n")
 
     lines = [
