@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from service.core.live import LiveOperatingPoint
 from service.core.memo import IdentityMemo
 from service.core.preprocess import ImageInput, Preprocessor
 from service.core.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from service.core.shadow import DriftControl
 
 log = logging.getLogger("boostserve.classify")
 
@@ -118,6 +121,8 @@ class ClassifyService:
         self.live = LiveOperatingPoint(resolver, global_budget)
         self.global_answer_hooks: list[GlobalAnswerHook] = []
         self.shed_check: ShedCheck | None = None
+        #: Drift tightening of a global max_accuracy_drop from the shadow monitor (set by the app).
+        self.drift: DriftControl | None = None
         self.admitted_images = 0  # images admitted since start (the SLO controller's arrival rate)
         self.max_images_per_request = max_images_per_request
         self.observer = observer
@@ -284,6 +289,9 @@ class ClassifyService:
                 early_exit=resolved.early_exit,
                 deadline=deadline,
                 started=start,
+                # On the global budget the early exits may be shadow-sampled (service.core.shadow),
+                # tagged with the point they were answered at; a request's own budget never is.
+                shadow=resolved.thresholds if options.budget is None and resolved.early_exit else None,
             )
         finally:
             self.inflight -= 1

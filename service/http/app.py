@@ -39,6 +39,7 @@ from service.core.live.control import LiveSettings, running
 from service.core.loop_lag import LoopLagMonitor
 from service.core.preprocess import Limits, Preprocessor
 from service.core.scheduler import Scheduler
+from service.core.shadow import DriftControl, ShadowMonitor
 from service.http import docs, middleware, probes
 from service.http.errors import install_error_handlers
 from service.http.metrics import Metrics
@@ -125,6 +126,7 @@ def _startup(settings: Settings, metrics: Metrics) -> ClassifyService:
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
     )
+    monitor = ShadowMonitor(manifest.num_stages, resolver.calibration, metrics)
     scheduler = Scheduler(
         engine,
         max_batch_size=settings.max_batch_size,
@@ -134,6 +136,8 @@ def _startup(settings: Settings, metrics: Metrics) -> ClassifyService:
         observer=metrics,
         run_on_loop=settings.runs_stages_on_loop(),
         request_timeout_s=settings.request_timeout_s,
+        shadow_fraction=settings.shadow_fraction,
+        shadow_sink=monitor,
     )
     limits = Limits(max_image_pixels=settings.max_image_pixels, max_decode_bytes=settings.max_decode_mb << 20)
     pool = DecodePoolConfig(
@@ -142,7 +146,7 @@ def _startup(settings: Settings, metrics: Metrics) -> ClassifyService:
         max_pending=settings.decode_queue,
         memory_cap_bytes=(settings.max_decode_mb + DECODE_MEMORY_MARGIN_MB) << 20,
     )
-    return ClassifyService(
+    service = ClassifyService(
         manifest=manifest,
         resolver=resolver,
         preprocessor=Preprocessor(manifest.preprocessing, limits, DecodePool(manifest.preprocessing, limits, pool)),
@@ -151,6 +155,9 @@ def _startup(settings: Settings, metrics: Metrics) -> ClassifyService:
         max_images_per_request=settings.max_images_per_request,
         observer=metrics,
     )
+    if settings.shadow_fraction > 0.0:  # the monitor follows the live point; it tightens a max_accuracy_drop
+        service.drift = DriftControl(service.live, resolver, monitor)
+    return service
 
 
 def _freeze_startup_objects() -> None:

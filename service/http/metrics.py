@@ -30,6 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
 from service.core.errors import ERROR_TYPES
+from service.core.shadow import Expectation
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -201,6 +202,8 @@ class Metrics:
         self.images = Counter("boostserve_images", "images classified", registry=r)
         self.exits = Counter("boostserve_exits", "images answered at each exit (1-based)", ["stage"], registry=r)
         self._image_macs: ArrayHistogram | None = None
+        self._stages = 0  # exits of the bound model (0 until bind_model)
+        self._expectation: Expectation | None = None  # the shadow monitor's, for the point in force
         self.exit_confidence = ArrayHistogram(
             "boostserve_exit_confidence",
             "max softmax of the cumulative logits at the exit taken",
@@ -277,6 +280,63 @@ class Metrics:
             "live MACs per image of the global budget_macs (the live MAC controller's weighted average)",
             registry=r,
         )
+        # The label-free accuracy monitor (service.core.shadow): shadow samples of the global budget's
+        # early exits, what the calibration predicts for the point in force, the drift test and tightening.
+        self.shadow_samples = Counter(
+            "boostserve_shadow_samples",
+            "early-exited images of the global budget also run to the last stage (by the exit that answered)",
+            ["stage"],
+            registry=r,
+        )
+        self.shadow_disagreements = Counter(
+            "boostserve_shadow_disagreements",
+            "shadow samples whose exit label differs from the full network's (by the exit that answered)",
+            ["stage"],
+            registry=r,
+        )
+        self.shadow_shed = Counter(
+            "boostserve_shadow_shed",
+            "sampled images not run to the end: shadow queue full, shadow batch failed, or shutdown",
+            ["stage"],
+            registry=r,
+        )
+        self.global_exits = Counter(
+            "boostserve_global_budget_exits",
+            "images answered at each exit on the global budget with early exit (the live exit mix the "
+            "calibrated exit fractions predict)",
+            ["stage"],
+            registry=r,
+        )
+        self.shadow_expected = Gauge(
+            "boostserve_shadow_expected_disagreement",
+            "held-out disagreement with the full network among images answered at each early exit under the "
+            "global budget's point in force: upper bound (not both right; the drift test's null) and lower bound "
+            "(exactly one right)",
+            ["stage", "bound"],
+            registry=r,
+        )
+        self.shadow_expected_early = Gauge(
+            "boostserve_shadow_expected_early_disagreement",
+            "held-out disagreement among all early-exited images under the point in force (bounds as above)",
+            ["bound"],
+            registry=r,
+        )
+        self.shadow_drift_z = Gauge(
+            "boostserve_shadow_drift_z",
+            "one-sided z of the last drift window: live disagreement above the calibrated upper bound "
+            "(NaN until a window completes; drift above 3.09)",
+            registry=r,
+        )
+        self.shadow_live = Gauge(
+            "boostserve_shadow_live_disagreement",
+            "live disagreement rate among early-exited images of the last drift window (live exit mix)",
+            registry=r,
+        )
+        self.drift_level = Gauge(
+            "boostserve_drift_tightening_level",
+            "drift tightening of a global max_accuracy_drop d: served as d / 2**level (0 = as certified)",
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "boostserve_event_loop_lag_seconds",
             "how late the event loop ran a 50 ms timer: the wait a probe or a small request sees",
@@ -337,6 +397,14 @@ class Metrics:
             self.stage_batch_size.labels(label)
             for counter in (self.multi_request_batches, self.merged_batches, self.merged_batch_images):
                 counter.labels(stage=label)
+            self.global_exits.labels(stage=label)
+            if k < stages:  # the last exit has nothing left to run
+                for counter in (self.shadow_samples, self.shadow_disagreements, self.shadow_shed):
+                    counter.labels(stage=label)
+        self.shadow_drift_z.set(float("nan"))
+        self.shadow_live.set(float("nan"))
+        self._stages = stages
+        self.set_shadow_expectation(self._expectation)  # the monitor may have told us before the model was bound
 
     def bind_live_gauges(self, *, queue_depths: Callable[[], Sequence[int]], inflight: Callable[[], int]) -> None:
         """Read queue depths per stage and requests in flight at scrape time (nothing per request)."""
@@ -391,6 +459,38 @@ class Metrics:
 
     def set_live_macs(self, macs_per_image: float | None) -> None:
         self.live_macs.set(float("nan") if macs_per_image is None else float(macs_per_image))
+
+    # -- shadow monitor (service.core.shadow.ShadowObserver) ----------------------------------------
+    def on_shadow_samples(self, stage: int, samples: int, disagreements: int) -> None:
+        label = str(stage + 1)
+        self._child(self.shadow_samples, label).inc(samples)
+        if disagreements:
+            self._child(self.shadow_disagreements, label).inc(disagreements)
+
+    def on_shadow_shed(self, stage: int, count: int) -> None:
+        self._child(self.shadow_shed, str(stage + 1)).inc(count)
+
+    def on_global_exits(self, stage: int, count: int) -> None:
+        self._child(self.global_exits, str(stage + 1)).inc(count)
+
+    def set_shadow_expectation(self, expectation: Expectation | None) -> None:
+        """The calibrated disagreement of the point in force (NaN without calibration or early exits)."""
+        self._expectation = expectation
+        nan = float("nan")
+        early = max(self._stages - 1, 0) if expectation is None else len(expectation.answered)
+        for bound in ("upper", "lower"):
+            rates = [None] * early if expectation is None else expectation.rates(bound)
+            for k, rate in enumerate(rates, start=1):
+                self.shadow_expected.labels(stage=str(k), bound=bound).set(nan if rate is None else rate)
+            rate = None if expectation is None else expectation.early_rate(bound)
+            self.shadow_expected_early.labels(bound=bound).set(nan if rate is None else rate)
+
+    def set_drift(self, z: float, live: float) -> None:
+        self.shadow_drift_z.set(z)
+        self.shadow_live.set(live)
+
+    def set_drift_level(self, level: int) -> None:
+        self.drift_level.set(level)
 
     # -- HTTP ----------------------------------------------------------------------------------
     def _child(self, metric: Any, *values: str) -> Any:

@@ -296,6 +296,15 @@ class Settings(BaseSettings):
         description="SLO mode's floor: the cheapest point served under overload is max_accuracy_drop=this "
         "(a guaranteed drop, (0, 0.5])",
     )
+    shadow_fraction: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="share of early-exited images on the global budget that also run the remaining stages when "
+        "the worker is idle, after their answer is sent (the label-free accuracy monitor and drift tightening of "
+        "a global max_accuracy_drop, docs/monitoring.md); [0, 1], 0 = off",
+    )
 
     # -- operations ------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
