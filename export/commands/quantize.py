@@ -123,7 +123,7 @@ def print_result(result: Any) -> None:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--artifacts", required=True, metavar="DIR", help="fp32 artifact directory to quantize")
-    parser.add_argument("--out", default=None, help="artifact directory to create (default: DIR-int8)")
+    parser.add_argument("--out", default=None, help="artifact directory to create (default: DIR_int8, beside DIR)")
     parser.add_argument(
         "--data", default=None, help="dataset directory (default: the one the artifact's provenance records)"
     )
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from service.core.artifact import ArtifactError
 
     source = Path(args.artifacts)
-    out = Path(args.out) if args.out else source.with_name(f"{source.name}-int8")
+    out = Path(args.out) if args.out else source.with_name(f"{source.name}_int8")
     options = quantize_options(args, threads=max(1, args.threads), overwrite=args.overwrite, progress=not args.quiet)
     try:
         result = quantize_artifact(source, out, args.data, options)
