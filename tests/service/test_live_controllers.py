@@ -157,6 +157,20 @@ def test_the_service_rate_model_sizes_the_step() -> None:
     assert reached <= 13.0 and moves < fits, (reached, path)
 
 
+def test_a_draining_backlog_is_not_a_reason_to_step_again() -> None:
+    """After a step down, a delay still above the high mark moves again only if the backlog grows."""
+    stage = list(STAGE_S)
+    for growing, expected in ((False, 1), (True, 2)):
+        ctl = SloController(SloConfig(latency_target_s=TARGET_S), LADDER)
+        ctl.update(Signals(0.0, 0.0, 0, 0, 0, stage, False))
+        # 0.5x arrivals: the model says rung 1 fits; the delay says act
+        ctl.update(Signals(0.1, 0.03, 300, int(0.05 * CAPACITY_0), int(0.1 * CAPACITY_0), stage, True))
+        assert ctl.rung == 1
+        backlog = 400 if growing else 200
+        ctl.update(Signals(0.5, 0.03, backlog, int(0.2 * CAPACITY_0), int(0.4 * CAPACITY_0), stage, True))
+        assert ctl.rung == expected, growing
+
+
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="delay_low_share"):
         SloConfig(latency_target_s=0.05, delay_low_share=0.5, delay_high_share=0.4)
@@ -179,9 +193,9 @@ def served_macs(thresholds: np.ndarray, conf: np.ndarray) -> np.ndarray:
     return np.asarray(CAL.cumulative_macs, dtype=np.float64)[exit_indices(conf, thresholds)]
 
 
-def run_drift(controlled: bool, seed: int = 0) -> tuple[float, float]:
+def run_drift(controlled: bool, seed: int = 0) -> tuple[float, float, int]:
     """30k images like the held-out mix, then 60k from its hardest half; the live mean MACs of the
-    last 20k images of each phase."""
+    last 20k images of each phase, and how many times the thresholds moved."""
     rng = np.random.default_rng(seed)
     resolver = BudgetResolver(MANIFEST, CAL)
     budget = Budget.of(budget_macs=BUDGET)
@@ -191,6 +205,7 @@ def run_drift(controlled: bool, seed: int = 0) -> tuple[float, float]:
     macs = [float(m) for m in CAL.cumulative_macs]
     ctl = MacController(MacControllerConfig(BUDGET, macs[0], macs[-1], window=2000), BUDGET, point.expected_macs)
     spent: list[np.ndarray] = []
+    moves = 0
     for phase, population in ((30_000, np.arange(CAL.num_samples)), (60_000, hard)):
         for _ in range(phase // 50):
             idx = rng.choice(population, size=50)
@@ -202,21 +217,25 @@ def run_drift(controlled: bool, seed: int = 0) -> tuple[float, float]:
                 if wanted is not None:
                     point = resolver.resolve(Budget.of(budget_macs=wanted))
                     ctl.moved_to(wanted, point.expected_macs)
+                    moves += 1
     per_image = np.concatenate(spent)  # (90000,)
-    return float(per_image[10_000:30_000].mean()), float(per_image[-20_000:].mean())
+    return float(per_image[10_000:30_000].mean()), float(per_image[-20_000:].mean()), moves
 
 
 def test_static_thresholds_drift_out_of_the_band() -> None:
     """The premise: on the hard half the held-out thresholds spend well over the budget."""
-    _, drifted = run_drift(controlled=False)
+    _, drifted, _ = run_drift(controlled=False)
     assert drifted > 1.10 * BUDGET
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_live_budget_holds_within_3_percent_through_a_drift(seed: int) -> None:
-    before, after = run_drift(controlled=True, seed=seed)
+    before, after, moves = run_drift(controlled=True, seed=seed)
     assert abs(before / BUDGET - 1.0) <= 0.03, before / BUDGET
     assert abs(after / BUDGET - 1.0) <= 0.03, after / BUDGET
+    # no ringing: about one move per 900 images (the ratio estimator; feeding the live mean alone
+    # back, which lags its own corrections, moved ~7x as often in this simulation)
+    assert moves <= 200, moves
 
 
 def test_mac_controller_waits_for_evidence_and_respects_the_deadband() -> None:
