@@ -442,6 +442,15 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
     progress = Progress(enabled=not args.quiet)
     x = preprocessed(artifact, test)
+    if args.device == "cuda":  # CPU numbers under a CUDA label would be worse than none
+        from service.core.engine import Engine
+
+        probe = Engine(artifact.manifest, artifact.path, providers=runs[0].providers)
+        if not probe.uses_cuda:
+            payload["missing"] = {r.label: f"not run: the sessions fell back to {probe.providers}" for r in runs}
+            flush()
+            print(f"FAIL: the engine's sessions run on {probe.providers}, not {CUDA}", file=sys.stderr)
+            return 2
     status = 0
     try:
         payload["device_parity"] = device_parity(artifact, x, runs[0], runs[1], test_index0=0)

@@ -100,6 +100,19 @@ def test_missing_cuda_fails_loudly(tmp_path: Path) -> None:
     assert report["every_stage_on_device"] is False and gpu_check.CUDA not in report["session_providers"]
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_engine_on_a_cuda_fallback_stops_before_measuring(tmp_path: Path) -> None:
+    """No CPU numbers under a CUDA label: exit 2 at once, the reason in engine.json."""
+    import onnxruntime as ort
+
+    if gpu_check.CUDA in ort.get_available_providers():
+        pytest.skip("this machine has a CUDA build of onnxruntime")
+    rc = gpu_check.main(["engine", "--device", "cuda", "--out", str(tmp_path), "--budget", "1", "--quiet"])
+    engine = json.loads((tmp_path / "engine.json").read_text())
+    assert rc == 2 and engine["results"] == {} and engine["comparison"] == []
+    assert set(engine["missing"]) == {"cuda", "cpu"} and "fell back" in engine["missing"]["cuda"]
+
+
 def _junit(path: Path, *, tests: int, failures: int = 0, skipped: int = 0) -> None:
     cases = "".join(f'<testcase classname="t" name="c{i}"/>' for i in range(tests - skipped - failures))
     cases += "".join(f'<testcase classname="t" name="f{i}"><failure message="x"/></testcase>' for i in range(failures))
