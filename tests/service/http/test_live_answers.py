@@ -3,6 +3,7 @@ bodies), requests with their own budget untouched, the live layer's metrics and 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -176,3 +177,28 @@ def test_empty_latency_target_means_off(tmp_path: Any, monkeypatch: pytest.Monke
     assert Settings(artifacts_dir=tmp_path).latency_target_ms is None
     monkeypatch.setenv("BOOSTSERVE_LATENCY_TARGET_MS", "50")
     assert math.isclose(Settings(artifacts_dir=tmp_path).latency_target_ms or 0.0, 50.0)
+
+
+def test_slo_mode_builds_a_ladder_within_the_floor_and_sheds_only_through_it(make_client: ClientFactory) -> None:
+    with make_client(default_budget=GLOBAL, latency_target_ms=50, max_accuracy_drop_under_load=0.2) as client:
+        assert client.portal is not None
+        control = client.app.state.live  # type: ignore[attr-defined]
+        service = client.app.state.service  # type: ignore[attr-defined]
+        client.portal.call(control.tick, 0.0, 0.0)
+        ladder = control._ladder
+        assert ladder[0] is None and len(ladder) >= 2 and len(ladder) == len(control.slo.rungs)
+        drops = [b.value for b in ladder[1:]]
+        assert all(b.kind == "max_accuracy_drop" for b in ladder[1:]) and drops[-1] <= 0.2
+        assert drops == sorted(drops) and all(0.01 < d <= 0.2 for d in drops)  # between the budget and the floor
+        costs = [service.live.adjusted.thresholds.expected_macs] + [
+            service.resolver.resolve(b).expected_macs for b in ladder[1:]
+        ]
+        assert all(a > b for a, b in itertools.pairwise(costs))  # every rung strictly cheaper
+        floor_cost = service.resolver.resolve(Budget.of(max_accuracy_drop=0.2)).expected_macs
+        assert costs[-1] == floor_cost  # the last rung is as cheap as the floor allows (equal points deduplicated)
+        ok = client.post("/v1/classify", content=images.png(), headers={"content-type": "image/png"})
+        assert ok.status_code == 200
+        control.slo.should_shed = lambda backlog: True  # as at the floor with a long predicted wait
+        shed = client.post("/v1/classify", content=images.png(), headers={"content-type": "image/png"})
+        assert shed.status_code == 429 and shed.json()["error"]["type"] == "over_capacity"
+        assert "cheapest allowed operating point" in shed.json()["error"]["message"]
