@@ -310,6 +310,7 @@ def run_engine(
     stage_costs = [c for v in variants for c in _stage_costs(v, x, settings)]
     speedups = [_speedups(cells, stage_costs, v, b) for b in settings.batch_sizes for v in variants]
     fp32 = variants[0]
+    frontiers = {v.precision: _frontier(v, stage_costs, FRONTIER_BATCH) for v in variants}
     return {
         "artifacts": str(artifact.path),
         "model": artifact.manifest.name,
@@ -330,13 +331,70 @@ def run_engine(
                 "parity": parity[v.precision],
                 "test_accuracy": _accuracy(v.artifact, v.thresholds),
                 "batching": _batching(cells, v.precision),
+                "frontier": frontiers[v.precision],
             }
             for v in variants
         },
+        "frontier_batch": FRONTIER_BATCH,
+        # fp32's frontier points against the best int8 point of no greater cost (the shipping decision).
+        "equal_cost": equal_cost(frontiers["fp32"], frontiers["int8"]) if "int8" in frontiers else [],
         "cells": cells,
         "speedups": speedups,
         "stage_costs": stage_costs,
     }
+
+
+#: Accuracy-drop budgets of the cost frontier (accuracy vs measured time per image) per precision.
+FRONTIER_DROPS: tuple[float, ...] = (0.0, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05)
+#: Batch size whose measured stage times price the frontier (a loaded server's stage-1 batch).
+FRONTIER_BATCH = 32
+
+
+def _frontier(v: _Variant, costs: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
+    """Test accuracy vs expected ms per image of the max_accuracy_drop thresholds (held-out chosen).
+
+    Cost = Σ_k f_k C_k: the test split's exit fractions on this precision's cumulative measured
+    stage times at `batch_size`; it prices what the served thresholds spend, so two precisions can
+    be compared at equal cost.
+    """
+    test = v.artifact.test
+    stage_ms = [c["ms_per_image"] for c in costs if c["precision"] == v.precision and c["batch_size"] == batch_size]
+    if test is None or v.artifact.heldout is None or len(stage_ms) != v.artifact.manifest.num_stages:
+        return []
+    cumulative = np.cumsum(stage_ms)  # (E,)
+    points = []
+    for drop in FRONTIER_DROPS:
+        thresholds = thresholds_for_drop(v.artifact, drop)
+        early = simulate_exits(test.confidence, test.correct, thresholds, v.artifact.cumulative_macs)
+        points.append(
+            {
+                "drop": drop,
+                "test_accuracy": early["accuracy"],
+                "ms_per_image": float(np.dot(early["exit_fractions"], cumulative)),
+                "avg_macs": early["macs"],
+                "exit_fractions": early["exit_fractions"],
+            }
+        )
+    return points
+
+
+def equal_cost(reference: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each reference point, the most accurate `other` point that costs no more time per image."""
+    out = []
+    for point in reference:
+        affordable = [q for q in other if q["ms_per_image"] <= point["ms_per_image"]]
+        best = max(affordable, key=lambda q: q["test_accuracy"], default=None)
+        out.append(
+            {
+                "drop": point["drop"],
+                "ms_per_image": point["ms_per_image"],
+                "reference_accuracy": point["test_accuracy"],
+                "other_accuracy": best["test_accuracy"] if best else None,
+                "other_ms_per_image": best["ms_per_image"] if best else None,
+                "other_drop": best["drop"] if best else None,
+            }
+        )
+    return out
 
 
 def _median(cells: list[dict[str, Any]], batch_size: int, mode: str) -> float | None:

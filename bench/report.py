@@ -427,6 +427,25 @@ def _precision_lines(r: dict[str, Any]) -> list[str]:
         )
     parity = {p: info.get("parity") for p, info in precisions.items()}
     lines += ["", f"Parity per precision: {json.dumps(parity)}."]
+    pairs = r.get("equal_cost") or []
+    if pairs:
+        lines += [
+            "",
+            f"Accuracy at equal cost (the shipping decision): each fp32 max_accuracy_drop point against the most "
+            f"accurate int8 point whose expected time per image is no greater; time per image = Σ exit fraction "
+            f"(test split) × cumulative measured stage time at batch {r.get('frontier_batch')}.",
+            "",
+            "| fp32 max drop | fp32 ms/img | fp32 test acc. | int8 at ≤ that cost: acc. | its ms/img | its max drop "
+            "| int8 − fp32 |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for q in pairs:
+            gain = None if q["other_accuracy"] is None else q["other_accuracy"] - q["reference_accuracy"]
+            lines.append(
+                f"| {_pct(q['drop'])} | {_f(q['ms_per_image'], '{:.4f}')} | {_pct(q['reference_accuracy'])} "
+                f"| {_pct(q['other_accuracy'])} | {_f(q['other_ms_per_image'], '{:.4f}')} | {_pct(q['other_drop'])} "
+                f"| {_f(gain, '{:+.2f} pp', 100)} |"
+            )
     return lines
 
 

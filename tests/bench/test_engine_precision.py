@@ -110,3 +110,30 @@ def test_engine_targets_and_report(engine_result: dict[str, Any], tmp_path: Path
     markdown, _ = write_report(tmp_path, tmp_path / "README.md", "test")
     text = markdown.read_text()
     assert "| int8 |" in text and "time-ideal" in text and "early_exit_int8" in text
+
+
+def test_equal_cost_picks_the_best_affordable_point() -> None:
+    from bench.engine_suite import equal_cost
+
+    def pt(drop: float, acc: float, ms: float) -> dict[str, Any]:
+        return {"drop": drop, "test_accuracy": acc, "ms_per_image": ms}
+
+    fp32 = [pt(0.0, 0.92, 0.9), pt(0.01, 0.91, 0.3)]
+    int8 = [pt(0.0, 0.921, 0.35), pt(0.005, 0.915, 0.2), pt(0.01, 0.90, 0.1)]
+    pairs = equal_cost(fp32, int8)
+    assert [(q["other_accuracy"], q["other_drop"]) for q in pairs] == [(0.921, 0.0), (0.915, 0.005)]
+    assert equal_cost([pt(0.0, 0.9, 0.05)], int8)[0]["other_accuracy"] is None  # nothing that cheap
+
+
+def test_frontier_prices_the_drop_points_with_measured_stage_times(engine_result: dict[str, Any]) -> None:
+    for p, info in engine_result["precisions"].items():
+        stage_ms = [
+            c["ms_per_image"] for c in engine_result["stage_costs"] if c["precision"] == p and c["batch_size"] == 32
+        ]
+        cumulative = [sum(stage_ms[: k + 1]) for k in range(len(stage_ms))]
+        assert len(info["frontier"]) >= 5
+        for q in info["frontier"]:
+            assert q["ms_per_image"] == pytest.approx(
+                sum(f * c for f, c in zip(q["exit_fractions"], cumulative, strict=True))
+            )
+    assert len(engine_result["equal_cost"]) == len(engine_result["precisions"]["fp32"]["frontier"])
