@@ -62,6 +62,7 @@ class ArtifactReport:
     per_exit_heldout_accuracy: list[float]
     per_exit_test_accuracy: list[float]
     points: list[CurvePoint] = field(default_factory=list)
+    precisions: list[str] = field(default_factory=list)  # per stage (service.core.artifact.Precision)
 
     def curve(self, name: str) -> list[CurvePoint]:
         return [p for p in self.points if p.curve == name]
@@ -143,6 +144,7 @@ def build_artifact_report(
         test_source=test_source,
         per_exit_heldout_accuracy=[float(a) for a in np.asarray(heldout.correct).mean(axis=1)],
         per_exit_test_accuracy=[float(a) for a in np.asarray(test.correct).mean(axis=1)],
+        precisions=list(manifest.precisions),
     )
     for budget in budgets if budgets is not None else budget_grid(manifest.cumulative_macs):
         report.points.append(_point("reference", budget, budget_macs(heldout, budget, "reference"), test))
@@ -290,7 +292,9 @@ def write_markdown(path: Path, reports: Sequence[ArtifactReport], plots: Sequenc
     lines = ["# Accuracy vs compute (test split; thresholds chosen on the held-out split)", ""]
     for r in reports:
         lines += [
-            f"## {r.label} — {r.name} (version {r.version}, t = {r.t:g})",
+            f"## {r.label} — {r.name} (version {r.version}, t = {r.t:g}"
+            + (f"; stage precisions {', '.join(r.precisions)}" if r.precisions else "")
+            + ")",
             "",
             f"held-out samples: {r.heldout_samples}; test samples: {r.test_samples} (test confidences: "
             + ("stored at export" if r.test_source == "stored" else "run through the engine")
