@@ -23,7 +23,50 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f} %"
 
 
-def results_block(model: Manifest, baseline: Manifest | None, report_dir: Path | None) -> str:
+def _stage_ms(engine_json: Path | None) -> dict[tuple[str, int, int], float]:
+    """(precision, batch, stage) -> ms per image from a published engine.json (issue 17), else empty."""
+    if engine_json is None or not engine_json.is_file():
+        return {}
+    result = json.loads(engine_json.read_text()).get("result", {})
+    return {
+        (c.get("precision", "fp32"), c["batch_size"], c["stage"]): c["ms_per_image"]
+        for c in result.get("stage_costs", [])
+    }
+
+
+def int8_block(model: Manifest, int8: Manifest, engine_json: Path | None) -> list[str]:
+    """fp32 and int8 side by side: test accuracy per exit and the measured ms per image per stage."""
+    fp32_cal, int8_cal = model.calibration, int8.calibration
+    ms = _stage_ms(engine_json)
+    sizes = sorted({b for p, b, _ in ms if p == "int8"})
+    lines = [
+        "",
+        f"int8 version (`service/embedded_model_int8/`, version `{int8.version}`, `boostserve quantize`): stage "
+        f"precisions {', '.join(int8.precisions)}, chosen by measured time (export/quantize.py)."
+        + (f" ms per image per stage from [{engine_json.as_posix()}]({engine_json.as_posix()})." if sizes else ""),
+        "",
+        "| exit | test accuracy fp32 | test accuracy int8 | stage precision (int8 artifact) |"
+        + "".join(f" stage ms/img batch {b}: fp32 → int8 |" for b in sizes),
+        "|---:|---:|---:|---|" + "---:|" * len(sizes),
+    ]
+    for k, stage in enumerate(int8.stages):
+        a = fp32_cal.test_accuracy[k] if fp32_cal and fp32_cal.test_accuracy else None
+        b = int8_cal.test_accuracy[k] if int8_cal and int8_cal.test_accuracy else None
+        cells = "".join(
+            f" {ms.get(('fp32', n, k + 1), float('nan')):.3f} → {ms.get(('int8', n, k + 1), float('nan')):.3f} |"
+            for n in sizes
+        )
+        lines.append(f"| {k + 1} | {_pct(a)} | {_pct(b)} | {stage.precision} |{cells}")
+    return lines
+
+
+def results_block(
+    model: Manifest,
+    baseline: Manifest | None,
+    report_dir: Path | None,
+    int8: Manifest | None = None,
+    engine_json: Path | None = None,
+) -> str:
     calibration = model.calibration
     base_cal = baseline.calibration if baseline else None
     full = model.full_macs
@@ -45,6 +88,8 @@ def results_block(model: Manifest, baseline: Manifest | None, report_dir: Path |
             f"| {k + 1} | {stage.cumulative_macs / 1e6:.3f} M | {100 * stage.cumulative_macs / full:.1f} % "
             f"| {_pct(acc)} | {_pct(base)} |"
         )
+    if int8 is not None:
+        lines += int8_block(model, int8, engine_json)
     if report_dir is not None and (report_dir / "report.md").is_file():
         rel = report_dir.as_posix()
         lines += ["", f"Full tables: [{rel}/report.md]({rel}/report.md)."]
@@ -89,6 +134,8 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=Path("service/embedded_model"))
     parser.add_argument("--baseline", type=Path, default=Path("docs/artifacts/baseline"))
     parser.add_argument("--report", type=Path, default=Path("docs/results"))
+    parser.add_argument("--int8", type=Path, default=Path("service/embedded_model_int8"))
+    parser.add_argument("--engine", type=Path, default=Path("docs/benchmarks/engine.json"))
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
     args = parser.parse_args()
@@ -96,7 +143,9 @@ def main() -> int:
     baseline = load_manifest(args.baseline, verify=False) if (args.baseline / "manifest.json").is_file() else None
     report = args.report if args.report.is_dir() else None
     text = args.readme.read_text()
-    updated = replace_block(text, START, END, results_block(model, baseline, report))
+    int8 = load_manifest(args.int8, verify=False) if (args.int8 / "manifest.json").is_file() else None
+    block = results_block(model, baseline, report, int8, args.engine if args.engine.is_file() else None)
+    updated = replace_block(text, START, END, block)
     updated = replace_block(updated, CONFIG_START, CONFIG_END, config_block())
     if args.check:
         return 0 if updated == text else 1
