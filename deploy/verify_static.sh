@@ -31,6 +31,7 @@ step "docker-compose config" docker-compose docker-compose -f deploy/compose.yam
 step "docker-compose config (gpu profile)" docker-compose docker-compose -f deploy/compose.yaml --profile gpu config -q
 step "promtool check config" promtool promtool check config deploy/prometheus/prometheus.yml
 step "promtool check rules" promtool promtool check rules deploy/prometheus/alerts.yml
+step "promtool test rules (drift alerts)" promtool bash -c "cd deploy/prometheus && promtool test rules alerts_test.yml"
 step "PromQL of dashboard + rules" promtool "$PY" deploy/promql_exprs.py check
 step "kustomize + kubernetes-validate --strict" kubernetes-validate "$PY" deploy/validate_k8s.py
 if [ $failed = 0 ]; then echo "verify_static: OK"; else echo "verify_static: FAILED"; fi

@@ -45,8 +45,10 @@ ALERT_UNDERLYING = {
     "BoostserveHighErrorRatio": "boostserve:request_error_ratio:rate5m",
     "BoostserveOverloaded": "boostserve:request_overload_ratio:rate5m",
     "BoostserveHighP99Latency": "boostserve:classify_latency_seconds:p99_rate5m",
-    "BoostserveExitDistributionDrift": "boostserve:exit_share_drift:rate15m",
+    "BoostserveExitDistributionDrift": "boostserve:global_exit_mix_tvd:rate15m",
     "BoostserveBudgetNotHeld": "boostserve:image_macs_budget_ratio:rate15m",
+    "BoostserveShadowDisagreementDrift": "boostserve_shadow_expected_early_disagreement",
+    "BoostserveDriftTightened": "boostserve_drift_tightening_level",
 }
 #: alerts whose condition must be false for a healthy, lightly loaded service.
 ALERTS_FALSE_WHEN_HEALTHY = {
@@ -58,6 +60,9 @@ ALERTS_FALSE_WHEN_HEALTHY = {
     # guarded by a minimum of 500 images in 15 minutes; the test sends fewer
     "BoostserveExitDistributionDrift",
     "BoostserveBudgetNotHeld",
+    # fewer shadow samples than one drift window (z is NaN), and nothing tightened
+    "BoostserveShadowDisagreementDrift",
+    "BoostserveDriftTightened",
 }
 #: dashboard/rule expressions allowed to return no series, with the reason.
 ALLOWED_EMPTY: dict[str, str] = {}
@@ -65,6 +70,9 @@ ALLOWED_EMPTY: dict[str, str] = {}
 NAN_OK = {
     # quantile of stages that answered no image in the window is NaN; other stages have values
     "Exit confidence p50 by stage [exit {{stage}}]": "stages without exits",
+    "Drift test and tightening [drift z]": "no drift window (1000 shadow samples) completes in this test",
+    # exits the calibration sends no held-out image to have no calibrated rate
+    "Shadow disagreement vs calibration [calibrated {{bound}} exit {{stage}}]": "exits without held-out images",
 }
 
 
@@ -135,7 +143,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
     port, prom_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOOSTSERVE_")}
-    env.update(PYTHONUNBUFFERED="1", BOOSTSERVE_MAX_BATCH_WAIT_MS="5")
+    # Every early exit shadow-sampled, and a global budget that exits at every stage (the default drop
+    # certifies only the full network on this small calibration), so the shadow series have data.
+    env.update(PYTHONUNBUFFERED="1", BOOSTSERVE_MAX_BATCH_WAIT_MS="5", BOOSTSERVE_SHADOW_FRACTION="1")
+    env["BOOSTSERVE_DEFAULT_BUDGET"] = '{"thresholds": [0.5, 0.6, 0]}'
     cmd = [sys.executable, "-m", "boostserve", "serve", "--artifacts", str(artifact)]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     with (tmp / "service.log").open("wb") as log:
