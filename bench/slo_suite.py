@@ -209,6 +209,25 @@ def _delta(after: dict[str, float] | None, before: dict[str, float] | None) -> d
     return out
 
 
+def mac_noise(resolver: Any, full_macs: float, window: int, fractions: Sequence[float]) -> list[dict[str, float]]:
+    """Per budget_macs (a share of the full cost): the coefficient of variation of per-image MACs
+    under its held-out thresholds (exit fractions x cumulative MACs) and the relative standard
+    error of the live MAC controller's average over `window` images (EWMA: N_eff = 2 window - 1)."""
+    from service.core.knobs import Budget
+
+    cum = np.asarray(resolver.manifest.cumulative_macs, dtype=np.float64)  # (E,)
+    rows: list[dict[str, float]] = []
+    for share in fractions:
+        if share * full_macs < cum[0]:
+            continue  # below the first exit's cost: not a budget
+        point = resolver.resolve(Budget.of(budget_macs=share * full_macs))
+        f = np.asarray(point.exit_fractions, dtype=np.float64)  # (E,)
+        mean = float((f * cum).sum())
+        cv = float(np.sqrt((f * (cum - mean) ** 2).sum()) / mean)
+        rows.append({"budget_share": share, "cv": cv, "window": window, "relative_se": cv / math.sqrt(2 * window - 1)})
+    return rows
+
+
 def run_slo(
     artifact: Artifact, test: TestSet, settings: SloSettings, logs_dir: Path, progress: Progress
 ) -> dict[str, Any]:
@@ -226,7 +245,11 @@ def run_slo(
     drift_budget = float(drift_point.expected_macs or artifact.full_macs)
     envs = server_envs(settings, drift_budget)
     target_s = settings.latency_target_ms / 1000.0
-    out: dict[str, Any] = {"settings": asdict(settings), "drift_budget_macs": drift_budget}
+    out: dict[str, Any] = {
+        "settings": asdict(settings),
+        "drift_budget_macs": drift_budget,
+        "mac_noise": mac_noise(resolver, artifact.full_macs, 2000, (0.1, 0.15, 0.2, 0.3, 0.4)),
+    }
     servers = {
         name: ServerProcess(artifact.path, env, cpus=settings.server_cpus, log_path=logs_dir / f"slo-{name}.log")
         for name, env in envs.items()
@@ -309,9 +332,10 @@ def run_slo(
 
 def plot_slo(doc: dict[str, Any], out_dir: Path) -> Path:
     """p99 and degraded share over the accuracy-first trace; MACs / budget over the drift trace."""
-    from bench.report import _pyplot
+    import matplotlib
 
-    plt = _pyplot()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     result = doc["result"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     ax = axes[0]
@@ -426,6 +450,17 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
                     f"| {d['settled_images']} | {100 * d['phase_accuracy'][0]:.2f} % "
                     f"| {100 * d['phase_accuracy'][1]:.2f} % |"
                 )
+    noise = r.get("mac_noise")
+    if noise:
+        lines += [
+            "",
+            "Noise of the live MAC average (held-out exit fractions of budget_macs; relative standard error "
+            "of the controller's EWMA over its default window of 2,000 images):",
+            "",
+            "| budget_macs / full | cv of per-image MACs | relative s.e. at 2,000 images |",
+            "|---:|---:|---:|",
+            *[f"| {n['budget_share']:g} | {n['cv']:.2f} | {100 * n['relative_se']:.1f} % |" for n in noise],
+        ]
     if image:
         lines += ["", f"![slo]({image})"]
     return lines

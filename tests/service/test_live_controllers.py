@@ -78,7 +78,7 @@ def simulate(load: list[tuple[float, float]], seed: int = 0, config: SloConfig |
             arrivals = int(rng.poisson(factor * CAPACITY_0 * STEP_S))
             trace.offered += arrivals
             for _ in range(arrivals):
-                if ctl.should_shed(int(backlog)):
+                if ctl.should_shed(backlog * true_cost(ctl.rung)):  # the wait of the newest image
                     trace.shed += 1
                     if ctl.rung != ctl.floor:
                         trace.shed_below_floor += 1

@@ -157,10 +157,13 @@ class LiveControl:
 
     def _shed_check(self, count: int) -> None:
         slo = self.slo
-        if slo is not None and slo.should_shed(self.service.scheduler.pending):
+        if slo is None:
+            return
+        delay = self.service.scheduler.queue_delay()
+        if slo.should_shed(delay):
             raise OverCapacityError(
                 "overloaded at the cheapest allowed operating point (SLO mode); retry later",
-                retry_after=max(0.1, round(slo.predicted_wait(self.service.scheduler.pending), 1)),
+                retry_after=max(0.1, round(delay, 1)),
             )
 
     # -- the tick ------------------------------------------------------------------------------------------
@@ -189,12 +192,13 @@ class LiveControl:
         stages = [(s.items, s.seconds) for s in scheduler.stats.stages]
         admitted = self.service.admitted_images
         backlog = scheduler.pending
-        delay = scheduler.queue_delay()
+        measured = scheduler.queue_delay()
         slo = self.slo
-        if slo is not None:
-            delay = max(delay, slo.predicted_wait(backlog))
-        low = 0.0 if slo is None else slo.config.delay_low
-        busy = delay > low
+        delay = measured if slo is None else max(measured, slo.predicted_wait(backlog))
+        # Saturation from the queue itself, never from the prediction: the capacity learnt while
+        # saturated feeds the prediction, and a prediction that made itself "saturated" would learn
+        # from the few requests it let in (shedding) and shed everything.
+        busy = backlog > 0 and measured > (0.0 if slo is None else slo.config.delay_low)
         prev = self._prev
         self._prev = (now, admitted, backlog, stages, busy)
         if prev is None:

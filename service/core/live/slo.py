@@ -31,8 +31,13 @@ The rules (hysteresis: distinct levels, utilisations and a dwell for each direct
   the model says the load fits the more accurate rung with room: λ ≤ ρ_up · μ_{r−1}, ρ_up < ρ_high.
   Between the levels nothing moves, which bounds oscillation: a steady load sits on one rung, or
   alternates between two adjacent rungs no faster than once per `hold_up_s`.
-* **shed** (429) only at the cheapest rung, while the predicted wait of a new request (backlog ×
-  c_floor) exceeds `shed_share` × the latency target: admitting it would break the target anyway.
+* **shed** (429) only at the cheapest rung, while the measured queue delay exceeds `shed_share` ×
+  the latency target: admitting more would break the target anyway. Measured, not predicted: the
+  prediction rests on the learnt overhead, and a wrong estimate must not refuse traffic.
+
+Saturation (when the overhead is learnt) is read from the measured queue too (its delay above
+`delay_low` at both ends of the tick), never from the prediction: a prediction that declared itself
+saturated would learn a "capacity" from the few requests it admits and shed ever more.
 
 Never past the floor: the ladder ends at the floor's rung and the index is clamped to it.
 Pure: times are passed in (tests drive it with a simulated clock and queue).
@@ -45,6 +50,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["Rung", "Signals", "SloConfig", "SloController"]
+
+#: Completions in a saturated tick below which its throughput is too noisy to learn the overhead from.
+MIN_COMPLETED = 10
 
 
 @dataclass(frozen=True)
@@ -142,10 +150,11 @@ class SloController:
     def predicted_wait(self, backlog: int) -> float:
         return backlog * self.cost(self.rung)
 
-    def should_shed(self, backlog: int) -> bool:
-        """Refuse a new request now? Only at the floor, and only when its wait would break the target."""
+    def should_shed(self, queue_delay: float) -> bool:
+        """Refuse a new request now? Only at the floor, and only while the queue's measured delay (its
+        oldest waiting image) passes `shed_share` of the target: admitting more would break it."""
         cfg = self.config
-        return self.rung == self.floor and self.predicted_wait(backlog) > cfg.shed_share * cfg.latency_target_s
+        return self.rung == self.floor and queue_delay > cfg.shed_share * cfg.latency_target_s
 
     # -- one tick ----------------------------------------------------------------------------------------
     def update(self, s: Signals) -> int:
@@ -173,7 +182,7 @@ class SloController:
         for k, t in enumerate(s.stage_seconds):
             if t is not None:
                 self.stage_seconds[k] += w * (t - self.stage_seconds[k]) if self.stage_seconds[k] else t
-        if s.saturated and s.completed > 0:
+        if s.saturated and s.completed >= MIN_COMPLETED:
             observed = dt / s.completed - self.stage_work(self.rung)  # 1/X minus the stages' share
             self.overhead = max(0.0, self.overhead + w * (observed - self.overhead) if self.overhead else observed)
 
