@@ -21,7 +21,8 @@
 #   --cpu-only  the same steps on the CPU provider (CPU IO-binding path) in the current environment
 #               (GPU_PYTHON, default .venv/bin/python), no venv, no GPU: seconds; what CI runs.
 # Environment: GPU_PYTHON (base interpreter, default python3), GPU_VENV, GPU_WHEELS, GPU_CHECK_SECONDS,
-#              GPU_WHEEL_PYTHON / GPU_WHEEL_PLATFORMS (for --fetch-wheels: default 3.12, manylinux x86_64).
+#              GPU_WHEEL_PYTHON / GPU_WHEEL_PLATFORMS (for --fetch-wheels: default 3.12, manylinux x86_64),
+#              GPU_WHEEL_SPLIT (e.g. 45M: --fetch-wheels splits larger wheels; install joins the parts).
 # shellcheck disable=SC2317  # the step functions run indirectly (exported, through timeout bash -c)
 set -uo pipefail
 
@@ -42,7 +43,7 @@ while [ $# -gt 0 ]; do
     --wheels) WHEELS=$2; shift ;;
     --data) DATA=$2; shift ;;
     --fetch-wheels) FETCH=$2; shift ;;
-    -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ && !/shellcheck/ { sub(/^# ?/, ""); print } /^set /{ exit }' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 64 ;;
   esac
   shift
@@ -66,8 +67,17 @@ EOF
   for p in ${GPU_WHEEL_PLATFORMS:-manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any}; do
     PLATFORM_ARGS+=(--platform "$p")
   done
-  exec "$PY" -m pip download --disable-pip-version-check -q --only-binary=:all: --implementation cp \
-    --python-version "${GPU_WHEEL_PYTHON:-3.12}" "${PLATFORM_ARGS[@]}" -d "$FETCH" "${REQS[@]}"
+  "$PY" -m pip download --disable-pip-version-check -q --only-binary=:all: --implementation cp \
+    --python-version "${GPU_WHEEL_PYTHON:-3.12}" "${PLATFORM_ARGS[@]}" -d "$FETCH" "${REQS[@]}" || exit
+  if [ -n "${GPU_WHEEL_SPLIT:-}" ]; then  # e.g. 45M: for transports with a file-size cap; install joins them
+    for whl in "$FETCH"/*.whl; do
+      if [ "$(stat -c %s "$whl")" -gt "$(numfmt --from=iec "$GPU_WHEEL_SPLIT")" ]; then
+        split -b "$GPU_WHEEL_SPLIT" "$whl" "$whl.part-" && rm "$whl" && echo "split $whl"
+      fi
+    done
+  fi
+  du -sh "$FETCH"
+  exit 0
 fi
 
 # -- step plumbing ---------------------------------------------------------------------------------
@@ -144,7 +154,13 @@ if [ "$DEVICE" = cuda ]; then
       "$PY" -m ensurepip -q
     fi
     args=(--disable-pip-version-check -q)
-    if [ -n "$WHEELS" ]; then args+=(--no-index --find-links "$WHEELS"); fi
+    if [ -n "$WHEELS" ]; then
+      args+=(--no-index --find-links "$WHEELS")
+      for first in "$WHEELS"/*.whl.part-aa; do  # wheels split by --fetch-wheels (GPU_WHEEL_SPLIT)
+        [ -e "$first" ] || continue
+        cat "${first%-aa}"-* >"${first%.part-aa}" && echo "joined ${first%.part-aa}"
+      done
+    fi
     echo "installing .[gpu] into $VENV ${WHEELS:+from $WHEELS }with $("$PY" -m pip --version)"
     "$PY" -m pip install "${args[@]}" -e ".[gpu]" "pytest>=8" "pytest-timeout>=2.3"
     "$PY" -m pip list 2>/dev/null | grep -iE '^(onnxruntime|numpy|pytest|pydantic|nvidia)' || true
