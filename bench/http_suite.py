@@ -5,6 +5,9 @@ POST /v1/classify with a raw image/png body:
   all_stages   ?early_exit=false             every stage runs (the A/B reference)
   drop_0.005   ?max_accuracy_drop=0.005      early exit, ≤ 0.5 % held-out accuracy loss
   drop_0.01    ?max_accuracy_drop=0.01       early exit, ≤ 1 % held-out accuracy loss
+and two with the same queries and images as multipart/form-data bodies, one `file` part each, laid
+out as `curl -F file=@x.png` sends them (bench.loadgen.build_multipart_requests):
+  multipart_all_stages, multipart_drop_0.01
 Two more modes on `batching`, the same images and budget (drop_0.01) through the Open Inference
 Protocol (bench.oip_load): `v2_binary` (POST /v2/models/{m}/infer with the binary tensor data
 extension, UINT8 pixels in, binary outputs: what tritonclient.http sends by default) and `grpc`
@@ -14,8 +17,11 @@ Server configurations: `batching` (cross-request batching on, the default settin
 ablations of the request path at drop_0.01 with 1 and 64 clients: `fastapi_path`
 (BOOSTSERVE_FAST_PATH=false: raw-image classify through FastAPI routing), `thread_stages`
 (BOOSTSERVE_STAGE_EXECUTION=thread: stage batches on the ORT worker thread although the server has
-one CPU) and `gc_unfrozen` (BOOSTSERVE_GC_FREEZE=false: start-up objects left to the garbage
-collector), each differing from `batching` in that one setting. With `--compare-with DIR`, a
+one CPU), `gc_unfrozen` (BOOSTSERVE_GC_FREEZE=false: start-up objects left to the garbage
+collector) and `no_access_log` (BOOSTSERVE_LOG_LEVEL=warning: no access line per request, which is
+what the access log costs), each differing from `batching` in that one setting. `batching` and
+`no_batching` log at the shipped default level (info, an access line per request): what is
+published is what a user's `boostserve serve` does. With `--compare-with DIR`, a
 `compare` server (bench.compare) serves the same artifact with the code of another checkout and
 the settings of `batching`, drop_0.01 at 1 and 64 clients: the same cells, old code vs new.
 
@@ -49,7 +55,7 @@ import numpy as np
 from bench.common import Artifact, Progress, simulate_exits
 from bench.compare import COMPARE_SERVER, Checkout, CheckoutServerProcess, read_checkout, this_checkout
 from bench.data import TestSet, encode_png
-from bench.loadgen import LoadResult, run_closed_loop, summarize_latency
+from bench.loadgen import LoadResult, build_multipart_requests, run_closed_loop, summarize_latency
 from bench.oip_load import (
     GRPC_METHOD,
     V2_ROUTE,
@@ -66,7 +72,11 @@ MODE_QUERIES: dict[str, str] = {
     "all_stages": "early_exit=false",
     "drop_0.005": "max_accuracy_drop=0.005",
     "drop_0.01": "max_accuracy_drop=0.01",
+    "multipart_all_stages": "early_exit=false",
+    "multipart_drop_0.01": "max_accuracy_drop=0.01",
 }
+#: v1 modes whose bodies are multipart forms (one `file` part) instead of raw image/png.
+MULTIPART_MODES = ("multipart_all_stages", "multipart_drop_0.01")
 CLASSIFY_PATH = "/v1/classify"
 #: Modes that speak the Open Inference Protocol instead of v1 (budget drop_0.01, bench.oip_load).
 OIP_MODES = ("v2_binary", "grpc")
@@ -112,8 +122,7 @@ def default_servers(
     `compare_with`: a checkout of another commit, served as `compare` with exactly the env of
     `batching`, so that the code is the only difference between the two.
     """
-    base = {
-        "BOOSTSERVE_LOG_LEVEL": "warning",  # no access log: logging is not what we measure
+    base = {  # the log level is the shipped default (info): the access log is part of what is measured
         "BOOSTSERVE_INTRA_OP_THREADS": str(threads),
         "BOOSTSERVE_INTER_OP_THREADS": "1",
         "BOOSTSERVE_MAX_QUEUE": "4096",
@@ -131,6 +140,7 @@ def default_servers(
             "thread_stages", {**base, "BOOSTSERVE_STAGE_EXECUTION": "thread"}, ("drop_0.01",), ablation_clients
         ),
         ServerConfig("gc_unfrozen", {**base, "BOOSTSERVE_GC_FREEZE": "false"}, ("drop_0.01",), ablation_clients),
+        ServerConfig("no_access_log", {**base, "BOOSTSERVE_LOG_LEVEL": "warning"}, ("drop_0.01",), ablation_clients),
     )
     compare = (
         (ServerConfig(COMPARE_SERVER, base, ("drop_0.01",), ablation_clients, code_dir=compare_with),)
@@ -142,7 +152,7 @@ def default_servers(
             ServerConfig(
                 "batching",
                 base,
-                ("all_stages", "drop_0.005", "drop_0.01", *OIP_MODES),
+                ("all_stages", "drop_0.005", "drop_0.01", *MULTIPART_MODES, *OIP_MODES),
                 tuple(c for c in concurrencies if c in (1, 64)) or concurrencies,
             ),
             ServerConfig("no_batching", no_batch, ("drop_0.01",), (64,) if 64 in concurrencies else concurrencies[-1:]),
@@ -150,7 +160,9 @@ def default_servers(
             *compare,
         )
     return (
-        ServerConfig("batching", base, ("all_stages", "drop_0.005", "drop_0.01", *OIP_MODES), concurrencies),
+        ServerConfig(
+            "batching", base, ("all_stages", "drop_0.005", "drop_0.01", *MULTIPART_MODES, *OIP_MODES), concurrencies
+        ),
         ServerConfig("no_batching", no_batch, ("all_stages", "drop_0.01"), concurrencies),
         *ablations,
         *compare,
@@ -231,7 +243,7 @@ def _cell_summary(
         paired["all_stages_accuracy_same_images"] = float(all_stages_correct.mean())
         paired["accuracy_loss_vs_all_stages"] = float(all_stages_correct.mean() - correct[ok].mean())
         thresholds = _served_thresholds(result.thresholds, num_exits)
-        if mode == "all_stages":
+        if MODE_QUERIES.get(mode) == MODE_QUERIES["all_stages"]:  # raw or multipart: every stage runs
             thresholds = [math.inf] * (num_exits - 1) + [-math.inf]
         if thresholds is not None:
             sim_conf = confidence[:, idx[ok]]
@@ -541,6 +553,10 @@ def _load(
         warmup_s=settings.warmup_s if warmup_s is None else warmup_s,
         start_index=start_index,
     )
+    if mode in MULTIPART_MODES:  # pre-built requests: the raw client, whatever settings.client says
+        path = f"{CLASSIFY_PATH}?{MODE_QUERIES[mode]}"
+        requests = build_multipart_requests(server.host, server.port, path, bodies)
+        return asyncio.run(run_closed_loop(path=path, requests=requests, **common))
     if mode not in OIP_MODES:
         return asyncio.run(
             run_closed_loop(

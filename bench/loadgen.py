@@ -79,6 +79,24 @@ def build_raw_requests(host: str, port: int, path: str, bodies: Sequence[bytes])
     return [head + str(len(b)).encode() + b"\r\n\r\n" + b for b in bodies]
 
 
+#: The boundary of the load generator's multipart bodies (curl's layout, bench.loadgen.build_multipart_requests).
+MULTIPART_BOUNDARY = b"------------------------b0057e4ebe4c4b1d"
+
+
+def build_multipart_requests(host: str, port: int, path: str, bodies: Sequence[bytes]) -> list[bytes]:
+    """One complete multipart/form-data request per image, laid out as `curl -F file=@x.png` sends it."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={MULTIPART_BOUNDARY.decode()}\r\n"
+        "Accept: application/json\r\nConnection: keep-alive\r\nContent-Length: "
+    ).encode()
+    part = b'Content-Disposition: form-data; name="file"; filename="image.png"\r\nContent-Type: image/png\r\n\r\n'
+    forms = [
+        b"--" + MULTIPART_BOUNDARY + b"\r\n" + part + b + b"\r\n--" + MULTIPART_BOUNDARY + b"--\r\n" for b in bodies
+    ]
+    return [head + str(len(f)).encode() + b"\r\n\r\n" + f for f in forms]
+
+
 class _RawConnection:
     """A keep-alive HTTP/1.1 connection; enough of the protocol for uvicorn's JSON answers."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.coverage import coverage_lines, plot_coverage
+from bench.figures import plot_http, plot_offline
 from bench.stats import safe_ratio
 from bench.targets import TARGET_SPEEDUP, Target, evaluate, evaluate_slo, limits_analysis, limits_bounds
 
@@ -67,74 +68,6 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_offline(doc: dict[str, Any], out_dir: Path) -> list[Path]:
-    plt = _pyplot()
-    models = doc["result"]["models"]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    colors = {"boostnet": "tab:blue", "baseline": "tab:orange"}
-    styles = {
-        "optimal": "-",
-        "reference": "--",
-        "max_accuracy_drop/optimal": ":",
-        "max_accuracy_drop/reference": "-.",
-    }
-    for key, model in models.items():
-        color = colors.get(key, "tab:gray")
-        label = f"{key} (t={model['t']:g})"
-        for name, points in model["curves"].items():
-            if not points:
-                continue
-            pts = sorted(points, key=lambda p: p["test_macs"])
-            ax.plot(
-                [p["test_macs"] / 1e6 for p in pts],
-                [100 * p["test_accuracy"] for p in pts],
-                styles.get(name, "-"),
-                color=color,
-                alpha=0.9,
-                linewidth=1.3,
-                label=f"{label}: {name}",
-            )
-        any_pts = model["anytime"]
-        ax.plot(
-            [p["macs"] / 1e6 for p in any_pts],
-            [100 * p["test_accuracy"] for p in any_pts],
-            "o",
-            color=color,
-            markersize=5,
-            label=f"{label}: anytime exits",
-        )
-        orc = model["oracle"]
-        ax.plot(
-            orc["macs"] / 1e6,
-            100 * orc["accuracy"],
-            "*",
-            color=color,
-            markersize=13,
-            label=f"{label}: oracle",
-        )
-        head = model["headline"].get("0.01")
-        if head:
-            ax.plot(
-                head["test_macs"] / 1e6,
-                100 * head["test_accuracy"],
-                "D",
-                color="black",
-                markersize=6,
-                markerfacecolor=color,
-                label=f"{label}: ≤1 % drop budget",
-            )
-    ax.set_xlabel("average MACs per image (millions), test split")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs average MACs (thresholds chosen on held-out data)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    path = out_dir / "offline_accuracy_vs_macs.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
-
-
 def plot_engine(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     plt = _pyplot()
     cells = doc["result"]["cells"]
@@ -170,64 +103,6 @@ def plot_engine(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
-
-
-def plot_http(doc: dict[str, Any], out_dir: Path) -> list[Path]:
-    plt = _pyplot()
-    agg = doc["result"]["aggregate"]
-    keys = sorted({(c["server"], c["mode"]) for c in agg})
-    compare = doc["result"].get("compare_with")
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for server, mode in keys:
-        cs = sorted((c for c in agg if c["server"] == server and c["mode"] == mode), key=lambda c: c["concurrency"])
-        xs = [c["concurrency"] for c in cs]
-        style = "-" if server == "batching" else "--"
-        label = f"{mode} ({server})"
-        if compare and server == compare["server"]:
-            style, label = ":", f"{mode} ({server}: {compare['other']['short']})"
-        ax.plot(xs, [_num(c["req_per_s"]) for c in cs], style, marker="o", label=label)
-        ax2.plot(xs, [_num(c["p99_ms"]) for c in cs], style, marker="o", label=label)
-    for a, ylabel, title in (
-        (ax, "requests/s (median over rounds)", "HTTP throughput, closed loop"),
-        (ax2, "p99 latency (ms)", "HTTP p99 latency"),
-    ):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("concurrent clients")
-        a.set_ylabel(ylabel)
-        a.set_title(title)
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    ax2.set_yscale("log")
-    path = out_dir / "http_throughput_latency.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ee = [c for c in agg if c["server"] == "batching" and c["mode"] != "all_stages"]
-    if ee:
-        top = max(c["concurrency"] for c in ee)
-        chosen = [c for c in ee if c["concurrency"] == top]
-        width = 0.8 / max(len(chosen), 1)
-        for i, c in enumerate(chosen):
-            hist = c["exit_histogram"]
-            total = max(sum(hist), 1)
-            ax.bar(
-                [k + 1 + (i - (len(chosen) - 1) / 2) * width for k in range(len(hist))],
-                [100 * h / total for h in hist],
-                width=width,
-                label=f"{c['mode']} ({top} clients)",
-            )
-        ax.set_xlabel("exit")
-        ax.set_ylabel("share of served images (%)")
-        ax.set_title("Where served images exit")
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
-    exits_path = out_dir / "http_exit_histogram.png"
-    fig.tight_layout()
-    fig.savefig(exits_path, dpi=110)
-    plt.close(fig)
-    return [path, exits_path]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,7 +330,8 @@ def _http_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
     lines = ["## HTTP: closed-loop load against `boostserve serve`", ""]
     lines += [
         f"`{r['model']}` ({r['version']}); bodies: {r['images']} Fashion-MNIST test images as PNG "
-        f"(mean {r['png_bytes_mean']:.0f} B), raw `image/png` POST {s.get('path', '/v1/classify')}; "
+        f"(mean {r['png_bytes_mean']:.0f} B), raw `image/png` POST {s.get('path', '/v1/classify')} "
+        "(modes `multipart_*`: the same images as one-part multipart forms, as `curl -F` sends them); "
         f"client `{s['client']}` pinned to CPUs {s['client_cpus']}, "
         f"server pinned to CPUs {s['server_cpus']}; "
         f"per cell {s['warmup_s']:g} s warm-up then ≤{s['duration_s']:g} s or ≤{s['max_requests']} requests; "
@@ -545,7 +421,7 @@ def _http_section(doc: dict[str, Any], images: dict[str, str]) -> list[str]:
             f"on the same "
             f"images: min {100 * min(agreements):.2f} % over cells.",
         ]
-    for key in ("http", "http_exits"):
+    for key in ("http", "http_ablations", "http_exits"):
         if key in images:
             lines += ["", f"![{key}]({images[key]})"]
     return lines
@@ -573,6 +449,7 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
         paths = plot_http(docs["http"], out_dir)
         images["http"] = (rel / paths[0].name).as_posix()
         images["http_exits"] = (rel / paths[1].name).as_posix()
+        images["http_ablations"] = (rel / paths[2].name).as_posix()
     if "slo" in docs:
         from bench.slo_suite import plot_slo
 
@@ -661,6 +538,7 @@ ABLATIONS = {
     "fastapi_path": "raw-image classify through FastAPI routing (BOOSTSERVE_FAST_PATH=false)",
     "thread_stages": "stage batches on the ORT worker thread (BOOSTSERVE_STAGE_EXECUTION=thread)",
     "gc_unfrozen": "start-up objects left to the garbage collector (BOOSTSERVE_GC_FREEZE=false)",
+    "no_access_log": "no access line per request (BOOSTSERVE_LOG_LEVEL=warning; served: info)",
 }
 
 

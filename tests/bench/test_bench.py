@@ -264,15 +264,23 @@ def test_http_suite_end_to_end(http_out: Path) -> None:
         "fastapi_path",
         "thread_stages",
         "gc_unfrozen",
+        "no_access_log",
     }
+    envs = {s["name"]: s["env"] for s in r["servers"]}
+    # The published servers log at the shipped default (info): the access log is part of what is measured.
+    assert "BOOSTSERVE_LOG_LEVEL" not in envs["batching"] and "BOOSTSERVE_LOG_LEVEL" not in envs["no_batching"]
+    batching_env = {k: v for k, v in envs["batching"].items() if k != "BOOSTSERVE_GRPC_PORT"}
+    assert envs["no_access_log"] == {**batching_env, "BOOSTSERVE_LOG_LEVEL": "warning"}
     cells = r["aggregate"]
     assert {(c["server"], c["mode"]) for c in cells} >= {
         ("batching", "all_stages"),
         ("batching", "drop_0.01"),
+        ("batching", "multipart_all_stages"),  # the same images as one-part multipart forms
+        ("batching", "multipart_drop_0.01"),
         ("batching", "v2_binary"),  # the same images and budget over OIP v2 REST, binary extension
         ("batching", "grpc"),  # ... and over OIP v2 gRPC
     }
-    for mode in ("v2_binary", "grpc"):  # answers were read (labels, exits) and the budget is drop_0.01's
+    for mode in ("v2_binary", "grpc", "multipart_drop_0.01"):  # answers read, the budget is drop_0.01's
         oip = next(c for c in cells if c["server"] == "batching" and c["mode"] == mode)
         assert (oip["served_accuracy"] or 0) > 0 and (oip["server_request_ms_mean"] or 0) > 0, oip
         served = {c["mode"]: c["thresholds_served"] for c in r["cells"] if c["server"] == "batching"}
@@ -281,8 +289,8 @@ def test_http_suite_end_to_end(http_out: Path) -> None:
         assert c["requests"] > 0 and c["errors"] == 0
         assert sum(c["exit_histogram"]) == c["requests"]
         assert c["client_cpu_ms_per_request"] > 0
-    allst = next(c for c in cells if c["mode"] == "all_stages")
-    assert allst["exit_histogram"][:-1] == [0] * (len(allst["exit_histogram"]) - 1)  # nobody exits early
+    for allst in (c for c in cells if c["mode"] in ("all_stages", "multipart_all_stages")):
+        assert allst["exit_histogram"][:-1] == [0] * (len(allst["exit_histogram"]) - 1)  # nobody exits early
     assert all(c["server_cpu_ms_per_request"] > 0 for c in cells)
     text = (out / "README.md").read_text()
     assert "## HTTP" in text and (out / "http_throughput_latency.png").is_file()

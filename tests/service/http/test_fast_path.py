@@ -268,6 +268,14 @@ def test_forms_that_clients_send_are_plain(both_paths: dict[bool, TestClient]) -
         b"Content-Type: image/png\r\n\r\n" + PNGS[0] + b"\r\n--" + curl_boundary + b"--\r\n"
     )
     assert wire.plain_form_files(curl, b"multipart/form-data; boundary=" + curl_boundary, 1) == [PNGS[0]]
+    from bench.loadgen import build_multipart_requests  # what the bench's multipart modes send
+
+    [bench] = build_multipart_requests("127.0.0.1", 80, "/v1/classify", [PNGS[2]])
+    head, _, body = bench.partition(b"\r\n\r\n")
+    content_type = next(h for h in head.split(b"\r\n") if h.startswith(b"Content-Type: ")).removeprefix(
+        b"Content-Type: "
+    )
+    assert wire.plain_form_files(body, content_type, 1) == [PNGS[2]]
 
 
 def test_unknown_parameters_name_the_key_and_list_the_accepted_ones(make_client: ClientFactory) -> None:
