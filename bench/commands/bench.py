@@ -35,6 +35,12 @@ Suites (--suite, comma-separated; default all):
            Every label is checked; reports req/s, p50/p95/p99, served accuracy, MACs, exits,
            client/server CPU. --compare-with DIR adds the same cells served by another commit.
 
+  slo      optional, never part of the default run: the live controllers under open-loop Poisson load
+           (bench.slo_suite): accuracy first (global max_accuracy_drop=0.001, steps of 0.5, 1, 1.5,
+           0.5 x the capacity measured in the same run) served by a static server and by SLO mode
+           (latency target, floor), and a drift (the whole test split, then its hardest third) under
+           a global budget_macs, static vs live MAC budget. ~5 min (--quick ~2.5 min).
+
 Old code vs new, side by side (e.g. "does this change cost early-exit req/s?"):
   git worktree add /tmp/prev <commit>
   boostserve bench --suite http --quick --http-rounds 5 --compare-with /tmp/prev --out results/compare
@@ -69,9 +75,11 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _suites(text: str) -> tuple[str, ...]:
     names = tuple(s.strip() for s in text.split(",") if s.strip())
-    unknown = [s for s in names if s not in ("offline", "engine", "http")]
+    unknown = [s for s in names if s not in ("offline", "engine", "http", "slo")]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown suite(s) {unknown or text!r}: choose from offline, engine, http")
+        raise argparse.ArgumentTypeError(
+            f"unknown suite(s) {unknown or text!r}: choose from offline, engine, http, slo"
+        )
     return names
 
 
@@ -236,6 +244,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "settings, drop_0.01 at 1 and 64 clients in the same rounds, and report it side by side; "
         "DIR's commit is recorded",
     )
+    slo = parser.add_argument_group("slo suite (--suite slo)")
+    slo.add_argument("--slo-step", type=float, default=None, help="seconds per load step (default 20, quick 8)")
+    slo.add_argument(
+        "--slo-latency-target-ms", type=float, default=50.0, help="SLO mode's latency target (default %(default)s)"
+    )
 
 
 def _default_artifacts() -> Path:
@@ -378,6 +391,22 @@ def run(args: argparse.Namespace) -> int:
             with tempfile.TemporaryDirectory(prefix="boostserve-bench-") as workdir:
                 result = run_engine(artifact, test_set(), eng, Path(workdir), progress)
             providers = result.get("engine_providers")
+        elif suite == "slo":
+            from bench.slo_suite import SloSettings, run_slo
+
+            server_cpus, client_cpus = _default_cpus(args)
+            step = _pick(args.slo_step, 20.0, 8.0, quick)
+            slo_settings = SloSettings(
+                step_s=step,
+                latency_target_ms=args.slo_latency_target_ms,
+                capacity_s=_pick(None, 6.0, 4.0, quick),
+                drift_phases_s=(_pick(None, 15.0, 8.0, quick), _pick(None, 40.0, 25.0, quick)),
+                drift_settle_s=_pick(None, 15.0, 10.0, quick),
+                server_cpus=server_cpus,
+                client_cpus=client_cpus,
+            )
+            settings = {"quick": quick, "artifacts": str(artifacts), "data": args.data, **slo_settings.__dict__}
+            result = run_slo(artifact, test_set(), slo_settings, logs_dir, progress)
         else:
             from bench.http_suite import CLASSIFY_PATH, MODE_QUERIES, HttpSettings, default_servers, run_http
 
