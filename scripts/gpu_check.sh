@@ -3,7 +3,7 @@
 # (default 470 s, under 8 minutes) even when a step hangs or fails, and always writing what it has:
 #
 #   env        nvidia-smi's view of the GPU
-#   install    .[gpu] (onnxruntime-gpu) + pytest in its own venv (GPU_VENV, default build/gpu-venv);
+#   install    .[gpu] (onnxruntime-gpu), pytest and onnx in its own venv (GPU_VENV, default build/gpu-venv);
 #              the base interpreter's packages stay visible behind it (CUDA libraries, numpy, ...),
 #              so an offline GPU image needs only what it lacks, from GPU_WHEELS
 #   cuda-libs  the CUDA/cuDNN libraries of pip's nvidia-* packages on LD_LIBRARY_PATH, and ldd of
@@ -59,7 +59,7 @@ if [ -n "$FETCH" ]; then
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))
 reqs = project["project"]["dependencies"] + project["project"]["optional-dependencies"]["gpu"]
-reqs += project["build-system"]["requires"] + ["pytest>=8", "pytest-timeout>=2.3"]
+reqs += project["build-system"]["requires"] + ["pytest>=8", "pytest-timeout>=2.3", "onnx>=1.16"]
 print("\n".join(reqs))
 EOF
   )
@@ -162,7 +162,8 @@ if [ "$DEVICE" = cuda ]; then
       done
     fi
     echo "installing .[gpu] into $VENV ${WHEELS:+from $WHEELS }with $("$PY" -m pip --version)"
-    "$PY" -m pip install "${args[@]}" -e ".[gpu]" "pytest>=8" "pytest-timeout>=2.3"
+    # onnx: bench.fullgraph chains the stages into the one full-network session the engine step compares with.
+    "$PY" -m pip install "${args[@]}" -e ".[gpu]" "pytest>=8" "pytest-timeout>=2.3" "onnx>=1.16"
     "$PY" -m pip list 2>/dev/null | grep -iE '^(onnxruntime|numpy|pytest|pydantic|nvidia)' || true
   }
   export -f install_gpu
