@@ -30,6 +30,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from export.attach.errors import AttachError
+from export.attach.exact import inexact_cuts
 from export.attach.features import extract_pooled
 from export.attach.graph import (
     FEAT_IN,
@@ -64,7 +65,7 @@ from service.core.artifact import Manifest, load_manifest, save_calibration_npz,
 
 #: One model without --cuts: three exits before the last, spread by MACs.
 DEFAULT_CUTS = "auto:3"
-#: Real held-out images the last-exit parity check runs (in batches of 1 and of this size).
+#: Real held-out images each candidate cut is pre-checked on (export.attach.exact).
 PARITY_IMAGES = 64
 
 
@@ -113,7 +114,6 @@ class AttachResult:
     manifest: Manifest
     cuts: list[CutCandidate]
     parity_images: int
-    parity_max_abs: float
     heldout: SplitResult
     test: SplitResult | None
     features_cached: bool = False
@@ -145,8 +145,13 @@ def _preprocessing(spec: PreprocessingSpec, classifier: Classifier) -> dict[str,
     }
 
 
-def choose_cuts(classifier: Classifier, cuts: str | Sequence[str]) -> list[CutCandidate]:
-    """`auto:K` (K cut points spread by cumulative MACs), `none`, or tensor names."""
+def choose_cuts(classifier: Classifier, cuts: str | Sequence[str], images: np.ndarray | None) -> list[CutCandidate]:
+    """`auto:K` (K cut points spread by cumulative MACs), `none`, or tensor names.
+
+    With `images` (real, preprocessed), only cuts that keep the last exit bit for bit equal to the
+    unsplit network under ONNX Runtime are used (`export.attach.exact`); a named cut that does not
+    is an error, auto skips it.
+    """
     if isinstance(cuts, str):
         if cuts == "none":
             return []
@@ -156,9 +161,23 @@ def choose_cuts(classifier: Classifier, cuts: str | Sequence[str]) -> list[CutCa
                 count = int(text)
             except ValueError:
                 raise AttachError(f"--cuts {cuts!r}: auto:K needs an integer K") from None
-            return auto_cuts(cut_candidates(classifier), count, classifier.total_macs)
+            candidates = cut_candidates(classifier)
+            if images is not None:
+                bad = inexact_cuts(classifier, candidates, images)
+                candidates = [c for c in candidates if c.name not in bad]
+            return auto_cuts(candidates, count, classifier.total_macs)
         cuts = [c for c in cuts.split(",") if c]
-    return resolve_cuts(classifier, list(cuts))
+    resolved = resolve_cuts(classifier, list(cuts))
+    if images is not None:
+        bad = inexact_cuts(classifier, resolved, images)
+        for cut in resolved:
+            if cut.name in bad:
+                raise AttachError(
+                    f"cut {cut.name!r} changes the network's output under ONNX Runtime's graph optimisations "
+                    f"(max abs {bad[cut.name]:.1e} on real images), so the last exit would not be the original "
+                    "bit for bit; pick a neighbouring tensor (--list-cuts)"
+                )
+    return resolved
 
 
 def _load_data(data_dir: str | Path, pre: dict[str, Any], options: AttachOptions, num_classes: int) -> Any:
@@ -298,24 +317,33 @@ def _parity_images(splits: Any) -> np.ndarray:
     return np.ascontiguousarray(images[:count], dtype=np.float32)  # (n, C, H, W)
 
 
-def _check_parity(engine: Any, references: Sequence[tuple[int, Any]], images: np.ndarray) -> float:
-    """Bit-for-bit: exit `k` of `engine` equals the reference engine's only exit, batch 1 and batch n."""
-    worst = 0.0
-    for batch in (images[:1], images):
-        exits = engine.run_all_stages(batch)
-        for k, reference in references:
-            expected = np.asarray(reference.run_all_stages(batch)[-1])
-            got = np.asarray(exits[k])
+class _Parity:
+    """The serving engine, checked bit for bit against the unsplit model(s) on every batch it runs.
+
+    Calibration runs every held-out and test image through `run_all_stages`; wrapping the engine
+    makes the parity claim cover all of them at the cost of one more pass of the whole network.
+    """
+
+    def __init__(self, engine: Any, references: Sequence[tuple[int, Any]]) -> None:
+        self.engine = engine
+        self.references = references
+        self.images = 0
+
+    def run_all_stages(self, images: np.ndarray) -> list[np.ndarray]:
+        exits = [np.asarray(x) for x in self.engine.run_all_stages(images)]
+        for k, reference in self.references:
+            expected = np.asarray(reference.run_all_stages(images)[-1])
+            got = exits[k]
             if got.shape != expected.shape:
                 raise AttachError(f"exit {k + 1} has shape {got.shape}, the original model {expected.shape}")
-            diff = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
-            worst = max(worst, diff)
             if not np.array_equal(got, expected):
+                diff = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
                 raise AttachError(
                     f"exit {k + 1} differs from the original model's output (max abs {diff:.3e} on a batch of "
-                    f"{len(batch)}): the split graphs do not reproduce the network bit for bit"
+                    f"{len(images)}): the split graphs do not reproduce the network bit for bit"
                 )
-    return worst
+        self.images += len(images)
+        return exits
 
 
 def attach_exits(
@@ -346,10 +374,14 @@ def attach_exits(
     cascade = len(classifiers) > 1
     if cascade and options.cuts not in (None, "none"):
         raise AttachError("cuts apply to one model; a cascade of several models takes no --cuts (or --cuts none)")
-    cuts = [] if cascade else choose_cuts(first, DEFAULT_CUTS if options.cuts is None else options.cuts)
+    wanted = DEFAULT_CUTS if options.cuts is None else options.cuts
+    if not cascade:
+        choose_cuts(first, wanted, None)  # names, separation, order: fail before loading any data
     pre = _preprocessing(preprocessing, first)
     splits = _load_data(data_dir, pre, options, first.num_classes)
     classes = list(splits.class_names)
+    images = _parity_images(splits)
+    cuts = [] if cascade else choose_cuts(first, wanted, images)
 
     temp = _new_temp_dir(out)
     try:
@@ -411,7 +443,6 @@ def attach_exits(
         manifest = _validated(_manifest_body(name, stage_bodies, pre, classes, options.t, provenance))
 
         engine = make_engine(manifest, temp, threads=options.threads)
-        images = _parity_images(splits)
         progress.note("last-exit parity (serving engine: chained stages vs the unsplit model) ...")
         whole_dir = temp.parent / f".{temp.name}-whole"
         try:
@@ -419,28 +450,28 @@ def attach_exits(
                 refs = [(k, _whole_engine(c, whole_dir / str(k), pre, classes)) for k, c in enumerate(classifiers)]
             else:
                 refs = [(len(stage_models) - 1, _whole_engine(first, whole_dir / "0", pre, classes))]
-            worst = _check_parity(engine, refs, images)
+            checked = _Parity(engine, refs)
+            checked.run_all_stages(images[:1])  # a batch of one, then every calibration batch
+            n = manifest.num_stages
+            hashing = _Hashing(dataset_batches(splits.heldout, options.batch_size))
+            with progress.bar(total=len(splits.heldout), desc="calibrate held-out", unit="img") as bar:
+                heldout, _ = run_split(checked, hashing, n, progress=bar.update)
+            provenance["dataset"]["heldout_sha256"] = hashing.hexdigest()
+            test: SplitResult | None = None
+            if options.include_test:
+                hashing = _Hashing(dataset_batches(splits.test, options.batch_size))
+                with progress.bar(total=len(splits.test), desc="calibrate test", unit="img") as bar:
+                    test, _ = run_split(checked, hashing, n, progress=bar.update)
+                provenance["dataset"]["test_sha256"] = hashing.hexdigest()
         finally:
             shutil.rmtree(whole_dir, ignore_errors=True)
-        progress.note(f"parity: bit for bit on {len(images)} held-out images (max abs {worst:.1e})")
-
-        n = manifest.num_stages
-        hashing = _Hashing(dataset_batches(splits.heldout, options.batch_size))
-        with progress.bar(total=len(splits.heldout), desc="calibrate held-out", unit="img") as bar:
-            heldout, _ = run_split(engine, hashing, n, progress=bar.update)
-        provenance["dataset"]["heldout_sha256"] = hashing.hexdigest()
-        test: SplitResult | None = None
-        if options.include_test:
-            hashing = _Hashing(dataset_batches(splits.test, options.batch_size))
-            with progress.bar(total=len(splits.test), desc="calibrate test", unit="img") as bar:
-                test, _ = run_split(engine, hashing, n, progress=bar.update)
-            provenance["dataset"]["test_sha256"] = hashing.hexdigest()
+        progress.note(f"parity: bit for bit on all {checked.images} calibration images")
         arrays = heldout.arrays("heldout")
         if test is not None:
             arrays.update(test.arrays("test"))
         calibration_path = temp / CALIBRATION_FILE
         save_calibration_npz(calibration_path, arrays)
-        provenance["parity"] = {"images": len(images), "bit_exact": True, "max_abs": worst}
+        provenance["parity"] = {"images": checked.images, "bit_exact": True}
         body = _manifest_body(name, stage_bodies, pre, classes, options.t, provenance)
         body["calibration"] = {
             "file": CALIBRATION_FILE,
@@ -463,8 +494,7 @@ def attach_exits(
         path=out,
         manifest=manifest,
         cuts=cuts,
-        parity_images=len(images),
-        parity_max_abs=worst,
+        parity_images=checked.images,
         heldout=heldout,
         test=test,
         features_cached=cached,
