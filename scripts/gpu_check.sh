@@ -200,6 +200,8 @@ fi
 
 # -- the checks ------------------------------------------------------------------------------------
 export PYTHONUNBUFFERED=1 BOOSTSERVE_GPU_TEST_DEVICE=$DEVICE
+# The CPU dry run checks the code, not numbers: fewer images (the default suite runs it).
+[ "$DEVICE" = cpu ] && export BOOSTSERVE_GPU_TEST_IMAGES=128
 step providers 90 "session.get_providers() must hold the device's provider" \
   "$PY" -m bench.gpu_check providers --device "$DEVICE" --out "$OUT"
 

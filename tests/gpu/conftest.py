@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED = ROOT / "service" / "embedded_model"
 EXAMPLES = ROOT / "examples" / "images"
 DEVICE_ENV = "BOOSTSERVE_GPU_TEST_DEVICE"
+#: How many of the shipped test images (from image 0); the script's CPU dry run takes fewer.
+IMAGES_ENV = "BOOSTSERVE_GPU_TEST_IMAGES"
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +63,8 @@ def cpu_engine(engine: Engine) -> Engine:
 
 @pytest.fixture(scope="session")
 def images() -> np.ndarray:
-    """(522, 1, 28, 28): the shipped 512 first test images, then the 10 example PNGs."""
+    """(n + 10, 1, 28, 28): the first n shipped test images (n = 512 unless IMAGES_ENV says), then
+    the 10 example PNGs."""
     from PIL import Image
 
     from bench.common import load_artifact
@@ -69,7 +72,7 @@ def images() -> np.ndarray:
     from bench.gpu_check import load_images, preprocessed
 
     artifact = load_artifact(EMBEDDED)
-    test, _ = load_images(None, 512)
+    test, _ = load_images(None, int(os.environ.get(IMAGES_ENV, "512")))
     names = sorted(json.loads((EXAMPLES / "labels.json").read_text()))
     pngs = np.stack([np.asarray(Image.open(EXAMPLES / n).convert("L")) for n in names])  # (10, 28, 28)
     spec = artifact.manifest.preprocessing
