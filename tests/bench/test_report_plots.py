@@ -113,3 +113,17 @@ def test_the_offline_plot_has_at_most_six_legend_entries(tmp_path: Path, figures
         "baseline (t=0), optimal policy",
         "baseline (t=0), reference policy",
     ]
+
+
+@pytest.mark.parametrize(("early_exit", "verdict"), [(2900.0, "PASS"), (2700.0, "MISS")])
+def test_the_multipart_speedup_has_its_own_verdict(early_exit: float, verdict: str) -> None:
+    from bench.targets import evaluate
+
+    agg = [
+        _cell("batching", "multipart_drop_0.01", 64, early_exit),
+        _cell("batching", "multipart_all_stages", 64, 1000.0),
+        _cell("batching", "drop_0.01", 64, 1.0),  # the raw cells do not enter the multipart row
+        _cell("batching", "all_stages", 64, 100.0),
+    ]
+    row = next(t for t in evaluate(None, {"aggregate": agg, "pooled": []}) if t.key == "http_speedup_multipart")
+    assert (row.verdict, row.measured) == (verdict, early_exit / 1000.0)
