@@ -470,7 +470,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
         run_settings = replace(settings, providers=run.providers)
         try:
             with tempfile.TemporaryDirectory() as workdir:  # the chained full-network .onnx, not a result
-                body = run_engine(artifact, test, run_settings, Path(workdir), progress)
+                # The packaged artifact alone (no `<dir>_int8` beside it): the cells are sized for it.
+                body = run_engine(artifact, test, run_settings, Path(workdir), progress, int8=None)
         except Exception as exc:
             payload["missing"][run.label] = f"{type(exc).__name__}: {exc}"
             status = 1
