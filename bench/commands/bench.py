@@ -35,6 +35,13 @@ Suites (--suite, comma-separated; default all):
            Every label is checked; reports req/s, p50/p95/p99, served accuracy, MACs, exits,
            client/server CPU. --compare-with DIR adds the same cells served by another commit.
 
+  peers    optional, never part of the default run: the same network served by the servers users
+           would otherwise pick, each with its own batching (bench.peers): Ray Serve, BentoML,
+           KServe, LitServe, PyTriton (the full network as one ONNX), Ray Serve with hand-written
+           early exit, and boostserve (early exit and all stages); same PNGs, load (64 clients),
+           pinning and interleaved rounds; labels checked. Each peer is installed on first use
+           into its own venv under --peers-cache (minutes, GBs); --no-peer-install skips instead.
+
   slo      optional, never part of the default run: the live controllers under open-loop Poisson load
            (bench.slo_suite): accuracy first (global max_accuracy_drop=0.001, steps of 0.5, 1, 1.5,
            0.5 x the capacity measured in the same run) served by a static server and by SLO mode
@@ -75,10 +82,10 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _suites(text: str) -> tuple[str, ...]:
     names = tuple(s.strip() for s in text.split(",") if s.strip())
-    unknown = [s for s in names if s not in ("offline", "engine", "http", "slo")]
+    unknown = [s for s in names if s not in ("offline", "engine", "http", "peers", "slo")]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown suite(s) {unknown or text!r}: choose from offline, engine, http, slo"
+            f"unknown suite(s) {unknown or text!r}: choose from offline, engine, http, peers, slo"
         )
     return names
 
@@ -103,7 +110,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--suite",
         type=_suites,
         default=("offline", "engine", "http"),
-        help="comma-separated suites to run: offline,engine,http (default: all)",
+        help="comma-separated suites to run: offline,engine,http,peers (default: offline,engine,http)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="fewer cells and shorter runs: all suites in under 3 minutes"
@@ -244,10 +251,57 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "settings, drop_0.01 at 1 and 64 clients in the same rounds, and report it side by side; "
         "DIR's commit is recorded",
     )
+    _configure_peers(parser)
     slo = parser.add_argument_group("slo suite (--suite slo)")
     slo.add_argument("--slo-step", type=float, default=None, help="seconds per load step (default 20, quick 8)")
     slo.add_argument(
         "--slo-latency-target-ms", type=float, default=50.0, help="SLO mode's latency target (default %(default)s)"
+    )
+
+
+def _peer_names(text: str) -> tuple[str, ...]:
+    from bench.peers.runner import PEERS
+
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer(s) {unknown}: choose from {', '.join(PEERS)}")
+    return names
+
+
+def _configure_peers(parser: argparse.ArgumentParser) -> None:
+    from bench.peers.envs import default_cache
+
+    peers = parser.add_argument_group("peers suite (--suite peers)")
+    peers.add_argument(
+        "--peers",
+        type=_peer_names,
+        default=None,
+        help="comma-separated peers (default: all: ray_serve, ray_serve_early_exit, bentoml, kserve, litserve, "
+        "pytriton); boostserve always runs",
+    )
+    peers.add_argument(
+        "--peers-cache",
+        type=Path,
+        default=None,
+        help=f"where the peers' venvs live (default: {default_cache()}; BOOSTSERVE_PEERS_CACHE)",
+    )
+    peers.add_argument(
+        "--no-peer-install", action="store_true", help="skip (with the reason recorded) a peer whose venv is missing"
+    )
+    peers.add_argument("--peer-rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
+    peers.add_argument(
+        "--peer-duration", type=float, default=None, help="measured seconds per cell (default 10, quick 3)"
+    )
+    peers.add_argument("--peer-warmup", type=float, default=None, help="warm-up seconds per cell (default 2, quick 1)")
+    peers.add_argument("--peer-images", type=int, default=None, help="distinct test images posted (default 5000)")
+    peers.add_argument("--peer-concurrency", type=_ints, default=None, help="client counts (default 64)")
+    peers.add_argument(
+        "--peer-batch-wait-ms",
+        type=float,
+        default=2.0,
+        help="every peer batcher's max wait for a fuller batch (default %(default)s ms); max batch size: "
+        "--max-batch-size or boostserve's default 32",
     )
 
 
@@ -391,23 +445,7 @@ def run(args: argparse.Namespace) -> int:
             with tempfile.TemporaryDirectory(prefix="boostserve-bench-") as workdir:
                 result = run_engine(artifact, test_set(), eng, Path(workdir), progress)
             providers = result.get("engine_providers")
-        elif suite == "slo":
-            from bench.slo_suite import SloSettings, run_slo
-
-            server_cpus, client_cpus = _default_cpus(args)
-            step = _pick(args.slo_step, 20.0, 8.0, quick)
-            slo_settings = SloSettings(
-                step_s=step,
-                latency_target_ms=args.slo_latency_target_ms,
-                capacity_s=_pick(None, 6.0, 4.0, quick),
-                drift_phases_s=(_pick(None, 15.0, 8.0, quick), _pick(None, 40.0, 25.0, quick)),
-                drift_settle_s=_pick(None, 15.0, 10.0, quick),
-                server_cpus=server_cpus,
-                client_cpus=client_cpus,
-            )
-            settings = {"quick": quick, "artifacts": str(artifacts), "data": args.data, **slo_settings.__dict__}
-            result = run_slo(artifact, test_set(), slo_settings, logs_dir, progress)
-        else:
+        elif suite == "http":
             from bench.http_suite import CLASSIFY_PATH, MODE_QUERIES, HttpSettings, default_servers, run_http
 
             server_cpus, client_cpus = _default_cpus(args)
@@ -445,6 +483,24 @@ def run(args: argparse.Namespace) -> int:
             result = run_http(artifact, test_set(), http_settings, logs_dir, progress)
             infos = [s.get("model_info") or {} for s in result["servers"]]
             providers = sorted({p for i in infos for p in str(i.get("providers", "")).split(",") if p}) or None
+        elif suite == "peers":
+            settings, result = _run_peers(args, artifact, test_set(), logs_dir, progress)
+        elif suite == "slo":
+            from bench.slo_suite import SloSettings, run_slo
+
+            server_cpus, client_cpus = _default_cpus(args)
+            step = _pick(args.slo_step, 20.0, 8.0, quick)
+            slo_settings = SloSettings(
+                step_s=step,
+                latency_target_ms=args.slo_latency_target_ms,
+                capacity_s=_pick(None, 6.0, 4.0, quick),
+                drift_phases_s=(_pick(None, 15.0, 8.0, quick), _pick(None, 40.0, 25.0, quick)),
+                drift_settle_s=_pick(None, 15.0, 10.0, quick),
+                server_cpus=server_cpus,
+                client_cpus=client_cpus,
+            )
+            settings = {"quick": quick, "artifacts": str(artifacts), "data": args.data, **slo_settings.__dict__}
+            result = run_slo(artifact, test_set(), slo_settings, logs_dir, progress)
         duration = time.perf_counter() - t0
         write_json(
             out_dir / f"{suite}.json",
@@ -464,3 +520,43 @@ def run(args: argparse.Namespace) -> int:
     for t in targets:
         print(f"{t.verdict:4}  {t.description}: {t.measured_text} (limit {t.limit})")
     return 0
+
+
+def _run_peers(
+    args: argparse.Namespace, artifact: Any, test: Any, logs_dir: Path, progress: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The peers suite's settings and result (bench.peers.runner)."""
+    import tempfile
+
+    from bench.common import TARGET_DROP
+    from bench.http_suite import default_servers
+    from bench.peers.envs import default_cache
+    from bench.peers.runner import PEERS, PeersSettings, run_peers
+
+    quick: bool = args.quick
+    server_cpus, client_cpus = _default_cpus(args)
+    threads = args.threads if args.threads > 0 else len(server_cpus or [0])
+    concurrencies = _pick(args.peer_concurrency, (64,), (64,), quick)
+    batching = next(c for c in default_servers(quick=True, threads=threads, concurrencies=concurrencies)
+                    if c.name == "batching")  # fmt: skip
+    peers_settings = PeersSettings(
+        peers=args.peers or tuple(PEERS),
+        concurrencies=concurrencies,
+        duration_s=_pick(args.peer_duration, 10.0, 3.0, quick),
+        warmup_s=_pick(args.peer_warmup, 2.0, 1.0, quick),
+        max_requests=_pick(args.max_requests, 100_000, 20_000, quick),
+        rounds=_pick(args.peer_rounds, 3, 1, quick),
+        images=_pick(args.peer_images, 5000, 2000, quick),
+        drop=TARGET_DROP,
+        max_batch_size=args.max_batch_size or 32,
+        max_wait_ms=args.peer_batch_wait_ms,
+        server_cpus=server_cpus,
+        client_cpus=client_cpus,
+        cache=str(args.peers_cache or default_cache()),
+        install=not args.no_peer_install,
+        boostserve_env=dict(batching.env),
+    )
+    settings = {"quick": quick, "artifacts": str(artifact.path), "data": args.data, **peers_settings.__dict__}
+    with tempfile.TemporaryDirectory(prefix="boostserve-peers-") as workdir:
+        result = run_peers(artifact, test, peers_settings, Path(workdir), logs_dir, progress)
+    return settings, result
