@@ -381,7 +381,11 @@ def attach_exits(
     splits = _load_data(data_dir, pre, options, first.num_classes)
     classes = list(splits.class_names)
     images = _parity_images(splits)
+    if not cascade and wanted != "none":
+        progress.note(f"checking cut candidates for bit-exact splits on {len(images)} held-out images ...")
     cuts = [] if cascade else choose_cuts(first, wanted, images)
+    if cuts:
+        progress.note("cuts: " + ", ".join(c.name for c in cuts))
 
     temp = _new_temp_dir(out)
     try:
