@@ -55,6 +55,7 @@ from export.pipeline import (
     _publish,
     _validated,
     dataset_batches,
+    git_sha,
     make_world_readable,
     tool_versions,
 )
@@ -547,6 +548,7 @@ def quantize_artifact(
         }
         quantization["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         quantization["tool_versions"] = tool_versions()
+        quantization["git_sha"] = git_sha()
         body["provenance"]["quantization"] = quantization
         result.manifest = _validated(body)
         write_manifest(temp, result.manifest)
