@@ -137,6 +137,11 @@ class BackgroundHandler(logging.Handler):
     it for long. `flush()` returns once everything queued so far is written (the exit watchdog and
     logging.shutdown call it), `close()` flushes and stops the thread. A process killed outright
     loses at most the last `batch_s` of lines.
+
+    Bounded: a stream that stops taking lines (a full pipe nobody reads) used to block the event
+    loop; now it would grow the queue instead, so past `max_pending` queued items access lines are
+    dropped and counted, and the count is written as a warning once the stream takes lines again.
+    Other records are never dropped (they are few).
     """
 
     def __init__(
@@ -146,12 +151,16 @@ class BackgroundHandler(logging.Handler):
         deferred: Iterable[str] = (ACCESS_LOGGER,),
         batch_s: float = 0.05,
         chunk: int = 64,
+        max_pending: int = 100_000,
     ) -> None:
         super().__init__()
         self.stream = stream
         self.deferred = frozenset(deferred)
         self.batch_s = batch_s
         self.chunk = chunk
+        self.max_pending = max_pending
+        #: Access lines dropped since the last report of them (the queue was full).
+        self.dropped = 0
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._urgent = threading.Event()
         self._closed = False
@@ -173,6 +182,8 @@ class BackgroundHandler(logging.Handler):
         """Queue one access line (`log_access`); built and formatted on the writer thread."""
         if self._closed:
             self.handle(access_record(entry))
+        elif self._queue.qsize() >= self.max_pending:
+            self.dropped += 1  # the writer reads and resets it; a lost increment only under-counts
         else:
             self._queue.put(entry)
 
@@ -211,11 +222,11 @@ class BackgroundHandler(logging.Handler):
         lines: list[str] = []
         for item in items:
             if isinstance(item, (logging.LogRecord, tuple)):
-                record = item if isinstance(item, logging.LogRecord) else access_record(item)
                 try:
+                    record = item if isinstance(item, logging.LogRecord) else access_record(item)
                     lines.append(self.format(record))
                 except Exception:
-                    self.handleError(record)
+                    self.handleError(logging.makeLogRecord({"msg": repr(item)[:200]}))
             elif isinstance(item, str):
                 lines.append(item)
             else:
@@ -229,6 +240,12 @@ class BackgroundHandler(logging.Handler):
                 lines = []
                 time.sleep(0)  # hand the GIL back between chunks
         self._emit_lines(lines)
+        dropped, self.dropped = self.dropped, 0
+        if dropped:
+            message = "%d access lines dropped: the log stream did not keep up"
+            self._emit_lines(
+                [self.format(logging.LogRecord(ACCESS_LOGGER, logging.WARNING, "", 0, message, (dropped,), None))]
+            )
         return True
 
     def _emit_lines(self, lines: list[str]) -> None:

@@ -180,3 +180,37 @@ def test_after_close_records_are_written_at_once() -> None:
     handler.handle(_record("logged at exit"))
     handler.put_access((1_800_000_000.0, "GET", "/livez", 200, 0.001, "r4", "/livez"))
     assert "logged at exit" in stream.getvalue() and "[request_id=r4]" in stream.getvalue()
+
+
+class StalledStream(CountingStream):
+    """A stream whose first write blocks until released (a full pipe nobody reads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.entered.set()
+        assert self.release.wait(timeout=60)
+        return super().write(text)
+
+
+def test_a_stalled_stream_drops_access_lines_past_the_bound_and_says_so() -> None:
+    """The queue does not grow without bound when the stream stops taking lines (nor block the caller)."""
+    stream = StalledStream()
+    handler = BackgroundHandler(stream, batch_s=0.0, max_pending=10)
+    handler.setFormatter(TextFormatter())
+    entry = (1_800_000_000.0, "GET", "/livez", 200, 0.001, "first", "/livez")
+    handler.put_access(entry)
+    assert stream.entered.wait(timeout=60)  # the writer is stuck in its first write
+    for i in range(50):
+        handler.put_access((*entry[:5], f"id{i}", "/livez"))
+    stream.release.set()
+    handler.flush()
+    handler.close()
+    lines = stream.getvalue().splitlines()
+    kept = [line.rsplit("request_id=", 1)[1].rstrip("]") for line in lines if "request_id=" in line]
+    assert kept == ["first"] + [f"id{i}" for i in range(10)]
+    warnings = [line for line in lines if "request_id=" not in line]
+    assert len(warnings) == 1 and "40 access lines dropped: the log stream did not keep up" in warnings[0]
