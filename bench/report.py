@@ -16,9 +16,17 @@ from typing import Any
 from bench.coverage import coverage_lines, plot_coverage
 from bench.figures import plot_http, plot_offline
 from bench.stats import safe_ratio
-from bench.targets import TARGET_SPEEDUP, Target, evaluate, evaluate_slo, limits_analysis, limits_bounds
+from bench.targets import (
+    TARGET_SPEEDUP,
+    Target,
+    evaluate,
+    evaluate_peers,
+    evaluate_slo,
+    limits_analysis,
+    limits_bounds,
+)
 
-SUITES = ("offline", "engine", "http", "slo")
+SUITES = ("offline", "engine", "http", "slo", "peers")
 
 
 def load_results(out_dir: Path) -> dict[str, dict[str, Any]]:
@@ -454,11 +462,19 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
         from bench.slo_suite import plot_slo
 
         images["slo"] = (rel / plot_slo(docs["slo"], out_dir).name).as_posix()
+    if "peers" in docs:
+        from bench.peers.report import plot_peers
+
+        images["peers"] = (rel / plot_peers(docs["peers"], out_dir).name).as_posix()
 
     offline = docs["offline"]["result"] if "offline" in docs else None
     http = docs["http"]["result"] if "http" in docs else None
     engine = docs["engine"]["result"] if "engine" in docs else None
-    targets = evaluate(offline, http, engine) + evaluate_slo(docs["slo"]["result"] if "slo" in docs else None)
+    targets = (
+        evaluate(offline, http, engine)
+        + evaluate_slo(docs["slo"]["result"] if "slo" in docs else None)
+        + evaluate_peers(docs["peers"]["result"] if "peers" in docs else None)
+    )
     (out_dir / "targets.json").write_text(json.dumps([t.as_dict() for t in targets], indent=2, default=str) + "\n")
 
     lines = [
@@ -495,6 +511,10 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
         from bench.slo_suite import slo_section
 
         lines += ["", *slo_section(docs["slo"], images.get("slo"))]
+    if "peers" in docs:
+        from bench.peers.report import peers_section
+
+        lines += ["", *peers_section(docs["peers"], images.get("peers"))]
     engine_result = docs["engine"]["result"] if "engine" in docs else None
     limits = limits_analysis(http, engine_result)
     bounds = limits_bounds(limits, engine_result)

@@ -526,3 +526,45 @@ def evaluate_slo(slo: dict[str, Any] | None) -> list[Target]:
         )
     )
     return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Peers (bench.peers, issue 17 item 3)
+# ------------------------------------------------------------------------------------------------
+PEER_TARGET_BEST = 5.0  # boostserve early exit ÷ the best peer serving the full network
+PEER_TARGET_EARLY_EXIT = 2.0  # boostserve early exit ÷ the peer with hand-written early exit
+PEER_EARLY_EXIT = "ray_serve_early_exit"
+
+
+def evaluate_peers(peers: dict[str, Any] | None) -> list[Target]:
+    """boostserve's early exit against the peers at TARGET_CONCURRENCY clients (median req/s over rounds)."""
+    cells = [c for c in (peers or {}).get("aggregate", []) if c["concurrency"] == TARGET_CONCURRENCY]
+    ours = next((c for c in cells if c["server"] == "boostserve" and c["mode"] == "early_exit"), None)
+    full = [c for c in cells if c["server"] != "boostserve" and c["mode"] == "full" and c["req_per_s"] is not None]
+    best = max(full, key=lambda c: c["req_per_s"], default=None)
+    hand = next((c for c in cells if c["server"] == PEER_EARLY_EXIT), None)
+    rps = _nan(ours["req_per_s"]) if ours else math.nan
+    vs_best = safe_ratio(rps, _nan(best["req_per_s"])) if best else math.nan
+    vs_hand = safe_ratio(rps, _nan(hand["req_per_s"])) if hand else math.nan
+    src = f"peers: {TARGET_CONCURRENCY} clients, same PNGs, server on one CPU, labels checked"
+    return [
+        _row(
+            "peers_best",
+            f"boostserve early exit ÷ the best peer's req/s (full network, HTTP, {TARGET_CONCURRENCY} clients)",
+            f"≥ {PEER_TARGET_BEST:.2f}×",
+            vs_best,
+            "{:.2f}×" + (f" (best: {best['server']}, {best['req_per_s']:.0f} req/s)" if best else ""),
+            vs_best >= PEER_TARGET_BEST,
+            src,
+        ),
+        _row(
+            "peers_early_exit",
+            f"boostserve early exit ÷ hand-written early exit in a peer ({PEER_EARLY_EXIT}, "
+            f"{TARGET_CONCURRENCY} clients)",
+            f"≥ {PEER_TARGET_EARLY_EXIT:.2f}×",
+            vs_hand,
+            "{:.2f}×",
+            vs_hand >= PEER_TARGET_EARLY_EXIT,
+            src,
+        ),
+    ]

@@ -31,6 +31,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -71,6 +72,8 @@ class ServerSpec:
     module: str | None = None  # peer_servers.<module>
     env: dict[str, str] = field(default_factory=dict)  # "{port}" is replaced by the server's port
     startup_timeout_s: float = 180.0
+    #: (name, regex with one group): a version the server prints in its log (Triton's own server)
+    log_version: tuple[str, str] | None = None
 
 
 PEERS: dict[str, ServerSpec] = {
@@ -148,6 +151,7 @@ PEERS: dict[str, ServerSpec] = {
             "/v2/models/peer/infer",
             "pytriton",
             "pytriton_server",
+            log_version=("tritonserver", r"server_version\s*\|\s*([0-9][0-9.]*)"),
         ),
     )
 }
@@ -196,16 +200,13 @@ class Expected:
     full_labels: np.ndarray  # (n,)
     early_labels: np.ndarray  # (n,)
     early_exits: np.ndarray  # (n,) 1-based
+    num_exits: int
 
     def labels(self, mode: str) -> np.ndarray:
         return self.early_labels if mode == EARLY_EXIT else self.full_labels
 
     def exits(self, mode: str) -> np.ndarray:
         return self.early_exits if mode == EARLY_EXIT else np.full_like(self.early_exits, self.num_exits)
-
-    @property
-    def num_exits(self) -> int:
-        return int(self.early_exits.max(initial=1))
 
 
 def expected_from_logits(logits: list[np.ndarray], thresholds: list[float]) -> Expected:
@@ -216,7 +217,7 @@ def expected_from_logits(logits: list[np.ndarray], thresholds: list[float]) -> E
     taken = exit_indices(conf, thresholds)  # (n,) 0-based
     labels = np.stack([np.argmax(lg, axis=1) for lg in logits])  # (E, n)
     n = labels.shape[1]
-    return Expected(labels[-1].astype(np.int64), labels[taken, np.arange(n)].astype(np.int64), taken + 1)
+    return Expected(labels[-1].astype(np.int64), labels[taken, np.arange(n)].astype(np.int64), taken + 1, len(logits))
 
 
 def compute_expected(artifact: Artifact, images: np.ndarray, thresholds: list[float], chunk: int = 256) -> Expected:
@@ -248,7 +249,7 @@ def compute_expected(artifact: Artifact, images: np.ndarray, thresholds: list[fl
 
 
 def _proc_stats() -> dict[int, tuple[int, int, float]]:
-    """{pid: (ppid, session id, utime + stime seconds)} of every process we can read."""
+    """{pid: (ppid, session id, utime + stime seconds)} of every live process we can read."""
     ticks = os.sysconf("SC_CLK_TCK")
     out: dict[int, tuple[int, int, float]] = {}
     for entry in os.listdir("/proc"):
@@ -256,6 +257,8 @@ def _proc_stats() -> dict[int, tuple[int, int, float]]:
             continue
         try:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] == "Z":  # a zombie: dead, waiting for its parent (or init) to reap it
+                continue
             out[int(entry)] = (int(fields[1]), int(fields[3]), (int(fields[11]) + int(fields[12])) / ticks)
         except (OSError, ValueError, IndexError):
             continue
@@ -304,20 +307,22 @@ class TreeServer(ServerProcess):
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.proc.pid) if self.proc is not None else math.nan
 
-    def stop(self, timeout_s: float = 15.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM, then after `timeout_s` SIGKILL to every process of the tree still alive.
+
+        Short: a peer's graceful shutdown (Ray's takes ~20 s) is not what we measure.
+        """
         if self.proc is None:
             return
         members = process_tree(self.proc.pid)
         super().stop(timeout_s)
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            alive = members & set(_proc_stats())
-            if not alive:
-                return
-            time.sleep(0.2)
-        for pid in members & set(_proc_stats()):  # only processes this server started
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # what the server left behind: only processes it started
+            for pid in members & set(_proc_stats()):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 5.0
+            while members & set(_proc_stats()) and time.monotonic() < deadline:
+                time.sleep(0.1)
 
 
 class PeerProcess(TreeServer):
@@ -524,6 +529,13 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def start_failure_reason(error: str) -> str:
+    """One line for the table: what happened and the last line of the server's log."""
+    first, _, log = error.partition("\n")
+    last = next((line.strip() for line in reversed(log.splitlines()) if line.strip()), "")
+    return f"server did not start: {first}" + (f"; last log line: {last[:300]}" if last else "")
+
+
 def _rotate(items: list[Any], r: int) -> list[Any]:
     shift = r % max(len(items), 1)
     return items[shift:] + items[:shift]
@@ -615,7 +627,7 @@ def run_peers(
                 except RuntimeError as exc:
                     entry.setdefault("start_failures", []).append({"round": r, "error": str(exc)[-2000:]})
                     if not any(c["server"] == name for c in cells):
-                        entry.update(status="skipped", reason=f"server did not start: {str(exc)[:600]}")
+                        entry.update(status="skipped", reason=start_failure_reason(str(exc)))
                     progress.log(f"peers: {name} failed to start in round {r + 1}: {str(exc)[:300]}")
                     continue
                 entry.setdefault("startup_s", []).append(server.startup_s)
@@ -644,6 +656,10 @@ def run_peers(
                             )
                 finally:
                     server.stop()
+                    if spec.log_version and spec.log_version[0] not in entry["versions"]:
+                        found = re.search(spec.log_version[1], server.log_tail(100_000))
+                        if found:
+                            entry["versions"][spec.log_version[0]] = found.group(1)
     return {
         "model": artifact.manifest.name,
         "version": artifact.manifest.version,
