@@ -136,6 +136,9 @@ def main() -> int:
     parser.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.2])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--populations-cache", type=Path, default=None, help="npz of the engine outputs (written if missing)"
+    )
     args = parser.parse_args()
     started = time.time()
 
@@ -148,12 +151,31 @@ def main() -> int:
         return preprocess(raw, height=spec.height, width=spec.width, channels=spec.channels, mean=list(spec.mean),
                           std=list(spec.std), input_scale=spec.input_scale, resize=spec.resize)  # fmt: skip
 
-    clean = run_engine(engine, tensor(test.images), test.labels, "clean")
     rng = np.random.default_rng(args.seed)
-    scenarios: dict[str, Population] = {}
-    for s in args.noise:
-        noisy = np.clip(test.images.astype(np.float64) + rng.normal(0.0, s * 255.0, test.images.shape), 0, 255)
-        scenarios[f"noise {s:g}"] = run_engine(engine, tensor(noisy.astype(np.uint8)), test.labels, f"noise {s:g}")
+    cache = args.populations_cache
+    if cache is not None and cache.is_file():
+        with np.load(cache) as data:
+            names = [str(v) for v in data["names"]]
+            loaded = {
+                n: Population(n, data[f"{i}_conf"], data[f"{i}_pred"], data[f"{i}_correct"])
+                for i, n in enumerate(names)
+            }
+        clean = loaded.pop("clean")
+        scenarios = loaded
+        rng.normal(0.0, 1.0, (len(scenarios), *test.images.shape))  # the same stream as without the cache
+    else:
+        clean = run_engine(engine, tensor(test.images), test.labels, "clean")
+        scenarios = {}
+        for s in args.noise:
+            noisy = np.clip(test.images.astype(np.float64) + rng.normal(0.0, s * 255.0, test.images.shape), 0, 255)
+            name = f"noise {s:g}"
+            scenarios[name] = run_engine(engine, tensor(noisy.astype(np.uint8)), test.labels, name)
+        if cache is not None:
+            pops = [clean, *scenarios.values()]
+            arrays: dict[str, np.ndarray] = {"names": np.asarray([p.name for p in pops])}
+            for i, p in enumerate(pops):
+                arrays.update({f"{i}_conf": p.conf, f"{i}_pred": p.pred, f"{i}_correct": p.correct})
+            np.savez(cache, **arrays)
     cum_macs = np.asarray(manifest.cumulative_macs, dtype=np.float64)
     n = clean.conf.shape[1]
 
