@@ -72,6 +72,11 @@ def peers_section(doc: dict[str, Any], image: str | None) -> list[str]:
         f"The machine was shared with other work (load average at start {m.get('loadavg_1_5_15')}): "
         "medians and min–max over rounds.",
         "",
+        "Rerun: `boostserve bench --suite peers` (add `--publish` to update this page). Each peer is installed "
+        "on first use into its own venv under `--peers-cache` (default `~/.cache/boostserve/peers`, made with "
+        "Debian's /usr/bin/python3.11 where it exists; pins in bench/peers/envs.py and the `peers` extra); "
+        "`--no-peer-install` skips a missing one with the reason recorded. Not part of the default bench or CI.",
+        "",
     ]
     for k in sorted({c["concurrency"] for c in r.get("aggregate", [])}):
         ref = _reference(r, k)
@@ -99,11 +104,16 @@ def peers_section(doc: dict[str, Any], image: str | None) -> list[str]:
         lines += ["Skipped (not measured):", ""]
         lines += [f"- `{sv['name']}`: {sv['reason']}" for sv in skipped]
         lines.append("")
-    lines += ["What each server is, and the versions it ran:", "", "| server | what | versions | start-up s |"]
-    lines.append("|---|---|---|---:|")
+    lines += [
+        "What each server is, what it is sent, and the versions it ran:",
+        "",
+        "| server | what | request | versions | start-up s per round |",
+        "|---|---|---|---|---:|",
+    ]
     for sv in r["servers"]:
         startup = "/".join(_f(x, "{:.1f}") for x in sv.get("startup_s", [])) or "–"
-        lines.append(f"| {sv['name']} | {sv['title']} | {_versions(sv)} | {startup} |")
+        request = f"`{sv.get('protocol', '')}` POST {sv.get('path', '')}"
+        lines.append(f"| {sv['name']} | {sv['title']} | {request} | {_versions(sv)} | {startup} |")
     if image:
         lines += ["", f"![peers]({image})"]
     return lines
