@@ -489,10 +489,11 @@ class Scheduler:
             held = counts.get(id(tag))
             counts[id(tag)] = (tag, n, positions) if held is None else (tag, held[1] + n, held[2] + positions)
         sampled = comp.shadow_rows
-        labels = comp.logits.argmax(axis=-1)  # (n,) the exits' labels (argmax F = argmax softmax F)
+        # (n,) the exits' labels (argmax F = argmax softmax F); only when some row was sampled
+        labels = None if sampled is None else comp.logits.argmax(axis=-1)
         for tag, n, positions in counts.values():
             self._safe(sink.on_eligible_exits, k, n, tag)
-            if sampled is None or comp.shadow_state is None:
+            if sampled is None or labels is None or comp.shadow_state is None:
                 continue
             mine = np.intersect1d(sampled, np.asarray(positions, dtype=np.int64))  # (s,) sorted positions
             if mine.size == 0:
