@@ -327,7 +327,17 @@ def hostile_section(runs: dict[str, dict[str, Any]]) -> list[str]:
             f"- /livez every 0.1 s: {attack['livez_probes']} probes, p50 {attack['livez_p50_ms']} ms, p99 "
             f"{attack['livez_p99_ms']} ms, max {attack['livez_max_ms']} ms, failures {len(attack['livez_failures'])}; "
             f"during the alone phase p99 {attack.get('livez_alone_p99_ms')} ms, "
-            f"max {attack.get('livez_alone_max_ms')} ms",
+            f"max {attack.get('livez_alone_max_ms')} ms (prober: its own process, a new connection per probe)",
+            *(
+                [
+                    f"- server event loop lag (boostserve_event_loop_lag_seconds, a 50 ms timer, both phases): max "
+                    f"{attack['server_loop_lag_max_ms']} ms; {attack['server_loop_lag_over_50ms']:.0f} of "
+                    f"{attack['server_loop_lag_samples']:.0f} samples over 50 ms, "
+                    f"{attack['server_loop_lag_over_100ms']:.0f} over 100 ms"
+                ]
+                if "server_loop_lag_max_ms" in attack
+                else []
+            ),
             f"- answers to the attackers: {_fmt(attack['attack_statuses'])}; to the legitimate clients: "
             f"{_fmt(attack['legit_statuses'])}",
             f"- server process tree (decode workers included) RSS max: {attack['rss_mib_max']} MiB",

@@ -7,7 +7,9 @@ legitimate clients' p99 stays within 3x their p99 alone (measured first, same ru
 the server's process tree (its decode workers included) stays under 1 GiB resident; no 5xx.
 
 Placement as in the bench: the server (and its decode workers, which inherit the affinity) on CPU 0,
-every client in this process on CPU 1, so the client's CPU never counts as server latency. The
+every client on CPU 1, so the client's CPU never counts as server latency. The liveness prober is a
+process of its own, a new connection per probe, as the kubelet's (tests.reliability._prober); the
+server's own view of the same thing, boostserve_event_loop_lag_seconds, is recorded beside it. The
 figures go to build/reliability/mixed_attack.json; scripts/reliability_report.py formats them
 for docs/reliability.md.
 
@@ -17,15 +19,21 @@ for docs/reliability.md.
 from __future__ import annotations
 
 import asyncio
-import http.client
+import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.http_suite import pinned
 from bench.loadgen import _RawConnection, build_raw_requests, run_closed_loop, summarize_latency
@@ -48,32 +56,29 @@ RSS_BOUND = 1 << 30
 SERVER_CPUS, CLIENT_CPUS = {0}, [1]
 
 
-class Prober(threading.Thread):
-    """GET /livez every PROBE_EVERY_S on one keep-alive connection; every latency is kept."""
+class Prober:
+    """/livez every PROBE_EVERY_S from its own process (tests.reliability._prober), as a kubelet
+    probes: not a thread of the load generator, whose GIL and CPU it would wait for."""
 
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
+    def __init__(self, port: int, out: Path) -> None:
+        self.out = out
+        ready = out.with_suffix(".ready")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.reliability._prober", str(port), str(PROBE_EVERY_S), str(out), str(ready)],
+            cwd=Path(__file__).resolve().parents[2],
+        )
         self.latencies_ms: list[float] = []
         self.failures: list[str] = []
-        self.stop = threading.Event()
+        stop_at = time.monotonic() + 60
+        while not ready.exists():  # probing before the load starts
+            assert self.process.poll() is None and time.monotonic() < stop_at, "the prober did not start"
+            time.sleep(0.05)
 
-    def run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        while not self.stop.is_set():
-            started = time.perf_counter()
-            try:
-                conn.request("GET", "/livez")
-                response = conn.getresponse()
-                response.read()
-                if response.status != 200:
-                    self.failures.append(f"HTTP {response.status}")
-            except (OSError, http.client.HTTPException) as exc:
-                self.failures.append(type(exc).__name__)
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-            self.latencies_ms.append((time.perf_counter() - started) * 1e3)
-            self.stop.wait(max(0.0, PROBE_EVERY_S - (time.perf_counter() - started)))
+    def finish(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=30)
+        result = json.loads(self.out.read_text())
+        self.latencies_ms, self.failures = result["latencies_ms"], result["failures"]
 
 
 class RssSampler(threading.Thread):
@@ -127,27 +132,42 @@ async def under_attack(port: int, bodies: list[bytes], bombs: list[bytes]) -> tu
     return result, statuses
 
 
-def test_mixed_attack(live_server: Any) -> None:
+def server_loop_lag(port: int) -> dict[str, float]:
+    """The server's own view (boostserve_event_loop_lag_*): how late its event loop ran, whatever
+    the clients' CPU did."""
+    with httpx.Client(timeout=30) as client:
+        text = client.get(f"http://127.0.0.1:{port}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = families["boostserve_event_loop_lag_seconds"].samples
+    buckets = {s.labels["le"]: s.value for s in samples if s.name.endswith("_bucket")}
+    count = next(s.value for s in samples if s.name.endswith("_count"))
+    return {
+        "max_s": families["boostserve_event_loop_lag_max_seconds"].samples[0].value,
+        "count": count,
+        "over_50ms": count - buckets["0.05"],
+        "over_100ms": count - buckets["0.1"],
+    }
+
+
+def test_mixed_attack(live_server: Any, tmp_path: Path) -> None:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs: one for the server, one for the clients")
-    server = live_server(EMBEDDED_MODEL_DIR, cpus=SERVER_CPUS)
+    # The shipped log level (info: one access line per request), not the fixture's quieter default.
+    server = live_server(EMBEDDED_MODEL_DIR, cpus=SERVER_CPUS, log_level="info")
     bodies = [img.valid_png(seed=seed) for seed in range(32)]
     bombs = [hostile.progressive_scan_bomb(256, 700_000), hostile.progressive_scan_bomb(4096, 2000)]
     bombs.append(hostile.webp_memory_bomb())
     with pinned(CLIENT_CPUS):
-        alone_prober = Prober(server.port)
-        alone_prober.start()
+        alone_prober = Prober(server.port, tmp_path / "probes-alone.json")
         alone = asyncio.run(legit(server.port, bodies, ALONE_S))
-        alone_prober.stop.set()
-        alone_prober.join(timeout=15)
-        prober, sampler = Prober(server.port), RssSampler(server.pid)
-        prober.start()
+        alone_prober.finish()
+        prober, sampler = Prober(server.port, tmp_path / "probes-attack.json"), RssSampler(server.pid)
         sampler.start()
         attacked, attack_statuses = asyncio.run(under_attack(server.port, bodies, bombs))
-        prober.stop.set()
+        prober.finish()
         sampler.stop.set()
-        prober.join(timeout=15)
         sampler.join(timeout=15)
+    loop_lag = server_loop_lag(server.port)
     legit_alone = summarize_latency(alone.latencies_s)
     legit_attacked = summarize_latency(attacked.latencies_s)
     probes = np.asarray(prober.latencies_ms)
@@ -169,6 +189,10 @@ def test_mixed_attack(live_server: Any) -> None:
         "livez_max_ms": round(float(probes.max()), 2) if len(probes) else None,
         "livez_alone_p99_ms": round(float(np.percentile(alone_prober.latencies_ms, 99)), 2),
         "livez_alone_max_ms": round(float(np.max(alone_prober.latencies_ms)), 2),
+        "server_loop_lag_max_ms": round(loop_lag["max_s"] * 1e3, 2),
+        "server_loop_lag_samples": loop_lag["count"],
+        "server_loop_lag_over_50ms": loop_lag["over_50ms"],
+        "server_loop_lag_over_100ms": loop_lag["over_100ms"],
         "rss_mib_max": round(max(sampler.samples) / 2**20, 1) if sampler.samples else None,
         "server_alive_after": server.alive(),
     }
