@@ -47,6 +47,7 @@ class OpenLoopResult:
     exit: list[int] = field(default_factory=list)
     macs: list[float] = field(default_factory=list)
     degraded: list[bool] = field(default_factory=list)
+    allowed_drop: list[float] = field(default_factory=list)  # max_accuracy_drop of the point served (nan: other knob)
     first_error: str | None = None
     late_sends_s: float = 0.0  # the largest lag of a send behind its schedule (the generator's own delay)
 
@@ -61,14 +62,18 @@ class OpenLoopResult:
             "exit": np.asarray(self.exit, dtype=np.int64),
             "macs": np.asarray(self.macs, dtype=np.float64),
             "degraded": np.asarray(self.degraded, dtype=bool),
+            "allowed_drop": np.asarray(self.allowed_drop, dtype=np.float64),
         }
 
 
-def parse_answer(body: bytes) -> tuple[int, int, float, bool]:
-    """(label, exit, macs, degraded) of a /v1/classify JSON answer (one image)."""
+def parse_answer(body: bytes) -> tuple[int, int, float, bool, float]:
+    """(label, exit, macs, degraded, allowed drop of the point served) of a /v1/classify JSON answer."""
     data = json.loads(body)
     item = data["results"][0]
-    return int(item["label"]), int(item["exit"]), float(item["macs"]), bool(data["budget"].get("degraded", False))
+    budget = data["budget"]
+    point = budget.get("effective_budget") or budget.get("budget") or {}
+    drop = float(point.get("max_accuracy_drop", "nan"))
+    return int(item["label"]), int(item["exit"]), float(item["macs"]), bool(budget.get("degraded", False)), drop
 
 
 def schedule(phases: Sequence[Phase], seed: int) -> list[tuple[float, int, int]]:
@@ -108,11 +113,13 @@ async def run_open_loop(
     inflight = 0
     tasks: set[asyncio.Task[None]] = set()
 
-    def record(index: int, status: int, latency: float, answer: tuple[int, int, float, bool] | None) -> None:
+    def record(index: int, status: int, latency: float, answer: tuple[int, int, float, bool, float] | None) -> None:
         result.status[index] = status
         result.latency_s[index] = latency
         if answer is not None:
-            result.label[index], result.exit[index], result.macs[index], result.degraded[index] = answer
+            label, exit_, macs, degraded, drop = answer
+            result.label[index], result.exit[index], result.macs[index] = label, exit_, macs
+            result.degraded[index], result.allowed_drop[index] = degraded, drop
 
     async def one(index: int, payload: bytes, due: float) -> None:
         nonlocal inflight
@@ -147,6 +154,7 @@ async def run_open_loop(
         result.exit.append(-1)
         result.macs.append(float("nan"))
         result.degraded.append(False)
+        result.allowed_drop.append(float("nan"))
         due = t0 + at
         wait = due - time.perf_counter()
         if wait > 0:

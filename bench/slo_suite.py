@@ -145,6 +145,7 @@ def step_summary(
         "degraded_share": float(rec["degraded"][sel][ok].mean()) if ok.any() else math.nan,
         "accuracy": float(correct.mean()) if ok.any() else math.nan,
         "macs_mean": float(rec["macs"][sel][ok].mean()) if ok.any() else math.nan,
+        "allowed_drop_mean": float(np.nanmean(rec["allowed_drop"][sel][ok])) if ok.any() else math.nan,
     }
     if full_correct is not None and ok.any():
         out["full_accuracy_same_images"] = float(full_correct[images].mean())
@@ -336,6 +337,7 @@ def plot_slo(doc: dict[str, Any], out_dir: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     result = doc["result"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     ax = axes[0]
@@ -380,6 +382,10 @@ def plot_slo(doc: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
+def _pct(value: Any) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f} %"
+
+
 def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
     """The markdown section of the slo suite."""
     r = doc["result"]
@@ -404,9 +410,9 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
             "",
         ]
     lines += [
-        "| server | load × cap | offered req/s | served req/s | p50 ms | p99 ms | shed | degraded | accuracy "
-        "| loss vs all stages | over target |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | load × cap | offered req/s | served req/s | p50 ms | p99 ms | shed | degraded "
+        "| mean allowed drop served | accuracy | loss vs all stages | over target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, sc in (r.get("accuracy_first") or {}).items():
         for s in sc["steps"]:
@@ -414,6 +420,7 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
             lines.append(
                 f"| {name} | {s['load']:g} | {s['offered_rps']:.0f} | {s['served_rps']:.0f} | {s['p50_ms']:.1f} "
                 f"| {s['p99_ms']:.1f} | {100 * s['shed_share']:.2f} % | {100 * (s['degraded_share'] or 0):.1f} % "
+                f"| {_pct(s.get('allowed_drop_mean'))} "
                 f"| {100 * s['accuracy']:.2f} % | {'–' if loss is None else f'{100 * loss:.2f} pp'} "
                 f"| {s['over_target']} |"
             )

@@ -45,9 +45,12 @@ def test_open_loop_sends_on_schedule_whatever_the_server_answers() -> None:
                     seen += 1
                     await asyncio.sleep(0.05)
                     if seen % 2:
-                        body = json.dumps(
-                            {"results": [{"label": 1, "exit": 2, "macs": 10}], "budget": {"degraded": True}}
-                        ).encode()
+                        budget = {
+                            "degraded": True,
+                            "budget": {"max_accuracy_drop": 0.001},
+                            "effective_budget": {"max_accuracy_drop": 0.02},
+                        }
+                        body = json.dumps({"results": [{"label": 1, "exit": 2, "macs": 10}], "budget": budget}).encode()
                         status = b"200 OK"
                     else:
                         body, status = b"{}", b"429 Too Many Requests"
@@ -72,6 +75,7 @@ def test_open_loop_sends_on_schedule_whatever_the_server_answers() -> None:
     assert set(arrays["status"].tolist()) == {200, 429}
     ok = arrays["status"] == 200
     assert np.all(arrays["degraded"][ok]) and np.all(arrays["macs"][ok] == 10)
+    assert np.all(arrays["allowed_drop"][ok] == 0.02)
     assert np.all(arrays["latency_s"] >= 0.05)
 
 
@@ -85,6 +89,7 @@ def test_step_summary_counts_shed_over_target_and_loss() -> None:
         "degraded": np.array([True, False, False, True, False]),
         "macs": np.array([1.0, 2.0, np.nan, 3.0, 1.0]),
         "scheduled_s": np.array([0.0, 0.1, 0.2, 0.3, 1.5]),
+        "allowed_drop": np.array([0.03, 0.001, np.nan, 0.02, 0.001]),
     }
     labels = np.array([5, 7, 1, 0])
     full = np.array([True, True, True, False])
@@ -93,6 +98,7 @@ def test_step_summary_counts_shed_over_target_and_loss() -> None:
     assert s["offered_rps"] == 2.0 and s["served_rps"] == 1.5 and s["shed_share"] == 0.25
     assert s["accuracy"] == pytest.approx(2 / 3) and s["degraded_share"] == pytest.approx(2 / 3)
     assert s["loss_vs_all_stages"] == pytest.approx(2 / 3 - 2 / 3)
+    assert s["allowed_drop_mean"] == pytest.approx((0.03 + 0.001 + 0.02) / 3)
 
 
 def test_hardest_third_takes_the_latest_exits() -> None:

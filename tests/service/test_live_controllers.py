@@ -123,17 +123,16 @@ def test_a_step_in_load_moves_to_a_rung_that_fits_within_bounded_time_and_back(s
     assert trace.shed == 0  # 1.5x fits below the floor: nothing is refused
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_no_oscillation_beyond_one_rung_under_steady_load(seed: int) -> None:
-    """Stated band: under a steady load the rung stays within one rung of its settled value and
-    changes at most once per hold_up_s."""
-    hold = SloConfig(latency_target_s=TARGET_S).hold_up_s
-    for factor in (1.2, 1.5, 1.8):
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_no_oscillation_beyond_the_stated_band_under_steady_load(seed: int) -> None:
+    """Stated band: under a steady load (1.1-1.8x) the rung, after 10 s, spans at most two rungs and
+    changes at most twice in 80 s: a Poisson burst may move it once, the calm moves it back, no cycling."""
+    for factor in (1.1, 1.3, 1.5, 1.8):
         trace = simulate([(90.0, factor)], seed=seed)
         settled = window(trace, 10.0, 90.0, trace.rungs)
-        assert max(settled) - min(settled) <= 1, (factor, sorted(set(settled)))
+        assert max(settled) - min(settled) <= 2, (factor, sorted(set(settled)))
         changes = sum(1 for a, b in itertools.pairwise(settled) if a != b)
-        assert changes <= 80.0 / hold + 1, (factor, changes)
+        assert changes <= 2, (factor, changes)
 
 
 def test_overload_beyond_the_floor_sheds_only_at_the_floor() -> None:

@@ -27,10 +27,12 @@ The rules (hysteresis: distinct levels, utilisations and a dwell for each direct
   sized by the model (at least one rung). A backlog that is falling is draining, not a reason to
   move again. The rate used to size a step down is the larger of the smoothed arrival rate and
   the last tick's, so a step in load is sized by what arrives now, not by the average.
-* **more accurate**, one rung at a time, when d has stayed below `delay_low` for `hold_up_s` and
+* **more accurate**, one rung at a time, when d smoothed over `smoothing_s` has stayed below
+  `delay_low` (and d itself never passed `delay_high`) for `hold_up_s`, and
   the model says the load fits the more accurate rung with room: λ ≤ ρ_up · μ_{r−1}, ρ_up < ρ_high.
-  Between the levels nothing moves, which bounds oscillation: a steady load sits on one rung, or
-  alternates between two adjacent rungs no faster than once per `hold_up_s`.
+  Between the levels nothing moves, which bounds oscillation: on the simulated queue of the tests
+  a steady load settles on one rung, which a Poisson burst may move once and the calm move back (at
+  most two rungs apart, at most two changes in 80 s).
 * **shed** (429) only at the cheapest rung, while the measured queue delay exceeds `shed_share` ×
   the latency target: admitting more would break the target anyway. Measured, not predicted: the
   prediction rests on the learnt overhead, and a wrong estimate must not refuse traffic.
@@ -61,10 +63,10 @@ class SloConfig:
     delay_high_share: float = 0.4  # act when the queue delay passes this share of the target
     delay_low_share: float = 0.1  # consider stepping back below this share
     utilisation_high: float = 0.9  # a step down aims for λ <= this · capacity
-    utilisation_up: float = 0.85  # a step back needs λ <= this · capacity of the more accurate rung
+    utilisation_up: float = 0.8  # a step back needs λ <= this · capacity of the more accurate rung
     dwell_down_s: float = 0.3  # the least time between two steps down
     hold_up_s: float = 3.0  # calm time before a step back
-    shed_share: float = 0.8  # at the floor: shed while the predicted wait passes this share of the target
+    shed_share: float = 0.6  # at the floor: shed while the measured queue delay passes this share of the target
     smoothing_s: float = 1.0  # time constant of the rate and overhead estimates
 
     def __post_init__(self) -> None:
@@ -128,6 +130,7 @@ class SloController:
         self._backlog_at_move = -1.0  # -1: no step down to wait for
         self._last_rate = 0.0  # images/s admitted over the last tick (unsmoothed)
         self._calm_since: float | None = None
+        self.smoothed_delay = 0.0  # the calm test reads this (time constant smoothing_s)
 
     @property
     def floor(self) -> int:
@@ -163,11 +166,12 @@ class SloController:
         self._last_now = s.now
         if dt > 0.0:
             self._learn(s, dt)
+            self.smoothed_delay += (1.0 - math.exp(-dt / self.config.smoothing_s)) * (s.delay - self.smoothed_delay)
         cfg = self.config
         if s.delay > cfg.delay_high:
             self._calm_since = None
             self._maybe_down(s)
-        elif s.delay < cfg.delay_low:
+        elif self.smoothed_delay < cfg.delay_low:
             if self._calm_since is None:
                 self._calm_since = s.now
             self._maybe_up(s.now)
