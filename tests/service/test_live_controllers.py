@@ -170,6 +170,19 @@ def test_a_draining_backlog_is_not_a_reason_to_step_again() -> None:
         assert ctl.rung == expected, growing
 
 
+def test_a_lone_burst_does_not_keep_it_degraded_at_low_load() -> None:
+    """At low load, a tick above the low mark once a second (a Poisson burst, below the high mark)
+    does not restart the calm: the smoothed delay stays low and the controller walks back to rung 0.
+    (Read on the raw delay, the first open-loop run stayed degraded through 20 s of half load.)"""
+    ctl = SloController(SloConfig(latency_target_s=TARGET_S), LADDER)
+    ctl.rung = 3
+    stage = list(STAGE_S)
+    for i in range(1, 201):  # 20 s of ticks at 0.3x rung 0's capacity
+        delay = 0.008 if i % 10 == 0 else 0.0005
+        ctl.update(Signals(i * TICK_S, delay, 2, int(0.3 * CAPACITY_0 * TICK_S), 30, stage, False))
+    assert ctl.rung == 0
+
+
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="delay_low_share"):
         SloConfig(latency_target_s=0.05, delay_low_share=0.5, delay_high_share=0.4)
