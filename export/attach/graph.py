@@ -302,13 +302,16 @@ def cut_candidates(classifier: Classifier) -> list[CutCandidate]:
 
 
 def distinct_positions(candidates: Sequence[CutCandidate], total_macs: int) -> list[CutCandidate]:
-    """Of candidates less than 1 % of the total MACs apart, only the last (e.g. the Relu after an Add).
+    """Of candidates less than 1 % of the total MACs apart, only the last (e.g. the Relu after an Add);
+    none within 1 % of the full cost.
 
     Why: two exits a Relu apart cost a head each and can answer no differently; the later tensor
-    is the block's output, the one a head reads best.
+    is the block's output, the one a head reads best. An exit at the very end saves nothing.
     """
     kept: list[CutCandidate] = []
     for candidate in candidates:
+        if total_macs - candidate.cumulative_macs < 0.01 * total_macs:
+            continue
         if kept and candidate.cumulative_macs - kept[-1].cumulative_macs < 0.01 * total_macs:
             kept[-1] = candidate
         else:
@@ -317,23 +320,43 @@ def distinct_positions(candidates: Sequence[CutCandidate], total_macs: int) -> l
 
 
 def auto_cuts(candidates: Sequence[CutCandidate], count: int, total_macs: int) -> list[CutCandidate]:
-    """`count` cuts spread by cumulative MACs: the candidate nearest to each of j/(count+1) of the total.
+    """`count` cuts spread by cumulative MACs: matched to the targets j/(count+1) of the total.
 
     Why even fractions of the full cost: seed 001 places its exits along the cost axis so that each
-    threshold trades a similar slice of compute; a candidate is used once, in graph order.
+    threshold trades a similar slice of compute. The match minimises the summed distance between
+    the j-th chosen cut and the j-th target over all ordered choices (dynamic programming), so a
+    network whose blocks do not sit near the targets still gets its cuts spread, not bunched.
     """
     if count < 1:
         raise AttachError("auto needs at least one cut (auto:K with K >= 1)")
-    candidates = distinct_positions(candidates, total_macs)
-    if len(candidates) < count:
-        raise AttachError(f"auto:{count} needs {count} cut candidates; the model has {len(candidates)}")
-    chosen: list[CutCandidate] = []
-    for j in range(1, count + 1):
-        target = total_macs * j / (count + 1)
-        free = [c for c in candidates if c not in chosen]
-        chosen.append(min(free, key=lambda c: (abs(c.cumulative_macs - target), c.cumulative_macs)))
-    order = {c.name: i for i, c in enumerate(candidates)}
-    return sorted(chosen, key=lambda c: order[c.name])
+    pool = distinct_positions(candidates, total_macs)
+    if len(pool) < count:
+        raise AttachError(
+            f"auto:{count} needs {count} cut candidates; the model has {len(pool)} (separating tensors at least 1 % "
+            "of the MACs apart, split bit for bit by ONNX Runtime)"
+        )
+    targets = [total_macs * j / (count + 1) for j in range(1, count + 1)]
+    n = len(pool)
+    inf = float("inf")
+    # best[j][i]: least cost of matching targets 0..j with j+1 candidates, the last being pool[i]
+    best = [[inf] * n for _ in range(count)]
+    back = [[-1] * n for _ in range(count)]
+    for i in range(n):
+        best[0][i] = abs(pool[i].cumulative_macs - targets[0])
+    for j in range(1, count):
+        running, arg = inf, -1
+        for i in range(n):
+            if i > 0 and best[j - 1][i - 1] < running:
+                running, arg = best[j - 1][i - 1], i - 1
+            if arg >= 0:
+                best[j][i] = running + abs(pool[i].cumulative_macs - targets[j])
+                back[j][i] = arg
+    i = min(range(n), key=lambda k: best[count - 1][k])
+    chosen = [i]
+    for j in range(count - 1, 0, -1):
+        i = back[j][i]
+        chosen.append(i)
+    return [pool[k] for k in reversed(chosen)]
 
 
 def resolve_cuts(classifier: Classifier, names: Sequence[str]) -> list[CutCandidate]:
