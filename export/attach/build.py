@@ -42,6 +42,7 @@ from export.attach.graph import (
     cascade_stage,
     cut_candidates,
     head_macs,
+    initializer_params,
     load_classifier,
     resolve_cuts,
     stage_macs,
@@ -233,10 +234,6 @@ def _train_features(
         )
 
 
-def _initializer_params(model: onnx.ModelProto) -> int:
-    return int(sum(int(np.prod(i.dims)) for i in model.graph.initializer))
-
-
 def _stage_body(
     index: int, model: onnx.ModelProto, path: Path, macs: int, cum_macs: int, cum_params: int
 ) -> dict[str, Any]:
@@ -261,7 +258,7 @@ def _stage_body(
         "logits_output": LOGITS_OUT,
         "macs": int(macs),
         "cumulative_macs": int(cum_macs),
-        "params": _initializer_params(model),
+        "params": initializer_params(model),
         "cumulative_params": int(cum_params),
     }
 
@@ -417,7 +414,7 @@ def attach_exits(
             path = temp / stage_file(k)
             _save(model, path)
             cum_macs += macs[k]
-            cum_params += _initializer_params(model)
+            cum_params += initializer_params(model)
             stage_bodies.append(_stage_body(k, model, path, macs[k], cum_macs, cum_params))
 
         provenance: dict[str, Any] = {

@@ -65,7 +65,12 @@ class Classifier:
 
     @property
     def params(self) -> int:
-        return int(sum(int(np.prod(i.dims)) for i in self.model.graph.initializer))
+        return initializer_params(self.model)
+
+
+def initializer_params(model: onnx.ModelProto) -> int:
+    """Parameters of a graph: the elements of its initializers."""
+    return int(sum(int(np.prod(i.dims)) for i in model.graph.initializer))
 
 
 # ---------------------------------------------------------------------------------------------
