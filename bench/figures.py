@@ -110,17 +110,17 @@ HTTP_TRANSPORTS = {"multipart_drop_0.01": "multipart body", "v2_binary": "OIP v2
 
 
 #: The main HTTP figure: the served configuration's budget and the all-stages reference, raw and multipart.
-HTTP_MAIN_SERIES = (
-    ("drop_0.01", "early exit, ≤1 % drop (served)", "tab:green", "-"),
-    ("all_stages", "all stages (reference)", "tab:blue", "-"),
-    ("multipart_drop_0.01", "early exit, multipart body", "tab:green", "--"),
-    ("multipart_all_stages", "all stages, multipart body", "tab:blue", "--"),
+HTTP_MAIN_SERIES = (  # (mode, label, color, line style, marker): raw bodies filled circles, multipart open squares
+    ("drop_0.01", "early exit, ≤1 % drop (served)", "tab:green", "-", "o"),
+    ("all_stages", "all stages (reference)", "tab:blue", "-", "o"),
+    ("multipart_drop_0.01", "early exit, multipart body", "tab:green", "--", "s"),
+    ("multipart_all_stages", "all stages, multipart body", "tab:blue", "--", "s"),
 )
 
 
 def _plot_http_main(plt: Any, agg: list[dict[str, Any]], grid: list[int], out_dir: Path) -> Path:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 5))
-    for mode, label, color, style in HTTP_MAIN_SERIES:
+    for mode, label, color, style, marker in HTTP_MAIN_SERIES:
         by = {c["concurrency"]: c for c in agg if c["server"] == "batching" and c["mode"] == mode}
         if not by:
             continue
@@ -131,7 +131,9 @@ def _plot_http_main(plt: Any, agg: list[dict[str, Any]], grid: list[int], out_di
                 [r - _num(c["req_per_s_min"]) for r, c in zip(rps, cs, strict=True)],
                 [_num(c["req_per_s_max"]) - r for r, c in zip(rps, cs, strict=True)],
             ]
-            kw = {"color": color, "linestyle": style, "marker": "o", "label": label if i == 0 else None}
+            kw = {"color": color, "linestyle": style, "marker": marker, "label": label if i == 0 else None}
+            if marker != "o":
+                kw["markerfacecolor"] = "white"
             ax.errorbar(run, rps, yerr=spread, capsize=3, **kw)
             ax2.plot(run, [_num(c["p99_ms"]) for c in cs], **kw)
     for a, ylabel, title in (
@@ -191,7 +193,10 @@ def _plot_http_ablations(plt: Any, agg: list[dict[str, Any]], compare: dict[str,
         ax.set_title(f"{k} client{'s' if k != 1 else ''}, budget ≤1 % drop")
         ax.grid(alpha=0.3, axis="x")
         ax.set_xlim(0, max([r + h for r, h in zip(rps, hi, strict=True) if math.isfinite(r + h)] or [1]) * 1.3)
-    fig.suptitle("Request-path ablations (each server differs from `batching`, green, in one setting) and transports")
+    fig.suptitle(
+        "Request-path ablations and transports\n(each server differs from `batching`, green, in one setting)",
+        fontsize=10,
+    )
     path = out_dir / "http_ablations.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)

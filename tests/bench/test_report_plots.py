@@ -54,7 +54,7 @@ def test_the_http_figure_shows_the_served_configuration_and_all_stages(tmp_path:
     report.plot_http(_http_doc(), tmp_path)
     main = figures[0]
     labels = [t.get_text() for t in main.legends[0].get_texts()]
-    assert labels == [label for _, label, _, _ in report.HTTP_MAIN_SERIES]  # no ablation, no drop_0.005
+    assert labels == [series[1] for series in report.HTTP_MAIN_SERIES]  # no ablation, no drop_0.005
     for ax in main.axes:
         for line in ax.get_lines():
             xs = [int(x) for x in line.get_xdata()]
