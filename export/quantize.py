@@ -538,7 +538,7 @@ def quantize_artifact(
             rule="fixed by the caller"
             if options.precisions is not None
             else f"int8 iff int8 ms/image <= {1 - options.margin:g} x fp32 at every batch size in "
-            f"{list(options.decision_batch_sizes)} (export.quantize.choose_precisions)",
+            f"{list(options.decision_batch_sizes)} (export.quantize_rule.choose_precisions)",
         )
         quantization = result.report()
         quantization["source"] = {"version": manifest.version, "name": manifest.name}
