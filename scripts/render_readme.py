@@ -34,11 +34,27 @@ def _stage_ms(engine_json: Path | None) -> dict[tuple[str, int, int], float]:
     }
 
 
+def _equal_cost_line(engine_json: Path | None) -> list[str]:
+    """The shipping comparison from a published engine.json: int8 vs fp32 accuracy at equal measured cost."""
+    if engine_json is None or not engine_json.is_file():
+        return []
+    pairs = [q for q in json.loads(engine_json.read_text()).get("result", {}).get("equal_cost", [])]
+    gains = [q["other_accuracy"] - q["reference_accuracy"] for q in pairs if q["other_accuracy"] is not None]
+    if not gains:
+        return []
+    return [
+        "",
+        f"Accuracy at equal measured cost (engine suite, {len(pairs)} fp32 operating points): the int8 artifact is "
+        f"as accurate or more at {sum(g >= 0 for g in gains)} of {len(gains)}, by {100 * min(gains):+.2f} to "
+        f"{100 * max(gains):+.2f} pp ([docs/benchmarks.md](docs/benchmarks.md), accuracy at equal cost).",
+    ]
+
+
 def int8_block(model: Manifest, int8: Manifest, engine_json: Path | None) -> list[str]:
     """fp32 and int8 side by side: test accuracy per exit and the measured ms per image per stage."""
     fp32_cal, int8_cal = model.calibration, int8.calibration
     ms = _stage_ms(engine_json)
-    sizes = sorted({b for p, b, _ in ms if p == "int8"})
+    sizes = [b for b in (1, 32) if any(p == "int8" and n == b for p, n, _ in ms)]  # the decision batch sizes
     lines = [
         "",
         f"int8 version (`service/embedded_model_int8/`, version `{int8.version}`, `boostserve quantize`): stage "
@@ -57,7 +73,7 @@ def int8_block(model: Manifest, int8: Manifest, engine_json: Path | None) -> lis
             for n in sizes
         )
         lines.append(f"| {k + 1} | {_pct(a)} | {_pct(b)} | {stage.precision} |{cells}")
-    return lines
+    return lines + _equal_cost_line(engine_json)
 
 
 def results_block(
