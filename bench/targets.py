@@ -433,6 +433,17 @@ def limits_bounds(rows: list[dict[str, Any]], engine: dict[str, Any] | None) -> 
                         ),
                     )
                 )
+        full = cells.get((TARGET_ENGINE_BATCH, "full_onnx"))
+        for precision in engine.get("precisions") or {"fp32": {}}:
+            stage_ms = _stage_ms(engine, precision, TARGET_ENGINE_BATCH)
+            if full and stage_ms:
+                out.append(
+                    (
+                        f"engine ({precision}): fp32 full network ms/image ÷ stage-1 ms/image at batch "
+                        f"{TARGET_ENGINE_BATCH}: the early-exit ÷ full-network ratio if every image left at exit 1",
+                        safe_ratio(1e3 / full["images_per_s"]["median"], stage_ms[0]),
+                    )
+                )
     return out
 
 

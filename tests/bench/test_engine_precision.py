@@ -137,3 +137,18 @@ def test_frontier_prices_the_drop_points_with_measured_stage_times(engine_result
                 sum(f * c for f, c in zip(q["exit_fractions"], cumulative, strict=True))
             )
     assert len(engine_result["equal_cost"]) == len(engine_result["precisions"]["fp32"]["frontier"])
+
+
+def test_exit_one_ceiling_bound(engine_result: dict[str, Any]) -> None:
+    from bench.targets import limits_bounds
+
+    bounds = dict(limits_bounds([], engine_result))
+    full = next(c for c in engine_result["cells"] if c["batch_size"] == 32 and c["mode"] == "full_onnx")
+    for p in ("fp32", "int8"):
+        stage1 = next(
+            c["ms_per_image"]
+            for c in engine_result["stage_costs"]
+            if c["precision"] == p and c["batch_size"] == 32 and c["stage"] == 1
+        )
+        key = next(k for k in bounds if k.startswith(f"engine ({p}): fp32 full network ms/image"))
+        assert bounds[key] == pytest.approx(1e3 / full["images_per_s"]["median"] / stage1)
