@@ -24,7 +24,9 @@ Suites (--suite, comma-separated; default all):
   engine   in-process images/s and latency per batch size (1, 8, 32, 128): early exit (≤1 %
            drop budget) vs all stages vs ONE plain ONNX Runtime session of the full network (the
            stage graphs chained into a single model with `onnx`). Interleaved rounds; median and
-           min/max reported.
+           min/max reported. With an int8 artifact beside the one benchmarked (DIR_int8, written by
+           `boostserve quantize`; service/embedded_model_int8 for the embedded model) the same three
+           modes run on it in the same rounds (*_int8), with time-ideal and accuracy at equal cost.
   http     closed-loop load (N clients each looping request -> response) against a real
            `python -m boostserve serve` subprocess on 127.0.0.1 with 1, 8, 64, 256 clients,
            posting PNGs of Fashion-MNIST test images: all stages (early_exit=false), early exit
