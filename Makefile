@@ -49,6 +49,7 @@ model: $(VENV)/.dev-installed  ## retrain, export and calibrate the embedded Fas
 
 bench: $(VENV)/.dev-installed  ## full benchmarks on the embedded model, published to docs/benchmarks (~10 min)
 	$(VENV)/bin/boostserve bench --publish --profile
+	$(PY) scripts/render_readme.py  # the README's int8 table reads the published engine.json
 
 bench-quick: $(VENV)/.dev-installed  ## quick benchmarks (< 3 min) into results/
 	$(VENV)/bin/boostserve bench --quick
