@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +215,17 @@ def test_a_stalled_stream_drops_access_lines_past_the_bound_and_says_so() -> Non
     assert kept == ["first"] + [f"id{i}" for i in range(10)]
     warnings = [line for line in lines if "request_id=" not in line]
     assert len(warnings) == 1 and "40 access lines dropped: the log stream did not keep up" in warnings[0]
+
+
+def test_the_cost_measurement_runs_and_writes_its_files(tmp_path: Path) -> None:
+    """scripts/access_log_cost.py (docs/http-api.md, "Logging"): both ways measured, JSON and markdown."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    command = [sys.executable, str(root / "scripts" / "access_log_cost.py"), "--lines", "300", "--rounds", "2"]
+    subprocess.run([*command, "--out", str(tmp_path)], check=True, capture_output=True, timeout=120)
+    doc = json.loads((tmp_path / "access_log_cost.json").read_text())
+    assert set(doc["summary"]) == {"synchronous", "writer"} and len(doc["runs"]["writer"]) == 2
+    assert all(v["caller_us_per_line"]["median"] > 0 for v in doc["summary"].values())
+    assert "| writer |" in (tmp_path / "access_log_cost.md").read_text()
