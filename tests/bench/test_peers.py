@@ -410,3 +410,14 @@ def test_kserve_peer_serves_the_expected_answers(tmp_path: Path) -> None:
     assert rows[("kserve", FULL)]["answers"] > 0
     for row in rows.values():
         assert row["errors"] == 0 and row["label_mismatches"] == 0 and row["exit_mismatches"] == 0
+
+
+def test_cli_knows_the_suite_and_rejects_unknown_peers(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.commands.bench import _suites
+    from boostserve.cli import main
+
+    assert _suites("http,peers") == ("http", "peers")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--suite", "peers", "--peers", "ray_serve,nope"])
+    assert exc.value.code == 2
+    assert "unknown peer(s) ['nope']" in capsys.readouterr().err
