@@ -9,7 +9,11 @@ hands it to `LiveOperatingPoint`.
 * Live MAC budget: on while the global budget is a `budget_macs` with early exit on (and the
   model is calibrated); fed from every answered request on the global budget that was not
   degraded (a degraded answer is cheap because of load, not because of the mix).
-* SLO mode: on with a latency target. The ladder is rebuilt whenever the adjusted point changes:
+* SLO mode: on with a latency target. Its queue signal is the larger of the scheduler's oldest
+  waiting image and the event loop's lag (how late the tick's own timer fired): with the loop busy
+  parsing HTTP, requests wait before they reach the scheduler, where its queue cannot see them (the
+  first open-loop runs admitted requests with a p99 of seconds while the scheduler's queue looked
+  short). The ladder is rebuilt whenever the adjusted point changes:
   rung 0 is `LiveOperatingPoint.adjusted`, then `max_accuracy_drop` points with allowed drops on a
   geometric grid (x1.5) from the global budget's own drop (or 0.1 %) up to the floor, each kept
   only if strictly cheaper than the rung before (held-out expected MACs). Each rung carries the
@@ -129,6 +133,9 @@ class LiveControl:
         self._base: ResolvedBudget | None = None
         self._prev: tuple[float, int, int, list[tuple[int, float]], bool] | None = None
         self._busy = False  # a resolution is running in a worker thread
+        #: How late this task's own timer fired at the last tick (s): the event loop's backlog, i.e.
+        #: the wait of requests not yet parsed, which the scheduler's queue cannot see.
+        self.loop_lag = 0.0
         service.global_answer_hooks.append(self._on_answers)
         if settings.latency_target_s is not None:
             service.shed_check = self._shed_check
@@ -159,7 +166,7 @@ class LiveControl:
         slo = self.slo
         if slo is None:
             return
-        delay = self.service.scheduler.queue_delay()
+        delay = max(self.service.scheduler.queue_delay(), self.loop_lag)
         if slo.should_shed(delay):
             raise OverCapacityError(
                 "overloaded at the cheapest allowed operating point (SLO mode); retry later",
@@ -192,7 +199,7 @@ class LiveControl:
         stages = [(s.items, s.seconds) for s in scheduler.stats.stages]
         admitted = self.service.admitted_images
         backlog = scheduler.pending
-        measured = scheduler.queue_delay()
+        measured = max(scheduler.queue_delay(), self.loop_lag)
         slo = self.slo
         delay = measured if slo is None else max(measured, slo.predicted_wait(backlog))
         # Saturation from the queue itself, never from the prediction: the capacity learnt while
@@ -213,6 +220,7 @@ class LiveControl:
 
     async def tick(self, now: float, dt: float) -> None:
         """One control step at loop time `now`, `dt` seconds after the previous one."""
+        self.loop_lag = max(0.0, dt - self.settings.tick_s) if dt > 0 else 0.0
         service = self.service
         live = service.live
         self._sync_base()
