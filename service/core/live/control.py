@@ -218,9 +218,10 @@ class LiveControl:
         done = max(0, prev_backlog + new - backlog)
         return Signals(now, delay, backlog, new, done, per_image, busy and prev_busy)
 
-    async def tick(self, now: float, dt: float) -> None:
-        """One control step at loop time `now`, `dt` seconds after the previous one."""
-        self.loop_lag = max(0.0, dt - self.settings.tick_s) if dt > 0 else 0.0
+    async def tick(self, now: float, dt: float, loop_lag: float = 0.0) -> None:
+        """One control step at loop time `now`, `dt` seconds after the previous one; `loop_lag`: how
+        late the sleep before it ended (the time the tick itself spent is not lag)."""
+        self.loop_lag = max(0.0, loop_lag)
         service = self.service
         live = service.live
         self._sync_base()
@@ -287,10 +288,11 @@ class LiveControl:
         now_of = clock or loop.time
         last = now_of()
         while True:
+            before = now_of()
             await asyncio.sleep(self.settings.tick_s)
             now = now_of()
             try:
-                await self.tick(now, now - last)
+                await self.tick(now, now - last, now - before - self.settings.tick_s)
             except Exception:
                 log.exception("live control tick")
             last = now

@@ -206,17 +206,17 @@ def test_slo_mode_builds_a_ladder_within_the_floor_and_sheds_only_through_it(mak
 
 def test_slo_mode_sees_the_event_loop_lag_and_sheds_on_it_at_the_floor(make_client: ClientFactory) -> None:
     """Requests waiting for a busy loop are invisible to the scheduler's queue; the tick's own timer
-    lateness is the signal (a tick 1 s after the previous one, due after 0.1 s: 0.9 s of lag)."""
+    lateness is the signal (a sleep of 0.1 s that ended 0.9 s late)."""
     with make_client(default_budget=GLOBAL, latency_target_ms=50, max_accuracy_drop_under_load=0.2) as client:
         assert client.portal is not None
         control = client.app.state.live  # type: ignore[attr-defined]
         client.portal.call(control.tick, 0.0, 0.0)
         control.slo.rung = control.slo.floor
-        client.portal.call(control.tick, 1.0, 1.0)
+        client.portal.call(control.tick, 1.0, 1.0, 0.9)
         assert control.loop_lag == pytest.approx(0.9)
         shed = client.post("/v1/classify", content=images.png(), headers={"content-type": "image/png"})
         assert shed.status_code == 429, shed.text
-        client.portal.call(control.tick, 1.1, 0.1)  # on time again: no lag, no shedding
+        client.portal.call(control.tick, 1.1, 0.1, 0.0)  # on time again: no lag, no shedding
         assert control.loop_lag == 0.0
         ok = client.post("/v1/classify", content=images.png(), headers={"content-type": "image/png"})
         assert ok.status_code == 200, ok.text
