@@ -145,3 +145,19 @@ def test_cli_train_then_eval(idx_dir: Path, tmp_path: Path, capsys: pytest.Captu
     report = json.loads(capsys.readouterr().out)
     assert [e["exit"] for e in report["exits"]] == [1, 2, 3, 4]
     assert report["exits"][0]["cumulative_macs"] < report["exits"][-1]["cumulative_macs"]
+
+
+def test_cli_freeze_backbone_defaults_to_t0(idx_dir: Path, tmp_path: Path) -> None:
+    """`boostserve train --freeze-backbone` on a t = 0.5 preset trains with t = 0: the last exit stays the network's."""
+    from boostserve.cli import main
+
+    common = ["--config", "small-fashion-mnist", "--data", str(idx_dir), "--epochs", "1", "--heldout-size", "40"]
+    common += ["--quiet", "--threads", "1"]
+    assert main(["train", *common, "--out", str(tmp_path / "plain"), "--plain"]) == 0
+    plain_ck = str(tmp_path / "plain" / "checkpoint.pt")
+    assert main(["train", *common, "--out", str(tmp_path / "heads"), "--freeze-backbone", plain_ck]) == 0
+    tuned = load_checkpoint(tmp_path / "heads" / "checkpoint.pt")
+    assert tuned.config.boosting.t == 0.0
+    image = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(plain_ck).model(image)[-1], tuned.model(image)[-1])
