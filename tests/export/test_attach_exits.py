@@ -310,3 +310,25 @@ def test_engine_parity_guard_refuses_an_inexact_split(
     with pytest.raises(AttachError, match=r"^exit 4 differs from the original model's output \(max abs "):
         build.attach_exits([plain_onnx], data_dir, tmp_path / "a", spec, options)
     assert not (tmp_path / "a").exists()
+
+
+def test_image_folder_dataset(tmp_path: Path, plain_onnx: Path, data_dir: Path) -> None:
+    """The user's case of the issue: an ONNX file and a labelled image folder (train/<class>/, test/<class>/)."""
+    from PIL import Image
+
+    from models.data import load_arrays
+    from service.core.artifact import load_manifest
+
+    xtr, ytr, xte, yte, _, _ = load_arrays(data_dir)
+    root = tmp_path / "folder"
+    for split, images, labels in (("train", xtr, ytr), ("test", xte, yte)):
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            target = root / split / f"class_{int(label):02d}"
+            target.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0].numpy(), mode="L").save(target / f"{i}.png")
+    out = tmp_path / "art"
+    args = ["attach-exits", "--model", str(plain_onnx), "--data", str(root), "--out", str(out), "--cuts", "auto:1"]
+    assert main([*args, "--mean", MEAN, "--std", STD, "--heldout-size", "40", "--threads", "1", "--quiet"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.num_stages == 2 and manifest.classes == [f"class_{k:02d}" for k in range(10)]
+    assert manifest.provenance.model_dump()["dataset"]["dataset"] == "imagefolder"
