@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     manifest = result.manifest
     print(f"wrote {result.path} (model {manifest.name}, version {manifest.version}, {manifest.num_stages} exits)")
-    print(f"last exit equals the original model bit for bit on {result.parity_images} held-out images")
+    print(f"last exit equals the original model bit for bit on all {result.parity_images} calibration images")
     assert manifest.calibration is not None
     print("held-out accuracy per exit: " + " ".join(f"{a:.4f}" for a in manifest.calibration.heldout_accuracy))
     if manifest.calibration.test_accuracy is not None:
