@@ -272,6 +272,37 @@ def _publish(temp: Path, out: Path, overwrite: bool) -> None:
         os.replace(temp, out)
 
 
+def write_calibration(temp: Path, heldout: SplitResult, test: SplitResult | None) -> dict[str, Any]:
+    """Write calibration.npz into `temp`; returns the manifest's `calibration` entry for it.
+
+    One writer for export, quantize and attach-exits, so every artifact describes its calibration
+    the same way.
+    """
+    arrays = heldout.arrays("heldout")
+    if test is not None:
+        arrays.update(test.arrays("test"))
+    path = temp / CALIBRATION_FILE
+    save_calibration_npz(path, arrays)
+    return {
+        "file": CALIBRATION_FILE,
+        "sha256": sha256_file(path),
+        "split": "heldout",
+        "num_samples": int(heldout.labels.shape[0]),
+        "heldout_accuracy": heldout.accuracy,
+        "test_accuracy": test.accuracy if test is not None else None,
+        "test_samples": int(test.labels.shape[0]) if test is not None else None,
+    }
+
+
+def finish_artifact(temp: Path, out: Path, manifest: Manifest, overwrite: bool) -> None:
+    """Write the manifest, re-read it as the service will (every hash verified), make the files
+    readable by the container user and move the directory into place."""
+    write_manifest(temp, manifest)
+    load_manifest(temp, verify=True)
+    make_world_readable(temp)
+    _publish(temp, out, overwrite)
+
+
 def export_artifact(
     source: ExportSource,
     out_dir: str | Path,
@@ -377,27 +408,11 @@ def export_artifact(
             assert data.heldout is not None
             heldout, test, engine_check, split_info = _calibrate(manifest, temp, source, data, options, progress)
             dataset_info.update(split_info)
-            arrays = heldout.arrays("heldout")
-            if test is not None:
-                arrays.update(test.arrays("test"))
-            calibration_path = temp / CALIBRATION_FILE
-            save_calibration_npz(calibration_path, arrays)
-            body["calibration"] = {
-                "file": CALIBRATION_FILE,
-                "sha256": sha256_file(calibration_path),
-                "split": "heldout",
-                "num_samples": int(heldout.labels.shape[0]),
-                "heldout_accuracy": heldout.accuracy,
-                "test_accuracy": test.accuracy if test is not None else None,
-                "test_samples": int(test.labels.shape[0]) if test is not None else None,
-            }
+            body["calibration"] = write_calibration(temp, heldout, test)
             if engine_check is not None:
                 provenance["engine_parity"] = engine_check.to_dict()
             manifest = _validated(body)
-        write_manifest(temp, manifest)
-        load_manifest(temp, verify=True)  # what the service will do: re-read and verify every hash
-        make_world_readable(temp)
-        _publish(temp, out, options.overwrite)
+        finish_artifact(temp, out, manifest, options.overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

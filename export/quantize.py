@@ -52,12 +52,12 @@ from export.errors import ExportError
 from export.pipeline import (
     _Hashing,
     _new_temp_dir,
-    _publish,
     _validated,
     dataset_batches,
+    finish_artifact,
     git_sha,
-    make_world_readable,
     tool_versions,
+    write_calibration,
 )
 from export.progress import Progress
 from export.quantize_rule import (
@@ -73,9 +73,7 @@ from service.core.artifact import (
     Manifest,
     Precision,
     load_manifest,
-    save_calibration_npz,
     sha256_file,
-    write_manifest,
 )
 
 #: Ops that end the "head tail": nodes after them on the way to the logits stay float.
@@ -511,20 +509,7 @@ def quantize_artifact(
                 f"{options.min_agreement:.1%} at exit(s) {', '.join(f'{k} ({a:.2%})' for k, a in weak)}"
             )
         heldout, test = results["heldout"], results.get("test")
-        arrays = heldout.arrays("heldout")
-        if test is not None:
-            arrays.update(test.arrays("test"))
-        calibration_path = temp / CALIBRATION_FILE
-        save_calibration_npz(calibration_path, arrays)
-        body["calibration"] = {
-            "file": CALIBRATION_FILE,
-            "sha256": sha256_file(calibration_path),
-            "split": "heldout",
-            "num_samples": int(heldout.labels.shape[0]),
-            "heldout_accuracy": heldout.accuracy,
-            "test_accuracy": test.accuracy if test is not None else None,
-            "test_samples": int(test.labels.shape[0]) if test is not None else None,
-        }
+        body["calibration"] = write_calibration(temp, heldout, test)
         result = QuantizeResult(
             path=out,
             manifest=draft,
@@ -551,10 +536,7 @@ def quantize_artifact(
         quantization["git_sha"] = git_sha()
         body["provenance"]["quantization"] = quantization
         result.manifest = _validated(body)
-        write_manifest(temp, result.manifest)
-        load_manifest(temp, verify=True)  # what the service will do
-        make_world_readable(temp)
-        _publish(temp, out, options.overwrite)
+        finish_artifact(temp, out, result.manifest, options.overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

@@ -50,19 +50,18 @@ from export.attach.graph import (
 from export.attach.heads import LinearHead, train_heads
 from export.calibrate import SplitResult, make_engine, run_split
 from export.pipeline import (
-    CALIBRATION_FILE,
     _Hashing,
     _new_temp_dir,
-    _publish,
     _validated,
     dataset_batches,
+    finish_artifact,
     git_sha,
-    make_world_readable,
     tool_versions,
+    write_calibration,
 )
 from export.progress import Progress
 from export.stages import IMAGE, LOGITS_IN, LOGITS_OUT, stage_file
-from service.core.artifact import Manifest, load_manifest, save_calibration_npz, sha256_file, write_manifest
+from service.core.artifact import Manifest, sha256_file
 
 #: One model without --cuts: three exits before the last, spread by MACs.
 DEFAULT_CUTS = "auto:3"
@@ -467,27 +466,12 @@ def attach_exits(
         finally:
             shutil.rmtree(whole_dir, ignore_errors=True)
         progress.note(f"parity: bit for bit on all {checked.images} calibration images")
-        arrays = heldout.arrays("heldout")
-        if test is not None:
-            arrays.update(test.arrays("test"))
-        calibration_path = temp / CALIBRATION_FILE
-        save_calibration_npz(calibration_path, arrays)
+        calibration = write_calibration(temp, heldout, test)
         provenance["parity"] = {"images": checked.images, "bit_exact": True}
         body = _manifest_body(name, stage_bodies, pre, classes, options.t, provenance)
-        body["calibration"] = {
-            "file": CALIBRATION_FILE,
-            "sha256": sha256_file(calibration_path),
-            "split": "heldout",
-            "num_samples": int(heldout.labels.shape[0]),
-            "heldout_accuracy": heldout.accuracy,
-            "test_accuracy": test.accuracy if test is not None else None,
-            "test_samples": int(test.labels.shape[0]) if test is not None else None,
-        }
+        body["calibration"] = calibration
         manifest = _validated(body)
-        write_manifest(temp, manifest)
-        load_manifest(temp, verify=True)
-        make_world_readable(temp)
-        _publish(temp, out, options.overwrite)
+        finish_artifact(temp, out, manifest, options.overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
