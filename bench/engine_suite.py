@@ -43,6 +43,21 @@ MODES: tuple[str, ...] = ("early_exit", "all_stages", "full_onnx")
 SUFFIX: dict[str, str] = {"fp32": "", "int8": "_int8"}
 
 
+def preprocessed(artifact: Artifact, test: TestSet) -> np.ndarray:
+    """(n, C, H, W) float32 of the test images, preprocessed as the artifact's manifest says."""
+    spec = artifact.manifest.preprocessing
+    return preprocess(
+        test.images,
+        height=spec.height,
+        width=spec.width,
+        channels=spec.channels,
+        mean=list(spec.mean),
+        std=list(spec.std),
+        input_scale=spec.input_scale,
+        resize=spec.resize,
+    )
+
+
 def int8_variant(path: Path) -> Path | None:
     """The int8 artifact beside `path` (`<path>_int8`, `boostserve quantize`'s default), if there is one."""
     candidate = path.with_name(f"{path.name}_int8")
@@ -221,18 +236,7 @@ def run_engine(
 
     int8: the int8 artifact to measure beside `artifact` (fp32); "auto" looks for `<DIR>_int8`.
     """
-    spec = artifact.manifest.preprocessing
-    subset = test.head(settings.images)
-    x = preprocess(
-        subset.images,
-        height=spec.height,
-        width=spec.width,
-        channels=spec.channels,
-        mean=list(spec.mean),
-        std=list(spec.std),
-        input_scale=spec.input_scale,
-        resize=spec.resize,
-    )
+    x = preprocessed(artifact, test.head(settings.images))
     if isinstance(int8, str):
         found = int8_variant(artifact.path)
         int8 = load_artifact(found) if found is not None else None

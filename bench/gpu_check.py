@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from bench.common import TARGET_DROP, Artifact, Progress, load_artifact, thresholds_for_drop, write_json
-from bench.data import TestSet, load_test_set, preprocess
-from bench.engine_suite import EngineSettings, run_engine
+from bench.data import TestSet, load_test_set
+from bench.engine_suite import EngineSettings, preprocessed, run_engine
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -78,21 +78,6 @@ def load_images(data_dir: Path | None, limit: int) -> tuple[TestSet, str]:
         images = np.asarray(data["images"], dtype=np.uint8)  # (n, 28, 28)
         labels = np.asarray(data["labels"], dtype=np.int64)  # (n,)
     return TestSet(images, labels, str(SAMPLE_PATH)).head(limit), f"shipped sample {SAMPLE_PATH.name}"
-
-
-def preprocessed(artifact: Artifact, test: TestSet) -> np.ndarray:
-    """(n, C, H, W) float32, exactly as the engine suite feeds them."""
-    spec = artifact.manifest.preprocessing
-    return preprocess(
-        test.images,
-        height=spec.height,
-        width=spec.width,
-        channels=spec.channels,
-        mean=list(spec.mean),
-        std=list(spec.std),
-        input_scale=spec.input_scale,
-        resize=spec.resize,
-    )
 
 
 def write_sample(data_dir: Path, out: Path, n: int = SAMPLE_SIZE) -> Path:

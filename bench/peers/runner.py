@@ -76,6 +76,15 @@ class ServerSpec:
     log_version: tuple[str, str] | None = None
 
 
+#: Ray Serve's settings for both Ray servers: the throughput-optimised mode, direct ingress on the
+#: server's port, no usage reporting.
+_RAY_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "{port}",
+    "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "{port_plus_1}",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
 PEERS: dict[str, ServerSpec] = {
     s.name: s
     for s in (
@@ -88,12 +97,7 @@ PEERS: dict[str, ServerSpec] = {
             "/",
             "ray",
             "ray_serve",
-            {
-                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "{port}",
-                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "{port_plus_1}",
-                "RAY_USAGE_STATS_ENABLED": "0",
-            },
+            _RAY_ENV,
         ),
         ServerSpec(
             "ray_serve_early_exit",
@@ -104,12 +108,7 @@ PEERS: dict[str, ServerSpec] = {
             "/",
             "ray",
             "ray_serve",
-            {
-                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "{port}",
-                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "{port_plus_1}",
-                "RAY_USAGE_STATS_ENABLED": "0",
-            },
+            _RAY_ENV,
         ),
         ServerSpec(
             "bentoml",
