@@ -9,19 +9,18 @@ from those arrays -- including the images whose confidence *is* a calibrated thr
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.core import policies as P
-from service.core.artifact import CalibrationData, Manifest, load_calibration, load_manifest
+from service.core.artifact import CalibrationData, Manifest, load_manifest
 from service.core.engine import CPU, Engine
 from service.core.exit_rule import ALWAYS_EXIT, NEVER_EXIT, exit_indices
 from service.core.scheduler import Scheduler
 from service.http.settings import EMBEDDED_MODEL_DIR
+from tests.fixtures.heldout import heldout_of
 
-DATA = Path("/usr/share/datasets/fashion-mnist")
 FIRST = 512  # held-out images served per check (the whole split is 5000)
 
 
@@ -33,22 +32,7 @@ def manifest() -> Manifest:
 @pytest.fixture(scope="module")
 def heldout(manifest: Manifest) -> tuple[np.ndarray, CalibrationData]:
     """(5000, 1, 28, 28) held-out images in calibration order, and the stored held-out arrays."""
-    if not DATA.is_dir():
-        pytest.skip(f"Fashion-MNIST not found at {DATA}")
-    from export.pipeline import _Hashing, dataset_batches
-    from export.source import SplitSettings, load_export_data
-
-    recorded = manifest.provenance.dataset
-    split = SplitSettings(recorded["kind"], int(recorded["heldout_size"]), int(recorded["split_seed"]))
-    pre = manifest.preprocessing
-    data, _ = load_export_data(
-        DATA, split, image_size=pre.height, num_classes=len(manifest.classes), mean=tuple(pre.mean), std=tuple(pre.std)
-    )
-    assert data.heldout is not None
-    hashing = _Hashing(dataset_batches(data.heldout, 1000))
-    images = np.concatenate([x for x, _ in hashing])
-    assert hashing.hexdigest() == recorded["heldout_sha256"], "not the split the model was calibrated on"
-    return images, load_calibration(EMBEDDED_MODEL_DIR, manifest, "heldout")
+    return heldout_of(EMBEDDED_MODEL_DIR, manifest)
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,18 @@ model's on those images at the rate the export recorded. Skipped without the dat
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.core.artifact import CalibrationData, Manifest, load_calibration, load_manifest
+from service.core.artifact import CalibrationData, Manifest, load_manifest
 from service.core.engine import CPU, Engine
 from service.core.exit_rule import ALWAYS_EXIT, NEVER_EXIT
 from service.core.scheduler import Scheduler
 from service.http.settings import EMBEDDED_MODEL_DIR
+from tests.fixtures.heldout import heldout_of
 
 INT8_DIR = EMBEDDED_MODEL_DIR.with_name("embedded_model_int8")
-DATA = Path("/usr/share/datasets/fashion-mnist")
 FIRST = 256  # held-out images served per exit
 
 pytestmark = pytest.mark.skipif(not (INT8_DIR / "manifest.json").is_file(), reason="no shipped int8 artifact")
@@ -35,22 +34,7 @@ def manifest() -> Manifest:
 
 @pytest.fixture(scope="module")
 def heldout(manifest: Manifest) -> tuple[np.ndarray, CalibrationData]:
-    if not DATA.is_dir():
-        pytest.skip(f"Fashion-MNIST not found at {DATA}")
-    from export.pipeline import _Hashing, dataset_batches
-    from export.source import SplitSettings, load_export_data
-
-    recorded = manifest.provenance.dataset
-    split = SplitSettings(recorded["kind"], int(recorded["heldout_size"]), int(recorded["split_seed"]))
-    pre = manifest.preprocessing
-    data, _ = load_export_data(
-        DATA, split, image_size=pre.height, num_classes=len(manifest.classes), mean=tuple(pre.mean), std=tuple(pre.std)
-    )
-    assert data.heldout is not None
-    hashing = _Hashing(dataset_batches(data.heldout, 1000))
-    images = np.concatenate([x for x, _ in hashing])  # (5000, 1, 28, 28)
-    assert hashing.hexdigest() == recorded["heldout_sha256"]
-    return images, load_calibration(INT8_DIR, manifest, "heldout")
+    return heldout_of(INT8_DIR, manifest)
 
 
 def test_shipped_int8_is_quantized_and_recorded(manifest: Manifest) -> None:
