@@ -13,11 +13,13 @@ Protocol (bench.oip_load): `v2_binary` (POST /v2/models/{m}/infer with the binar
 extension, UINT8 pixels in, binary outputs: what tritonclient.http sends by default) and `grpc`
 (ModelInfer with raw_input_contents on BOOSTSERVE_GRPC_PORT).
 Server configurations: `batching` (cross-request batching on, the default settings) and
-`no_batching` (BOOSTSERVE_BATCHING=false and BOOSTSERVE_MAX_BATCH_SIZE=1: batch-1 serving), and three
+`no_batching` (BOOSTSERVE_BATCHING=false and BOOSTSERVE_MAX_BATCH_SIZE=1: batch-1 serving), and five
 ablations of the request path at drop_0.01 with 1 and 64 clients: `fastapi_path`
 (BOOSTSERVE_FAST_PATH=false: raw-image classify through FastAPI routing), `thread_stages`
-(BOOSTSERVE_STAGE_EXECUTION=thread: stage batches on the ORT worker thread although the server has
-one CPU), `gc_unfrozen` (BOOSTSERVE_GC_FREEZE=false: start-up objects left to the garbage
+(BOOSTSERVE_STAGE_EXECUTION=thread: every stage batch on the ORT worker thread although the server
+has one CPU), `loop_stages` (BOOSTSERVE_STAGE_EXECUTION=loop: every batch on the event loop, the
+previous single-CPU default; served: batches predicted over BOOSTSERVE_INLINE_BATCH_MS on the
+thread, the rest on the loop), `gc_unfrozen` (BOOSTSERVE_GC_FREEZE=false: start-up objects left to the garbage
 collector) and `no_access_log` (BOOSTSERVE_LOG_LEVEL=warning: no access line per request, which is
 what the access log costs), each differing from `batching` in that one setting. `batching` and
 `no_batching` log at the shipped default level (info, an access line per request): what is
@@ -139,6 +141,7 @@ def default_servers(
         ServerConfig(
             "thread_stages", {**base, "BOOSTSERVE_STAGE_EXECUTION": "thread"}, ("drop_0.01",), ablation_clients
         ),
+        ServerConfig("loop_stages", {**base, "BOOSTSERVE_STAGE_EXECUTION": "loop"}, ("drop_0.01",), ablation_clients),
         ServerConfig("gc_unfrozen", {**base, "BOOSTSERVE_GC_FREEZE": "false"}, ("drop_0.01",), ablation_clients),
         ServerConfig("no_access_log", {**base, "BOOSTSERVE_LOG_LEVEL": "warning"}, ("drop_0.01",), ablation_clients),
     )

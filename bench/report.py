@@ -554,9 +554,11 @@ def write_report(out_dir: Path, markdown_path: Path, command: str) -> tuple[Path
 
 
 ABLATIONS = {
-    "batching": "as served (fast path, stages on the event loop, start-up objects frozen)",
+    "batching": "as served (fast path, short stage batches on the event loop and long ones on the ORT "
+    "worker thread, start-up objects frozen)",
     "fastapi_path": "raw-image classify through FastAPI routing (BOOSTSERVE_FAST_PATH=false)",
-    "thread_stages": "stage batches on the ORT worker thread (BOOSTSERVE_STAGE_EXECUTION=thread)",
+    "thread_stages": "every stage batch on the ORT worker thread (BOOSTSERVE_STAGE_EXECUTION=thread)",
+    "loop_stages": "every stage batch on the event loop (BOOSTSERVE_STAGE_EXECUTION=loop)",
     "gc_unfrozen": "start-up objects left to the garbage collector (BOOSTSERVE_GC_FREEZE=false)",
     "no_access_log": "no access line per request (BOOSTSERVE_LOG_LEVEL=warning; served: info)",
 }

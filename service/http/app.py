@@ -135,6 +135,7 @@ def _startup(settings: Settings, metrics: Metrics) -> ClassifyService:
         batching=settings.batching,
         observer=metrics,
         run_on_loop=settings.runs_stages_on_loop(),
+        inline_max_ms=settings.inline_batch_limit_ms(),
         request_timeout_s=settings.request_timeout_s,
         shadow_fraction=settings.shadow_fraction,
         shadow_sink=monitor,
@@ -217,12 +218,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.ready = True
     metrics.set_ready(True)
     log.info(
-        "ready: model %s version %s, %d stages, providers %s, stages run on the %s, default budget %s, early_exit=%s",
+        "ready: model %s version %s, %d stages, providers %s, stage batches run %s, default budget %s, early_exit=%s",
         manifest.name,
         manifest.version,
         manifest.num_stages,
         engine.providers,
-        "event loop" if scheduler.run_on_loop else "ORT worker thread",
+        scheduler.execution_summary(),
         service.global_budget.budget.describe(),
         service.global_budget.early_exit,
     )

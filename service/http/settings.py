@@ -55,6 +55,9 @@ def usable_cpus() -> float:
 #: refused on the node), and 256 is above any core count this service is scaled on per replica
 #: while far below the ~32,000 threads (16.9 GB, never ready) that `intra_op_threads=100000` made.
 MAX_THREADS = 256
+#: Upper bound for `inline_batch_ms`: an inline batch holds the event loop (probes, deadlines, every
+#: connection) for its whole run, and the liveness probe's timeout is a second.
+MAX_INLINE_BATCH_MS = 100.0
 
 
 def normalize_provider(name: str) -> str:
@@ -112,8 +115,17 @@ class Settings(BaseSettings):
     stage_execution: Literal["auto", "thread", "loop"] = Field(
         default="auto",
         description="where stage batches run: 'thread' = one ORT worker thread beside the event loop, "
-        "'loop' = on the event loop (no hand-off; best with one CPU), 'auto' = 'loop' when the process "
-        "may use a single CPU (affinity or cgroup quota), else 'thread'",
+        "'loop' = on the event loop (no hand-off, but a batch holds every connection while it runs), "
+        "'auto' = when the process may use a single CPU (affinity or cgroup quota), batches predicted "
+        "to take at most BOOSTSERVE_INLINE_BATCH_MS on the loop and longer ones on the thread; else 'thread'",
+    )
+    inline_batch_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=MAX_INLINE_BATCH_MS,
+        description="with stage_execution=auto on one CPU: the longest predicted stage batch (its stage's "
+        "mean time per image so far x its images) run on the event loop instead of the worker thread; "
+        f"0 = always the thread (at most {MAX_INLINE_BATCH_MS:g})",
     )
 
     # -- HTTP ------------------------------------------------------------------------------------
@@ -413,10 +425,16 @@ class Settings(BaseSettings):
             )
 
     def runs_stages_on_loop(self) -> bool:
-        """The resolved `stage_execution`."""
-        if self.stage_execution == "auto":
-            return usable_cpus() <= 1
+        """Every stage batch on the event loop (no worker thread): `stage_execution=loop`."""
         return self.stage_execution == "loop"
+
+    def inline_batch_limit_ms(self) -> float:
+        """The resolved `stage_execution` for a worker-thread server: the longest predicted batch
+        run on the loop (0: none). Only `auto` on one CPU inlines: with a second core the thread
+        runs ORT beside the loop's HTTP work, which an inline batch would stop."""
+        if self.stage_execution == "auto" and usable_cpus() <= 1:
+            return self.inline_batch_ms
+        return 0.0
 
     def budget(self) -> Budget:
         """The default budget, with the default policy where the budget takes one and names none."""

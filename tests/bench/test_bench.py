@@ -263,6 +263,7 @@ def test_http_suite_end_to_end(http_out: Path) -> None:
         "no_batching",
         "fastapi_path",
         "thread_stages",
+        "loop_stages",
         "gc_unfrozen",
         "no_access_log",
     }

@@ -204,7 +204,4 @@ def test_mixed_attack(live_server: Any, tmp_path: Path) -> None:
     assert summary["p99_ratio"] <= P99_RATIO_BOUND, summary
     assert summary["rss_mib_max"] is not None and max(sampler.samples) < RSS_BOUND, summary
     assert summary["server_alive_after"]
-    if summary["livez_max_ms"] >= LIVEZ_BOUND_MS:
-        # Open in issue 15 (docs/reliability.md, known gaps): reported as an expected failure so the
-        # other criteria still gate; remove this once the bound holds.
-        pytest.xfail(f"/livez max {summary['livez_max_ms']} ms >= {LIVEZ_BOUND_MS:g} ms (issue 15, open)")
+    assert summary["livez_max_ms"] < LIVEZ_BOUND_MS, summary

@@ -123,9 +123,10 @@ def _rss_window(sampler: Sampler, start: float, end: float) -> float | None:
 #: Server on one CPU, the load generator (this process's threads) on another, as the bench does:
 #: sharing the cores, the client was starved in about one run in three and recorded the server's
 #: queueing as its own latency, or could not offer enough load (the flaky test of issue 15).
-#: OVERLOAD_SETTINGS pins stage_execution to "thread", the mode the server chose on two CPUs: on
-#: one CPU "auto" runs stages on the event loop, and this artifact's long batches then hold the
-#: loop so requests wait unread (client p50 2-3 s, server-side p99 <= 0.5 s; docs/reliability.md).
+#: OVERLOAD_SETTINGS pins stage_execution to "thread", the mode the server chose on two CPUs. On
+#: one CPU "auto" now sends this artifact's long batches to the thread as well, but only after each
+#: stage's first, measured batch; with "loop" they held the loop so requests waited unread (client
+#: p50 2-3 s, server-side p99 <= 0.5 s; docs/reliability.md).
 SERVER_CPUS, CLIENT_CPUS = {0}, [1]
 
 

@@ -6,6 +6,7 @@ Each test drives its own event loop with asyncio.run (no pytest-asyncio needed).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -31,9 +32,15 @@ T = TypeVar("T")
 E = 3  # stages of the synthetic artifact
 EXIT_FIRST = np.array([0.0, 0.0, 0.0], dtype=np.float32)
 NEVER = np.array([np.inf, np.inf, np.inf], dtype=np.float32)
-# Stage batches on the ORT worker thread, or on the event loop (the single-CPU mode); deadline tests
-# stay thread-only: on the loop a deadline is honoured between batches, not during a slow one.
-EXECUTION = [pytest.param(False, id="thread"), pytest.param(True, id="loop")]
+# Stage batches on the ORT worker thread, on the event loop, or both (the single-CPU `auto` mode: a
+# batch predicted under the limit on the loop, the rest on the thread; the limit is high here so that
+# after each stage's first, measured batch on the thread the rest run inline). Deadline tests stay
+# thread-only: on the loop a deadline is honoured between batches, not during a slow one.
+EXECUTION = [
+    pytest.param({"run_on_loop": False}, id="thread"),
+    pytest.param({"run_on_loop": True}, id="loop"),
+    pytest.param({"run_on_loop": False, "inline_max_ms": 1000.0}, id="hybrid"),
+]
 
 
 class SlowEngine(Engine):
@@ -105,12 +112,12 @@ class RecordingObserver:
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_concurrent_requests_match_engine_classify(engine: SlowEngine, on_loop: bool) -> None:
+def test_concurrent_requests_match_engine_classify(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
     """Batched, merged, compacted serving answers exactly what the synchronous engine answers."""
     rng = np.random.default_rng(0)
     requests = [(_images(n, seed=n), rng.uniform(0.3, 0.8, size=(n, E)).astype(np.float32)) for n in (1, 5, 3, 8)]
     observer = RecordingObserver()
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, observer=observer, run_on_loop=on_loop)
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, observer=observer, **on_loop)
 
     async def body(s: Scheduler) -> list[list[Any]]:
         return list(await asyncio.gather(*(s.submit(x, t) for x, t in requests)))
@@ -132,9 +139,9 @@ def test_concurrent_requests_match_engine_classify(engine: SlowEngine, on_loop: 
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_threshold_zero_exits_at_first_stage_in_one_batch(engine: SlowEngine, on_loop: bool) -> None:
+def test_threshold_zero_exits_at_first_stage_in_one_batch(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
     observer = RecordingObserver()
-    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=20, observer=observer, run_on_loop=on_loop)
+    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=20, observer=observer, **on_loop)
 
     async def body(s: Scheduler) -> list[list[Any]]:
         return list(await asyncio.gather(*(s.submit(_images(3, seed=i), EXIT_FIRST) for i in range(4))))
@@ -147,8 +154,8 @@ def test_threshold_zero_exits_at_first_stage_in_one_batch(engine: SlowEngine, on
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_early_exit_false_runs_every_stage(engine: SlowEngine, on_loop: bool) -> None:
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, run_on_loop=on_loop)
+def test_early_exit_false_runs_every_stage(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, **on_loop)
     x = _images(4)
     answers = run(sched, lambda s: s.submit(x, EXIT_FIRST, early_exit=False))
     assert [r.exit_index for r in answers] == [2] * 4
@@ -157,14 +164,12 @@ def test_early_exit_false_runs_every_stage(engine: SlowEngine, on_loop: bool) ->
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_survivors_of_different_batches_are_merged(engine: SlowEngine, on_loop: bool) -> None:
+def test_survivors_of_different_batches_are_merged(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
     """Under load (stage 0 full), survivors of two stage-1 batches share one stage-2 batch."""
     # Rows 0-1 exit at stage 1, rows 2-3 run to the end.
     thr = np.stack([EXIT_FIRST, EXIT_FIRST, NEVER, NEVER])
     observer = RecordingObserver()
-    sched = Scheduler(
-        engine, max_batch_size=4, max_wait_ms=0, merge_wait_ms=2000, observer=observer, run_on_loop=on_loop
-    )
+    sched = Scheduler(engine, max_batch_size=4, max_wait_ms=0, merge_wait_ms=2000, observer=observer, **on_loop)
 
     async def body(s: Scheduler) -> list[list[Any]]:
         return list(await asyncio.gather(*(s.submit(_images(4, seed=i), thr) for i in range(3))))
@@ -180,10 +185,10 @@ def test_survivors_of_different_batches_are_merged(engine: SlowEngine, on_loop: 
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_sources_are_the_batches_survivors_come_from(engine: SlowEngine, on_loop: bool) -> None:
+def test_sources_are_the_batches_survivors_come_from(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
     """Two requests in one stage-1 batch: two sources there, one (that batch) at every deeper stage."""
     observer = RecordingObserver()
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, observer=observer, run_on_loop=on_loop)
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, observer=observer, **on_loop)
 
     async def body(s: Scheduler) -> None:
         await asyncio.gather(*(s.submit(_images(1, seed=i), NEVER) for i in range(2)))
@@ -193,10 +198,10 @@ def test_sources_are_the_batches_survivors_come_from(engine: SlowEngine, on_loop
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_deeper_stages_go_first(engine: SlowEngine, on_loop: bool) -> None:
+def test_deeper_stages_go_first(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
     engine.delays = {0: 0.05}
     observer = RecordingObserver()
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, observer=observer, run_on_loop=on_loop)
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, observer=observer, **on_loop)
 
     async def body(s: Scheduler) -> None:
         first = asyncio.create_task(s.submit(_images(1, seed=1), NEVER))
@@ -209,9 +214,9 @@ def test_deeper_stages_go_first(engine: SlowEngine, on_loop: bool) -> None:
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_batching_off_serves_each_request_alone(engine: SlowEngine, on_loop: bool) -> None:
+def test_batching_off_serves_each_request_alone(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
     observer = RecordingObserver()
-    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=50, batching=False, observer=observer, run_on_loop=on_loop)
+    sched = Scheduler(engine, max_batch_size=32, max_wait_ms=50, batching=False, observer=observer, **on_loop)
 
     async def body(s: Scheduler) -> None:
         await asyncio.gather(*(s.submit(_images(n, seed=n), NEVER) for n in (1, 2, 3)))
@@ -277,10 +282,10 @@ def _late_answers(answers: list[Any], engine: Engine, x: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_deadline_passed_at_submit_is_answered_by_stage_1(engine: SlowEngine, on_loop: bool) -> None:
+def test_deadline_passed_at_submit_is_answered_by_stage_1(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
     """Anytime semantics: a deadline already gone (a tiny deadline_ms) is no failure: stage 1 answers."""
     observer = RecordingObserver()
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, observer=observer, run_on_loop=on_loop)
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, observer=observer, **on_loop)
     x = _images(2)
 
     async def body(s: Scheduler) -> list[Any]:
@@ -372,8 +377,8 @@ def test_request_timeout_fails_requests_older_than_it_and_only_those(engine: Slo
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_request_timeout_leaves_timely_requests_alone(engine: SlowEngine, on_loop: bool) -> None:
-    sched = Scheduler(engine, max_batch_size=4, max_wait_ms=0, request_timeout_s=0.2, run_on_loop=on_loop)
+def test_request_timeout_leaves_timely_requests_alone(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
+    sched = Scheduler(engine, max_batch_size=4, max_wait_ms=0, request_timeout_s=0.2, **on_loop)
 
     async def body(s: Scheduler) -> None:
         for i in range(6):  # spread over more than the timeout
@@ -403,10 +408,10 @@ def test_over_capacity_is_immediate(engine: SlowEngine) -> None:
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_broken_stage_fails_only_its_batch_then_recovers(engine: SlowEngine, on_loop: bool) -> None:
+def test_broken_stage_fails_only_its_batch_then_recovers(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
     engine.failures = {1: 1}  # the first stage-2 run raises
     observer = RecordingObserver()
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, observer=observer, run_on_loop=on_loop)
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=20, observer=observer, **on_loop)
 
     async def body(s: Scheduler) -> None:
         deep = s.submit(_images(2, seed=1), NEVER)  # reaches stage 2 -> that batch fails
@@ -424,9 +429,9 @@ def test_broken_stage_fails_only_its_batch_then_recovers(engine: SlowEngine, on_
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_stop_drains_then_refuses(engine: SlowEngine, on_loop: bool) -> None:
+def test_stop_drains_then_refuses(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
     engine.delays = {0: 0.05}
-    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, run_on_loop=on_loop)
+    sched = Scheduler(engine, max_batch_size=8, max_wait_ms=0, **on_loop)
 
     async def main() -> None:
         with pytest.raises(NotReadyError):
@@ -443,9 +448,9 @@ def test_stop_drains_then_refuses(engine: SlowEngine, on_loop: bool) -> None:
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_stop_without_drain_fails_pending(engine: SlowEngine, on_loop: bool) -> None:
+def test_stop_without_drain_fails_pending(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
     engine.delays = {0: 0.1}
-    sched = Scheduler(engine, max_batch_size=1, max_wait_ms=0, run_on_loop=on_loop)
+    sched = Scheduler(engine, max_batch_size=1, max_wait_ms=0, **on_loop)
 
     async def main() -> None:
         await sched.start()
@@ -460,9 +465,9 @@ def test_stop_without_drain_fails_pending(engine: SlowEngine, on_loop: bool) -> 
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_cancelled_request_releases_its_rows(engine: SlowEngine, on_loop: bool) -> None:
+def test_cancelled_request_releases_its_rows(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
     engine.delays = {0: 0.05}
-    sched = Scheduler(engine, max_batch_size=1, max_wait_ms=0, max_queue=8, run_on_loop=on_loop)
+    sched = Scheduler(engine, max_batch_size=1, max_wait_ms=0, max_queue=8, **on_loop)
 
     async def body(s: Scheduler) -> None:
         task = asyncio.create_task(s.submit(_images(4), NEVER))
@@ -478,8 +483,8 @@ def test_cancelled_request_releases_its_rows(engine: SlowEngine, on_loop: bool) 
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_validation_errors_are_raised_before_queueing(engine: SlowEngine, on_loop: bool) -> None:
-    sched = Scheduler(engine, run_on_loop=on_loop)
+def test_validation_errors_are_raised_before_queueing(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
+    sched = Scheduler(engine, **on_loop)
 
     async def body(s: Scheduler) -> None:
         with pytest.raises(ValidationFailedError):
@@ -493,12 +498,12 @@ def test_validation_errors_are_raised_before_queueing(engine: SlowEngine, on_loo
 
 
 @pytest.mark.parametrize("on_loop", EXECUTION)
-def test_observer_failure_does_not_break_serving(engine: SlowEngine, on_loop: bool) -> None:
+def test_observer_failure_does_not_break_serving(engine: SlowEngine, on_loop: dict[str, Any]) -> None:
     class Broken(RecordingObserver):
         def on_exits(self, stage: int, confidences: np.ndarray, macs: float, deadline_hit: bool) -> None:
             raise RuntimeError("metrics backend down")
 
-    sched = Scheduler(engine, observer=Broken(), max_wait_ms=0, run_on_loop=on_loop)
+    sched = Scheduler(engine, observer=Broken(), max_wait_ms=0, **on_loop)
     answers = run(sched, lambda s: s.submit(_images(2), EXIT_FIRST))
     assert [r.exit_index for r in answers] == [0, 0]
 
@@ -522,3 +527,44 @@ def test_on_the_loop_other_tasks_run_between_batches(engine: SlowEngine) -> None
     run(sched, body)
     assert sched.stats.stages[2].batches == 3
     assert len(set(ticks)) >= 9  # the ticker saw the count after (nearly) every one of the 9 batches
+
+
+class ThreadRecordingEngine(SlowEngine):
+    """Records, per stage call, the stage and whether it ran on the event loop's thread; a stage's
+    delay counts in the seconds it reports (the scheduler predicts from them)."""
+
+    loop_thread: int | None = None
+    calls: list[tuple[int, bool]]
+
+    def run_stage_batch(self, k: int, state: StageBatch) -> StageOutput:
+        self.calls.append((k, threading.get_ident() == self.loop_thread))
+        out = super().run_stage_batch(k, state)
+        return dataclasses.replace(out, seconds=out.seconds + self.delays.get(k, 0.0))
+
+
+def test_hybrid_runs_short_batches_on_the_loop_and_long_ones_on_the_thread(
+    manifest: Manifest, synthetic_artifact: Path
+) -> None:
+    """inline_max_ms: a stage whose measured time per row x batch rows stays under the limit runs on
+    the loop; the slow stage (20 ms per batch, limit 5 ms) keeps the worker thread, and so does each
+    stage's first batch, before anything was measured."""
+    eng = ThreadRecordingEngine(manifest, synthetic_artifact, providers=[CPU], intra_op_threads=1)
+    eng.delays, eng.failures, eng.calls = {1: 0.02}, {}, []
+    sched = Scheduler(eng, max_batch_size=1, max_wait_ms=0, inline_max_ms=5.0)
+
+    async def body(s: Scheduler) -> None:
+        eng.loop_thread = threading.get_ident()
+        for i in range(4):  # one at a time: every request is a batch of 1 at each stage
+            await s.submit(_images(1, seed=i), NEVER)
+
+    run(sched, body)
+    on_loop = {k: [inline for stage, inline in eng.calls if stage == k] for k in range(E)}
+    assert on_loop == {0: [False, True, True, True], 1: [False] * 4, 2: [False, True, True, True]}
+    assert "up to 5 ms predicted" in sched.execution_summary()
+
+
+def test_hybrid_limit_zero_is_the_thread_and_loop_mode_ignores_it(engine: SlowEngine) -> None:
+    assert Scheduler(engine, inline_max_ms=0.0).execution_summary() == "on the ORT worker thread"
+    assert Scheduler(engine, run_on_loop=True, inline_max_ms=5.0).inline_max_s == 0.0
+    with pytest.raises(ValueError, match="inline_max_ms"):
+        Scheduler(engine, inline_max_ms=float("nan"))

@@ -25,9 +25,14 @@ Design
   the event loop only does the bookkeeping, so HTTP keeps flowing while a stage runs (2 cores: one
   for ORT, one for the loop; see service.core.engine for the thread measurement). Requests and queues
   are touched only on the event loop thread, so there are no locks.
-  `run_on_loop=True` runs the batch on the event loop instead (then yields once): with a single
+  `run_on_loop=True` runs every batch on the event loop instead (then yields once): with a single
   CPU there is no parallelism for the thread to buy, only a GIL hand-off and a cross-thread wake-up
-  per batch (measured in docs/benchmarks.md); the server picks it when it may use one CPU.
+  per batch. But a batch on the loop holds every connection, liveness probe and deadline timer for
+  its whole run, so on one CPU the server uses `inline_max_ms` instead: a batch whose stage's mean
+  seconds per row so far x its rows predict at most that runs on the loop (then yields once), a
+  longer one on the worker thread, as does each stage's first batch (nothing measured yet). Small
+  batches at low load skip the hand-off; big ones under load leave the loop free (both measured in
+  docs/benchmarks.md and docs/reliability.md).
 * Thresholds travel with each request ((B, E), the per-request budget); `early_exit=False` uses
   +inf for every stage but the last. Exits follow service.core.exit_rule (conf = max softmax(F_k)
   >= T[k]; the last always answers).

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -69,6 +70,7 @@ class Scheduler:
         merge_wait_ms: float | None = None,
         log: logging.Logger | None = None,
         run_on_loop: bool = False,
+        inline_max_ms: float = 0.0,
         request_timeout_s: float | None = None,
         shadow_fraction: float = 0.0,
         shadow_sink: ShadowSink | None = None,
@@ -78,6 +80,8 @@ class Scheduler:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
         if not 0.0 <= shadow_fraction <= 1.0:  # also NaN
             raise ValueError(f"shadow_fraction must be in [0, 1], got {shadow_fraction!r}")
+        if not 0.0 <= inline_max_ms < math.inf:  # also NaN
+            raise ValueError(f"inline_max_ms must be finite and >= 0, got {inline_max_ms!r}")
         self.engine = engine
         max_wait = float(max_wait_ms) / 1000.0
         self.settings = BatchingSettings(
@@ -88,6 +92,8 @@ class Scheduler:
         )
         self.max_queue = int(max_queue)
         self.run_on_loop = bool(run_on_loop)
+        #: With the worker thread: a batch predicted to take at most this long runs on the loop.
+        self.inline_max_s = 0.0 if run_on_loop else float(inline_max_ms) / 1000.0
         self.request_timeout = None if request_timeout_s is None else float(request_timeout_s)
         self.observer = observer
         self.log = log or LOG
@@ -118,6 +124,14 @@ class Scheduler:
     @property
     def running(self) -> bool:
         return self._accepting
+
+    def execution_summary(self) -> str:
+        """Where stage batches run, in words (the start-up log line)."""
+        if self.run_on_loop:
+            return "on the event loop"
+        if self.inline_max_s > 0.0:
+            return f"on the event loop up to {self.inline_max_s * 1e3:g} ms predicted, longer on the ORT worker thread"
+        return "on the ORT worker thread"
 
     async def start(self) -> None:
         """Start the dispatcher task and, unless batches run on the loop, the ORT worker thread
@@ -288,9 +302,8 @@ class Scheduler:
                     self._drop_shadow()
                     return
                 if self._shadow.rows and not self._closing and sum(self._depth) == 0:
-                    await self._run_shadow()  # the worker would idle: spare capacity
-                    if self.run_on_loop:
-                        await asyncio.sleep(0)
+                    if await self._run_shadow():  # the worker would idle: spare capacity
+                        await asyncio.sleep(0)  # it ran on the loop: let HTTP I/O in
                     continue
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
@@ -299,8 +312,7 @@ class Scheduler:
                 continue
             chunks = self._take_batch(k)  # not empty: stage k holds rows
             try:
-                await self._execute(k, chunks)
-                if self.run_on_loop:
+                if await self._execute(k, chunks):
                     await asyncio.sleep(0)  # the batch ran on the loop: let HTTP I/O in before the next
             except asyncio.CancelledError:
                 raise
@@ -335,24 +347,38 @@ class Scheduler:
                 comp.shadow_rows, comp.shadow_state = sampled, out.state.take(sampled)
         return comp
 
-    async def _execute(self, k: int, chunks: list[Chunk]) -> None:
-        """Run one batch of stage k, then answer its exits and queue its survivors at stage k + 1."""
-        size = sum(len(c.rows) for c in chunks)
-        comp = await self._run_batch(k, chunks, size)
-        if comp is None:
-            return
-        self._record_batch(k, chunks, size, comp)
-        self._distribute(k, chunks, comp, next(self._batch_ids))
+    def _runs_inline(self, k: int, size: int) -> bool:
+        """Run a batch of `size` rows at stage k on the loop? Always without a worker thread; with
+        one, when stage k's mean seconds per row so far predict at most `inline_max_s` (a stage not
+        yet measured goes to the thread). Why: on one CPU the hand-off to the thread costs more than
+        a small batch itself, while a long batch on the loop holds every connection, probe and
+        deadline timer for its whole run."""
+        if self._executor is None:
+            return True
+        st = self.stats.stages[k]
+        return st.items > 0 and size * (st.seconds / st.items) <= self.inline_max_s
 
-    async def _run_batch(self, k: int, chunks: list[Chunk], size: int) -> Computed | None:
-        """`_compute` on the worker thread (or the loop); None when it failed (its requests are failed)."""
+    async def _execute(self, k: int, chunks: list[Chunk]) -> bool:
+        """Run one batch of stage k, then answer its exits and queue its survivors at stage k + 1;
+        True when it ran on the loop."""
+        size = sum(len(c.rows) for c in chunks)
+        inline = self._runs_inline(k, size)
+        comp = await self._run_batch(k, chunks, size, inline)
+        if comp is not None:
+            self._record_batch(k, chunks, size, comp)
+            self._distribute(k, chunks, comp, next(self._batch_ids))
+        return inline
+
+    async def _run_batch(self, k: int, chunks: list[Chunk], size: int, inline: bool) -> Computed | None:
+        """`_compute` on the loop (inline) or the worker thread; None when it failed (its requests
+        are failed)."""
         assert self._loop is not None
         last = k == self.num_stages - 1
         thr = None if last else np.concatenate([c.thresholds(k) for c in chunks])  # (n,)
         states = [c.state for c in chunks]
         drawn = None if last else self._draw_shadow(chunks, size)
         try:
-            if self._executor is None:  # run_on_loop: no worker thread was started
+            if inline:
                 return self._compute(k, states, thr, drawn)
             return await self._loop.run_in_executor(self._executor, self._compute, k, states, thr, drawn)
         except Exception as exc:
@@ -503,16 +529,18 @@ class Scheduler:
             if shed:
                 self._safe(sink.on_shadow_shed, k, shed)
 
-    async def _run_shadow(self) -> None:
-        """One shadow batch: the deepest queued stage; at the last stage, compare with the exits."""
+    async def _run_shadow(self) -> bool:
+        """One shadow batch: the deepest queued stage; at the last stage, compare with the exits.
+        True when it ran on the loop (as `_runs_inline` decides for request batches)."""
         assert self._loop is not None
         taken = self._shadow.take()
         if taken is None:
-            return
+            return False
         k, items = taken
         state = StageBatch.concat([item.state for item in items])  # (s, ...)
+        inline = self._runs_inline(k, state.size)
         try:
-            if self._executor is None:
+            if inline:
                 out = self.engine.run_stage_batch(k, state)
             else:
                 out = await self._loop.run_in_executor(self._executor, self.engine.run_stage_batch, k, state)
@@ -520,7 +548,7 @@ class Scheduler:
             self.log.warning("shadow batch at stage %d failed: %s", k + 1, exc)
             for item in items:
                 self._shed(item)
-            return
+            return inline
         sink = self.shadow_sink
         start = 0
         if k == self.num_stages - 1:
@@ -530,7 +558,7 @@ class Scheduler:
                 if sink is not None:
                     self._safe(sink.on_shadow, item.exit_stage, item.labels != full[start : start + m], item.tag)
                 start += m
-            return
+            return inline
         for item in items:
             m = len(item.labels)
             onward = ShadowItem(item.exit_stage, item.labels, out.state.take(slice(start, start + m)), item.tag)
@@ -538,6 +566,7 @@ class Scheduler:
             shed = self._shadow.offer(k + 1, onward)
             if shed and sink is not None:
                 self._safe(sink.on_shadow_shed, item.exit_stage, shed)
+        return inline
 
     def _shed(self, item: ShadowItem) -> None:
         if self.shadow_sink is not None:

@@ -108,16 +108,23 @@ def test_serve_fails_fast_on_a_corrupted_artifact(tmp_path: Path, synthetic_arti
 
 
 @pytest.mark.parametrize(
-    ("setting", "cpus", "on_loop"),
-    [("auto", 1.0, True), ("auto", 2.0, False), ("thread", 1.0, False), ("loop", 8.0, True)],
+    ("setting", "cpus", "on_loop", "inline_ms"),
+    [
+        ("auto", 1.0, False, 2.0),  # one CPU: short batches on the loop, long ones on the thread
+        ("auto", 2.0, False, 0.0),
+        ("thread", 1.0, False, 0.0),
+        ("loop", 8.0, True, 0.0),
+    ],
 )
 def test_stage_execution_follows_the_usable_cpus(
-    monkeypatch: pytest.MonkeyPatch, setting: str, cpus: float, on_loop: bool
+    monkeypatch: pytest.MonkeyPatch, setting: str, cpus: float, on_loop: bool, inline_ms: float
 ) -> None:
     import service.http.settings as settings_module
 
     monkeypatch.setattr(settings_module, "usable_cpus", lambda: cpus)
-    assert Settings(stage_execution=setting).runs_stages_on_loop() is on_loop
+    settings = Settings(stage_execution=setting)
+    assert settings.runs_stages_on_loop() is on_loop
+    assert settings.inline_batch_limit_ms() == inline_ms
 
 
 def test_usable_cpus_reads_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
