@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from service.core.errors import (
     ValidationFailedError,
 )
 from service.core.scheduler import Scheduler
+from service.core.scheduler.lifecycle import ORT_THREAD_NICENESS
 from tests.fixtures.synthetic_artifact import random_images
 
 T = TypeVar("T")
@@ -568,3 +570,35 @@ def test_hybrid_limit_zero_is_the_thread_and_loop_mode_ignores_it(engine: SlowEn
     assert Scheduler(engine, run_on_loop=True, inline_max_ms=5.0).inline_max_s == 0.0
     with pytest.raises(ValueError, match="inline_max_ms"):
         Scheduler(engine, inline_max_ms=float("nan"))
+
+
+class NicenessRecordingEngine(SlowEngine):
+    """Records the niceness of the thread of every stage call that is not on the loop."""
+
+    loop_thread: int | None = None
+    niceness: list[int]
+
+    def run_stage_batch(self, k: int, state: StageBatch) -> StageOutput:
+        if threading.get_ident() != self.loop_thread:
+            self.niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return super().run_stage_batch(k, state)
+
+
+@pytest.mark.parametrize(("inline_ms", "nicer_by"), [(5.0, ORT_THREAD_NICENESS), (0.0, 0)])
+def test_the_worker_thread_yields_the_cpu_to_the_loop_only_when_they_share_one(
+    manifest: Manifest, synthetic_artifact: Path, inline_ms: float, nicer_by: int
+) -> None:
+    """With inline batches (one CPU) the ORT thread is nicer than the loop; with the plain thread
+    (a second core for it) it keeps the loop's priority."""
+    eng = NicenessRecordingEngine(manifest, synthetic_artifact, providers=[CPU], intra_op_threads=1)
+    eng.delays, eng.failures, eng.niceness = {}, {}, []
+    sched = Scheduler(eng, max_batch_size=1, max_wait_ms=0, inline_max_ms=inline_ms)
+    loop_niceness: list[int] = []
+
+    async def body(s: Scheduler) -> None:
+        eng.loop_thread = threading.get_ident()
+        loop_niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        await s.submit(_images(1), NEVER)  # each stage's first batch goes to the thread
+
+    run(sched, body)
+    assert eng.niceness and set(eng.niceness) == {min(19, loop_niceness[0] + nicer_by)}

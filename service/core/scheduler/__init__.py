@@ -30,7 +30,8 @@ Design
   per batch. But a batch on the loop holds every connection, liveness probe and deadline timer for
   its whole run, so on one CPU the server uses `inline_max_ms` instead: a batch whose stage's mean
   seconds per row so far x its rows predict at most that runs on the loop (then yields once), a
-  longer one on the worker thread, as does each stage's first batch (nothing measured yet). Small
+  longer one on the worker thread, as does each stage's first batch (nothing measured yet); the
+  thread then runs nicer than the loop (lifecycle.ORT_THREAD_NICENESS), so the loop goes first. Small
   batches at low load skip the hand-off; big ones under load leave the loop free (both measured in
   docs/benchmarks.md and docs/reliability.md).
 * Thresholds travel with each request ((B, E), the per-request budget); `early_exit=False` uses

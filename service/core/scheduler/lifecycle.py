@@ -12,6 +12,8 @@ import contextlib
 import itertools
 import logging
 import math
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -53,6 +55,21 @@ class _Delivery:
     macs: int  # cumulative MACs of the stage
     source: int  # the batch id: the source of the survivors' chunks
     now: float  # loop.time(): when the survivors are queued
+
+
+#: How much nicer than the event loop the ORT worker thread runs when the loop shares its one CPU
+#: (`inline_max_ms` > 0): when both want the core, the loop (every connection, the liveness probe,
+#: deadline timers) goes first and the stage batch runs in what is left; decode workers are nicer
+#: still (core.decode_worker).
+ORT_THREAD_NICENESS = 5
+
+
+def _lower_priority() -> None:
+    """Worker-thread initializer: Linux schedules threads, so the niceness is this thread's own
+    (relative to the loop's, which it inherited: raising it needs no privilege)."""
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + ORT_THREAD_NICENESS))
 
 
 class Scheduler:
@@ -141,7 +158,11 @@ class Scheduler:
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         if not self.run_on_loop:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boostserve-ort")
+            self._executor = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="boostserve-ort",
+                initializer=_lower_priority if self.inline_max_s > 0.0 else None,
+            )
         self._closing = False
         self._accepting = True
         self._task = asyncio.create_task(self._dispatch(), name="boostserve-scheduler")
