@@ -531,15 +531,24 @@ def test_on_the_loop_other_tasks_run_between_batches(engine: SlowEngine) -> None
     assert len(set(ticks)) >= 9  # the ticker saw the count after (nearly) every one of the 9 batches
 
 
-class ThreadRecordingEngine(SlowEngine):
-    """Records, per stage call, the stage and whether it ran on the event loop's thread; a stage's
-    delay counts in the seconds it reports (the scheduler predicts from them)."""
+class Call(NamedTuple):
+    """One stage call as the engine saw it."""
+
+    stage: int
+    on_loop: bool  # on the event loop's thread
+    niceness: int  # of the calling thread
+
+
+class CallRecordingEngine(SlowEngine):
+    """Records every stage call (`Call`); a stage's delay counts in the seconds it reports (the
+    scheduler predicts from them)."""
 
     loop_thread: int | None = None
-    calls: list[tuple[int, bool]]
+    calls: list[Call]
 
     def run_stage_batch(self, k: int, state: StageBatch) -> StageOutput:
-        self.calls.append((k, threading.get_ident() == self.loop_thread))
+        niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        self.calls.append(Call(k, threading.get_ident() == self.loop_thread, niceness))
         out = super().run_stage_batch(k, state)
         return dataclasses.replace(out, seconds=out.seconds + self.delays.get(k, 0.0))
 
@@ -550,7 +559,7 @@ def test_hybrid_runs_short_batches_on_the_loop_and_long_ones_on_the_thread(
     """inline_max_ms: a stage whose measured time per row x batch rows stays under the limit runs on
     the loop; the slow stage (20 ms per batch, limit 5 ms) keeps the worker thread, and so does each
     stage's first batch, before anything was measured."""
-    eng = ThreadRecordingEngine(manifest, synthetic_artifact, providers=[CPU], intra_op_threads=1)
+    eng = CallRecordingEngine(manifest, synthetic_artifact, providers=[CPU], intra_op_threads=1)
     eng.delays, eng.failures, eng.calls = {1: 0.02}, {}, []
     sched = Scheduler(eng, max_batch_size=1, max_wait_ms=0, inline_max_ms=5.0)
 
@@ -560,7 +569,7 @@ def test_hybrid_runs_short_batches_on_the_loop_and_long_ones_on_the_thread(
             await s.submit(_images(1, seed=i), NEVER)
 
     run(sched, body)
-    on_loop = {k: [inline for stage, inline in eng.calls if stage == k] for k in range(E)}
+    on_loop = {k: [c.on_loop for c in eng.calls if c.stage == k] for k in range(E)}
     assert on_loop == {0: [False, True, True, True], 1: [False] * 4, 2: [False, True, True, True]}
     assert "up to 5 ms predicted" in sched.execution_summary()
 
@@ -572,26 +581,14 @@ def test_hybrid_limit_zero_is_the_thread_and_loop_mode_ignores_it(engine: SlowEn
         Scheduler(engine, inline_max_ms=float("nan"))
 
 
-class NicenessRecordingEngine(SlowEngine):
-    """Records the niceness of the thread of every stage call that is not on the loop."""
-
-    loop_thread: int | None = None
-    niceness: list[int]
-
-    def run_stage_batch(self, k: int, state: StageBatch) -> StageOutput:
-        if threading.get_ident() != self.loop_thread:
-            self.niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return super().run_stage_batch(k, state)
-
-
 @pytest.mark.parametrize(("inline_ms", "nicer_by"), [(5.0, ORT_THREAD_NICENESS), (0.0, 0)])
 def test_the_worker_thread_yields_the_cpu_to_the_loop_only_when_they_share_one(
     manifest: Manifest, synthetic_artifact: Path, inline_ms: float, nicer_by: int
 ) -> None:
     """With inline batches (one CPU) the ORT thread is nicer than the loop; with the plain thread
     (a second core for it) it keeps the loop's priority."""
-    eng = NicenessRecordingEngine(manifest, synthetic_artifact, providers=[CPU], intra_op_threads=1)
-    eng.delays, eng.failures, eng.niceness = {}, {}, []
+    eng = CallRecordingEngine(manifest, synthetic_artifact, providers=[CPU], intra_op_threads=1)
+    eng.delays, eng.failures, eng.calls = {}, {}, []
     sched = Scheduler(eng, max_batch_size=1, max_wait_ms=0, inline_max_ms=inline_ms)
     loop_niceness: list[int] = []
 
@@ -601,4 +598,5 @@ def test_the_worker_thread_yields_the_cpu_to_the_loop_only_when_they_share_one(
         await s.submit(_images(1), NEVER)  # each stage's first batch goes to the thread
 
     run(sched, body)
-    assert eng.niceness and set(eng.niceness) == {min(19, loop_niceness[0] + nicer_by)}
+    on_thread = {c.niceness for c in eng.calls if not c.on_loop}
+    assert on_thread == {min(19, loop_niceness[0] + nicer_by)}
