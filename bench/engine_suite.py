@@ -11,8 +11,9 @@ same order within a round. Reported: median images/s over rounds with min/max, a
 per-call latency percentiles.
 
 Precisions: when an int8 version of the artifact sits beside it (`<DIR>_int8`, what
-`boostserve quantize --artifacts DIR` writes; the embedded model's is `service/embedded_model_int8`),
-the same three modes run on it too, in the same rounds (`early_exit_int8`, `all_stages_int8`,
+`boostserve quantize --artifacts DIR` writes; the embedded model's is `service/embedded_model_int8`,
+the served default), or the artifact is such an int8 version with its fp32 source beside it (the
+bench's default), the same three modes run on both, in the same rounds (`early_exit_int8`, `all_stages_int8`,
 `full_onnx_int8`), each with thresholds chosen on its own held-out calibration. Plain mode names
 are the fp32 artifact's, so the fp32 full network stays the reference "what a user runs today".
 
@@ -62,6 +63,24 @@ def int8_variant(path: Path) -> Path | None:
     """The int8 artifact beside `path` (`<path>_int8`, `boostserve quantize`'s default), if there is one."""
     candidate = path.with_name(f"{path.name}_int8")
     return candidate if (candidate / "manifest.json").is_file() else None
+
+
+def fp32_source(artifact: Artifact) -> Path | None:
+    """The fp32 artifact an int8 one was quantized from, when it sits beside it (`DIR` for `DIR_int8`)
+    and is the version its provenance records; None for an artifact that is not a quantized one.
+
+    Why: the served default is the int8 embedded model, and the engine suite measures it against
+    its fp32 source (the reference "what a user runs today"), whichever of the two it is given.
+    """
+    quantization = (artifact.manifest.provenance.model_extra or {}).get("quantization")
+    name = artifact.path.name
+    if not isinstance(quantization, dict) or not name.endswith("_int8"):
+        return None
+    candidate = artifact.path.with_name(name.removesuffix("_int8"))
+    if not (candidate / "manifest.json").is_file():
+        return None
+    source = quantization.get("source") or {}
+    return candidate if load_artifact(candidate).manifest.version == source.get("version") else None
 
 
 def mode_name(mode: str, precision: str) -> str:
@@ -234,8 +253,12 @@ def run_engine(
 ) -> dict[str, Any]:
     """Measure every (batch size, mode) cell; returns the suite's JSON body.
 
-    int8: the int8 artifact to measure beside `artifact` (fp32); "auto" looks for `<DIR>_int8`.
+    int8: the int8 artifact to measure beside `artifact` (fp32); "auto" looks for `<DIR>_int8`, or,
+    when `artifact` is itself an int8 artifact with its fp32 source beside it, measures that pair.
     """
+    source = fp32_source(artifact) if isinstance(int8, str) else None
+    if source is not None:
+        artifact, int8 = load_artifact(source), artifact
     x = preprocessed(artifact, test.head(settings.images))
     if isinstance(int8, str):
         found = int8_variant(artifact.path)

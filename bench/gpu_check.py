@@ -55,10 +55,11 @@ LABEL_TIE_MARGIN = 0.05
 
 
 def embedded_artifact_dir() -> Path:
-    """The packaged model the check runs (no download, no dataset)."""
-    from service.http.settings import EMBEDDED_MODEL_DIR
+    """The packaged model the check runs (no download, no dataset): its fp32 version, since the int8
+    one's QDQ graphs are a CPU choice (its stage precisions were measured on the CPU)."""
+    from service.http.settings import EMBEDDED_FP32_MODEL_DIR
 
-    return Path(EMBEDDED_MODEL_DIR)
+    return Path(EMBEDDED_FP32_MODEL_DIR)
 
 
 # --------------------------------------------------------------------------------------------------

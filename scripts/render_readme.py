@@ -57,7 +57,8 @@ def int8_block(model: Manifest, int8: Manifest, engine_json: Path | None) -> lis
     sizes = [b for b in (1, 32) if any(p == "int8" and n == b for p, n, _ in ms)]  # the decision batch sizes
     lines = [
         "",
-        f"int8 version (`service/embedded_model_int8/`, version `{int8.version}`, `boostserve quantize`): stage "
+        f"int8 version, **served by default** (`service/embedded_model_int8/`, version `{int8.version}`, "
+        f"`boostserve quantize`): stage "
         f"precisions {', '.join(int8.precisions)}, chosen by measured time (export/quantize.py)."
         + (f" ms per image per stage from [{engine_json.as_posix()}]({engine_json.as_posix()})." if sizes else ""),
         "",

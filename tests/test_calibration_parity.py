@@ -1,4 +1,6 @@
-"""Serving and calibration agree bit for bit on the embedded model (service.core.exit_rule).
+"""Serving and calibration agree bit for bit on the fp32 embedded model (service.core.exit_rule).
+
+The int8 version, the served default, has the same check in tests/export/test_quantize_embedded.py.
 
 The held-out images are reproduced from the manifest's provenance (Fashion-MNIST at DATA, the
 recorded split seed) and served through the engine and the scheduler: their confidences must equal
@@ -18,7 +20,7 @@ from service.core.artifact import CalibrationData, Manifest, load_manifest
 from service.core.engine import CPU, Engine
 from service.core.exit_rule import ALWAYS_EXIT, NEVER_EXIT, exit_indices
 from service.core.scheduler import Scheduler
-from service.http.settings import EMBEDDED_MODEL_DIR
+from service.http.settings import EMBEDDED_FP32_MODEL_DIR as EMBEDDED_MODEL_DIR
 from tests.fixtures.heldout import heldout_of
 
 FIRST = 512  # held-out images served per check (the whole split is 5000)

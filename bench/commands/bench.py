@@ -19,14 +19,16 @@ suite JSONs present there, so suites can be run one at a time into the same dire
 Suites (--suite, comma-separated; default all):
   offline  accuracy vs average MACs on the test split from calibration.npz: every budgeted-MAC
            policy (reference, optimal) swept over budgets, the accuracy-drop knob, the anytime
-           exits and the oracle exit; BoostNet vs its t=0 baseline (--baseline). Thresholds are
-           chosen on held-out data and evaluated on test. Seconds; no ONNX Runtime.
+           exits and the oracle exit; BoostNet vs its t=0 baseline (--baseline; an int8 artifact
+           with its fp32 source beside it, like the default, is compared through that source).
+           Thresholds are chosen on held-out data and evaluated on test. Seconds; no ONNX Runtime.
   engine   in-process images/s and latency per batch size (1, 8, 32, 128): early exit (≤1 %
            drop budget) vs all stages vs ONE plain ONNX Runtime session of the full network (the
            stage graphs chained into a single model with `onnx`). Interleaved rounds; median and
            min/max reported. With an int8 artifact beside the one benchmarked (DIR_int8, written by
-           `boostserve quantize`; service/embedded_model_int8 for the embedded model) the same three
-           modes run on it in the same rounds (*_int8), with time-ideal and accuracy at equal cost.
+           `boostserve quantize`), or when the one benchmarked is such an int8 artifact with its fp32
+           source DIR beside it (the default: service/embedded_model_int8), the same three modes run
+           on both in the same rounds (*_int8), with time-ideal and accuracy at equal cost.
   http     closed-loop load (N clients each looping request -> response) against a real
            `python -m boostserve serve` subprocess on 127.0.0.1 with 1, 8, 64, 256 clients,
            posting PNGs of Fashion-MNIST test images: all stages (early_exit=false), early exit
@@ -122,7 +124,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--artifacts",
         type=Path,
         default=None,
-        help="artifact directory to benchmark (default: the embedded model)",
+        help="artifact directory to benchmark (default: the embedded model that `boostserve serve` serves, "
+        "service/embedded_model_int8)",
     )
     parser.add_argument(
         "--baseline",
@@ -309,12 +312,11 @@ def _configure_peers(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_artifacts() -> Path:
-    import importlib.util
+    """What `boostserve serve` serves by default (the int8 embedded model; the engine suite finds its
+    fp32 source beside it)."""
+    from service.http.settings import EMBEDDED_MODEL_DIR
 
-    spec = importlib.util.find_spec("service")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("cannot locate the service package to find the embedded model; pass --artifacts")
-    return Path(next(iter(spec.submodule_search_locations))) / "embedded_model"
+    return EMBEDDED_MODEL_DIR
 
 
 def _tidy(path: Path) -> Path:
@@ -414,19 +416,24 @@ def run(args: argparse.Namespace) -> int:
         providers: list[str] | None = None
         if suite == "offline":
             from bench.coverage import DEFAULT_RESAMPLES
+            from bench.engine_suite import fp32_source
             from bench.offline import DEFAULT_BUDGET_POINTS, run_offline
 
             points = _pick(args.budget_points, DEFAULT_BUDGET_POINTS, 12, quick)
             resamples = _pick(args.coverage_resamples, DEFAULT_RESAMPLES, 50, quick)
+            # Against the t=0 baseline (fp32), an int8 artifact is compared through its fp32 source,
+            # so the two differ only in how they were trained, not also in precision.
+            source = fp32_source(artifact) if baseline is not None else None
+            offline_artifacts = artifacts if source is None else _tidy(source)
             settings = {
                 "quick": quick,
-                "artifacts": str(artifacts),
+                "artifacts": str(offline_artifacts),
                 "baseline": str(baseline),
                 "budget_points": points,
                 "coverage_resamples": resamples,
             }
             result = run_offline(
-                artifacts, baseline, budget_points=points, progress=progress, coverage_resamples=resamples
+                offline_artifacts, baseline, budget_points=points, progress=progress, coverage_resamples=resamples
             )
         elif suite == "engine":
             from bench.engine_suite import EngineSettings, run_engine

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ import pytest
 
 from bench.common import Progress, load_artifact, write_json
 from bench.data import synthetic_test_set
-from bench.engine_suite import EngineSettings, int8_variant, run_engine, time_ideal
+from bench.engine_suite import EngineSettings, fp32_source, int8_variant, run_engine, time_ideal
 from bench.report import write_report
 from bench.targets import evaluate_engine, served_time_ideal
+from tests.fixtures.tiny_export import export_tiny_artifact
 
 
 def test_time_ideal_is_all_stages_over_expected_cumulative_time() -> None:
@@ -29,9 +31,9 @@ def test_time_ideal_is_all_stages_over_expected_cumulative_time() -> None:
 
 
 @pytest.fixture(scope="module")
-def engine_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(fp32 artifact, its int8 version beside it)."""
     from export.quantize import QuantizeOptions, quantize_artifact
-    from tests.fixtures.tiny_export import export_tiny_artifact
 
     root = tmp_path_factory.mktemp("precisions")
     fp32 = export_tiny_artifact(root / "art", kind="compact", logit_scale=4.0)
@@ -40,7 +42,41 @@ def engine_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         min_agreement=0.5,
     )  # fmt: skip
     quantize_artifact(fp32, root / "art_int8", None, options)
-    assert int8_variant(fp32) == root / "art_int8"
+    return fp32, root / "art_int8"
+
+
+def test_an_int8_artifact_finds_its_fp32_source_beside_it(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    fp32, int8 = pair
+    assert int8_variant(fp32) == int8 and int8_variant(int8) is None
+    assert fp32_source(load_artifact(int8)) == fp32
+    assert fp32_source(load_artifact(fp32)) is None  # not a quantized artifact
+    # an fp32 directory of that name that is not the recorded source is not taken for it
+    other = tmp_path / "art_int8"
+    shutil.copytree(int8, other)
+    export_tiny_artifact(tmp_path / "art", kind="compact", logit_scale=2.0)
+    assert fp32_source(load_artifact(other)) is None
+
+
+def test_given_the_int8_artifact_the_suite_measures_the_same_pair(pair: tuple[Path, Path]) -> None:
+    """The bench's default is the served int8 embedded model: fp32 stays the reference."""
+    fp32, int8 = pair
+    settings = EngineSettings(
+        batch_sizes=(1,), rounds=1, round_seconds=0.0, min_calls=1, max_calls=2, images=8,
+        intra_op_threads=1, inter_op_threads=1, providers=None,
+    )  # fmt: skip
+    r = run_engine(load_artifact(int8), synthetic_test_set(8, 28, 28, 10), settings, fp32.parent / "w2",
+                   Progress(enabled=False))  # fmt: skip
+    assert {c["mode"]: c["precision"] for c in r["cells"]}["full_onnx"] == "fp32"
+    assert {r["precisions"][p]["version"] for p in ("fp32", "int8")} == {
+        load_artifact(fp32).manifest.version,
+        load_artifact(int8).manifest.version,
+    }
+
+
+@pytest.fixture(scope="module")
+def engine_result(pair: tuple[Path, Path]) -> dict[str, Any]:
+    fp32, _ = pair
+    root = fp32.parent
     settings = EngineSettings(
         batch_sizes=(1, 32), rounds=2, round_seconds=0.01, min_calls=2, max_calls=50, images=64,
         intra_op_threads=1, inter_op_threads=1, providers=None,

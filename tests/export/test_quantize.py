@@ -29,7 +29,7 @@ from service.core.artifact import (
 )
 from service.core.engine import CPU, Engine
 from service.core.exit_rule import max_softmax
-from service.http.settings import EMBEDDED_MODEL_DIR
+from service.http.settings import EMBEDDED_FP32_MODEL_DIR
 
 #: The tiny random-weight model's int8 labels must agree with fp32's on at least this share of the
 #: 100 held-out + test images at every exit (measured 100 %; random weights give small logit gaps,
@@ -107,9 +107,9 @@ def test_parse_precisions_is_strict() -> None:
 
 
 def test_old_manifests_load_as_fp32_with_their_published_version() -> None:
-    body = json.loads((EMBEDDED_MODEL_DIR / "manifest.json").read_text())
+    body = json.loads((EMBEDDED_FP32_MODEL_DIR / "manifest.json").read_text())
     assert all("precision" not in s for s in body["stages"]), "the shipped fp32 manifest predates the field"
-    manifest = load_manifest(EMBEDDED_MODEL_DIR)
+    manifest = load_manifest(EMBEDDED_FP32_MODEL_DIR)
     assert manifest.precisions == ["fp32"] * manifest.num_stages
     normalised = manifest.model_dump(mode="json")  # now with precision: fp32 on every stage
     assert normalised["stages"][0]["precision"] == "fp32"
