@@ -48,8 +48,13 @@ class OpenLoopResult:
     macs: list[float] = field(default_factory=list)
     degraded: list[bool] = field(default_factory=list)
     allowed_drop: list[float] = field(default_factory=list)  # max_accuracy_drop of the point served (nan: other knob)
+    send_lag_s: list[float] = field(default_factory=list)  # how late the generator sent it (its own delay)
     first_error: str | None = None
-    late_sends_s: float = 0.0  # the largest lag of a send behind its schedule (the generator's own delay)
+
+    @property
+    def late_sends_s(self) -> float:
+        """The largest lag of a send behind its schedule (the generator's own delay)."""
+        return max(self.send_lag_s, default=0.0)
 
     def as_arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -63,6 +68,7 @@ class OpenLoopResult:
             "macs": np.asarray(self.macs, dtype=np.float64),
             "degraded": np.asarray(self.degraded, dtype=bool),
             "allowed_drop": np.asarray(self.allowed_drop, dtype=np.float64),
+            "send_lag_s": np.asarray(self.send_lag_s, dtype=np.float64),
         }
 
 
@@ -159,8 +165,7 @@ async def run_open_loop(
         wait = due - time.perf_counter()
         if wait > 0:
             await asyncio.sleep(wait)
-        else:
-            result.late_sends_s = max(result.late_sends_s, -wait)
+        result.send_lag_s.append(max(0.0, time.perf_counter() - due))
         if inflight >= max_connections:
             result.status[index] = -1
             continue

@@ -146,6 +146,8 @@ def step_summary(
         "accuracy": float(correct.mean()) if ok.any() else math.nan,
         "macs_mean": float(rec["macs"][sel][ok].mean()) if ok.any() else math.nan,
         "allowed_drop_mean": float(np.nanmean(rec["allowed_drop"][sel][ok])) if ok.any() else math.nan,
+        # The generator's own delay (included in every latency): a client-bound step shows here.
+        "send_lag_p99_ms": float(np.percentile(rec["send_lag_s"][sel], 99) * 1e3) if arrivals else math.nan,
     }
     if full_correct is not None and ok.any():
         out["full_accuracy_same_images"] = float(full_correct[images].mean())
@@ -386,6 +388,10 @@ def _pct(value: Any) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f} %"
 
 
+def _ms(value: Any) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+
+
 def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
     """The markdown section of the slo suite."""
     r = doc["result"]
@@ -398,7 +404,8 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
         f"{st['floor']:g}; steps of {st['step_s']:g} s at "
         + ", ".join(f"{f:g}" for f in st["steps"])
         + " × the capacity measured in the same run (closed loop, "
-        f"{st['capacity_clients']} clients). Servers run one after the other on the same CPUs and schedule.",
+        f"{st['capacity_clients']} clients). Servers run one after the other on the same CPUs and schedule. "
+        "Generator lag: how late the load generator itself sent a request (part of its latency).",
         "",
     ]
     cap = r.get("capacity")
@@ -411,8 +418,8 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
         ]
     lines += [
         "| server | load × cap | offered req/s | served req/s | p50 ms | p99 ms | shed | degraded "
-        "| mean allowed drop served | accuracy | loss vs all stages | over target |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mean allowed drop served | accuracy | loss vs all stages | over target | generator lag p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, sc in (r.get("accuracy_first") or {}).items():
         for s in sc["steps"]:
@@ -422,7 +429,7 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
                 f"| {s['p99_ms']:.1f} | {100 * s['shed_share']:.2f} % | {100 * (s['degraded_share'] or 0):.1f} % "
                 f"| {_pct(s.get('allowed_drop_mean'))} "
                 f"| {100 * s['accuracy']:.2f} % | {'–' if loss is None else f'{100 * loss:.2f} pp'} "
-                f"| {s['over_target']} |"
+                f"| {s['over_target']} | {_ms(s.get('send_lag_p99_ms'))} |"
             )
     for name, sc in (r.get("accuracy_first") or {}).items():
         shadow = sc.get("shadow")

@@ -77,6 +77,9 @@ def test_open_loop_sends_on_schedule_whatever_the_server_answers() -> None:
     assert np.all(arrays["degraded"][ok]) and np.all(arrays["macs"][ok] == 10)
     assert np.all(arrays["allowed_drop"][ok] == 0.02)
     assert np.all(arrays["latency_s"] >= 0.05)
+    lag = arrays["send_lag_s"]  # the generator's own delay: recorded per arrival, small when it keeps up
+    assert lag.shape == (n,) and np.all(lag >= 0) and np.median(lag) < 0.05
+    assert result.late_sends_s == lag.max()
 
 
 def test_step_summary_counts_shed_over_target_and_loss() -> None:
@@ -90,6 +93,7 @@ def test_step_summary_counts_shed_over_target_and_loss() -> None:
         "macs": np.array([1.0, 2.0, np.nan, 3.0, 1.0]),
         "scheduled_s": np.array([0.0, 0.1, 0.2, 0.3, 1.5]),
         "allowed_drop": np.array([0.03, 0.001, np.nan, 0.02, 0.001]),
+        "send_lag_s": np.array([0.0, 0.0, 0.0, 0.004, 0.5]),
     }
     labels = np.array([5, 7, 1, 0])
     full = np.array([True, True, True, False])
@@ -99,6 +103,7 @@ def test_step_summary_counts_shed_over_target_and_loss() -> None:
     assert s["accuracy"] == pytest.approx(2 / 3) and s["degraded_share"] == pytest.approx(2 / 3)
     assert s["loss_vs_all_stages"] == pytest.approx(2 / 3 - 2 / 3)
     assert s["allowed_drop_mean"] == pytest.approx((0.03 + 0.001 + 0.02) / 3)
+    assert s["send_lag_p99_ms"] == pytest.approx(np.percentile([0.0, 0.0, 0.0, 4.0], 99))  # phase 1's lag not counted
 
 
 def test_hardest_third_takes_the_latest_exits() -> None:
