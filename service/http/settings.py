@@ -25,8 +25,8 @@ from service.core.knobs import BUDGET_KNOBS, POLICIES, Budget, parse_bool
 #: and its `boostserve quantize` version (int8 stages where int8 measured faster).
 EMBEDDED_FP32_MODEL_DIR = Path(__file__).resolve().parents[1] / "embedded_model"
 EMBEDDED_INT8_MODEL_DIR = EMBEDDED_FP32_MODEL_DIR.with_name("embedded_model_int8")
-#: The default artifact: the int8 version, which is more accurate than fp32 at every measured cost
-#: (the engine suite's "accuracy at equal cost", docs/benchmarks.md); fp32 stays the reference.
+#: The default artifact: the int8 version, which is as accurate or more than fp32 at equal measured
+#: cost (the engine suite's "accuracy at equal cost", docs/benchmarks.md); fp32 stays the reference.
 EMBEDDED_MODEL_DIR = EMBEDDED_INT8_MODEL_DIR
 
 #: Short provider names accepted on the command line / in the environment -> ONNX Runtime names.

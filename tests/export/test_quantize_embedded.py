@@ -80,7 +80,7 @@ def test_int8_labels_agree_with_fp32(manifest: Manifest, heldout: tuple[np.ndarr
 
 
 def test_the_served_default_is_the_int8_version() -> None:
-    """`boostserve serve` with no --artifacts serves int8 (more accurate at every measured cost)."""
+    """`boostserve serve` with no --artifacts serves int8 (as accurate or more at equal measured cost)."""
     from service.http.settings import Settings
 
     assert EMBEDDED_MODEL_DIR == INT8_DIR != EMBEDDED_FP32_MODEL_DIR
