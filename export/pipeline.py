@@ -148,7 +148,7 @@ def dataset_batches(dataset: DatasetLike, batch_size: int) -> Iterator[Batch]:
         yield images.numpy().astype(np.float32, copy=False), labels.numpy().astype(np.int64)
 
 
-class _Hashing:
+class HashingBatches:
     """Wrap a batch iterator and hash what passes through, for report reuse.
 
     Images and labels go into separate digests (combined at the end), so the hash does not
@@ -175,8 +175,8 @@ class _Hashing:
 
 
 def split_sha256(dataset: DatasetLike, batch_size: int = 512) -> str:
-    """The hash `_Hashing` records, recomputed from a dataset (used by the report)."""
-    hashing = _Hashing(dataset_batches(dataset, batch_size))
+    """The hash `HashingBatches` records, recomputed from a dataset (used by the report)."""
+    hashing = HashingBatches(dataset_batches(dataset, batch_size))
     for _ in hashing:
         pass
     return hashing.hexdigest()
@@ -238,7 +238,9 @@ def _example_inputs(plan: StagePlan, staged: list[tuple[list[Tensor], Tensor]], 
     return tuple(values)
 
 
-def _new_temp_dir(out: Path) -> Path:
+def new_partial_dir(out: Path) -> Path:
+    """A fresh `.NAME.partial-*` directory beside `out`: written in full there, then renamed onto
+    `out`, so a reader never sees half an artifact (same filesystem, so the rename is atomic)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
 
@@ -328,7 +330,7 @@ def export_artifact(
     c, h, w = source.image_shape
     trace_image = torch.randn(2, c, h, w, generator=generator)
 
-    temp = _new_temp_dir(out)
+    temp = new_partial_dir(out)
     try:
         with torch.no_grad():
             plans = plan_stages(backbone, source.t, trace_image)
@@ -400,7 +402,7 @@ def export_artifact(
             "provenance": provenance,
             "calibration": None,
         }
-        manifest = _validated(body)
+        manifest = validated_manifest(body)
 
         heldout = test = None
         engine_check: EngineCrossCheck | None = None
@@ -411,7 +413,7 @@ def export_artifact(
             body["calibration"] = write_calibration(temp, heldout, test)
             if engine_check is not None:
                 provenance["engine_parity"] = engine_check.to_dict()
-            manifest = _validated(body)
+            manifest = validated_manifest(body)
         finish_artifact(temp, out, manifest, options.overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -426,7 +428,7 @@ def export_artifact(
     )
 
 
-def _validated(body: dict[str, Any]) -> Manifest:
+def validated_manifest(body: dict[str, Any]) -> Manifest:
     """Validate the manifest and set its content version.
 
     The version hashes the *normalised* manifest (pydantic defaults filled in, JSON types), i.e.
@@ -461,7 +463,7 @@ def _calibrate(
             return [cum.numpy() for _, cum in torch_stage_outputs(source.backbone, source.t, tensor)]
 
     n = manifest.num_stages
-    hashing = _Hashing(dataset_batches(data.heldout, options.batch_size))
+    hashing = HashingBatches(dataset_batches(data.heldout, options.batch_size))
     with progress.bar(total=len(data.heldout), desc="calibrate held-out", unit="img") as bar:
         heldout, check = run_split(
             engine, hashing, n, progress=bar.update, reference=reference, tolerance=options.tolerance
@@ -472,7 +474,7 @@ def _calibrate(
     }
     test: SplitResult | None = None
     if data.test is not None and options.include_test:
-        hashing = _Hashing(dataset_batches(data.test, options.batch_size))
+        hashing = HashingBatches(dataset_batches(data.test, options.batch_size))
         with progress.bar(total=len(data.test), desc="calibrate test", unit="img") as bar:
             test, _ = run_split(engine, hashing, n, progress=bar.update)
         info["test_sha256"] = hashing.hexdigest()

@@ -50,13 +50,13 @@ import numpy as np
 from export.calibrate import SplitResult, make_engine, run_split
 from export.errors import ExportError
 from export.pipeline import (
-    _Hashing,
-    _new_temp_dir,
-    _validated,
+    HashingBatches,
     dataset_batches,
     finish_artifact,
     git_sha,
+    new_partial_dir,
     tool_versions,
+    validated_manifest,
     write_calibration,
 )
 from export.progress import Progress
@@ -440,7 +440,7 @@ def quantize_artifact(
     progress = Progress(enabled=options.progress)
 
     images, image_record = training_images(manifest, data, options.calibration_images, options.seed)
-    temp = _new_temp_dir(out)
+    temp = new_partial_dir(out)
     try:
         progress.note(f"quantize: {len(images)} training images through the fp32 stages ...")
         feeds = stage_feeds(manifest, src, images, options.threads)
@@ -474,7 +474,7 @@ def quantize_artifact(
         for path in int8_paths:
             path.unlink()
         body["calibration"] = None
-        draft = _validated(body)
+        draft = validated_manifest(body)
 
         progress.note(f"quantize: recalibrating through the {'/'.join(precisions)} engine ...")
         split = _recorded_split(manifest, data)
@@ -497,7 +497,7 @@ def quantize_artifact(
         for name, dataset in (("heldout", export_data.heldout), ("test", export_data.test)):
             if name not in stored_splits or dataset is None:
                 continue
-            hashing = _Hashing(dataset_batches(dataset, options.batch_size))
+            hashing = HashingBatches(dataset_batches(dataset, options.batch_size))
             results[name], _ = run_split(served, hashing, manifest.num_stages)
             expected = recorded.get(f"{name}_sha256")
             if expected is not None and hashing.hexdigest() != expected:
@@ -535,7 +535,7 @@ def quantize_artifact(
         quantization["tool_versions"] = tool_versions()
         quantization["git_sha"] = git_sha()
         body["provenance"]["quantization"] = quantization
-        result.manifest = _validated(body)
+        result.manifest = validated_manifest(body)
         finish_artifact(temp, out, result.manifest, options.overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

@@ -26,7 +26,7 @@ import numpy as np
 
 from export.calibrate import SplitResult, make_engine, run_split
 from export.errors import ExportError
-from export.pipeline import ARTIFACT_FILE_MODE, _Hashing, _validated, dataset_batches
+from export.pipeline import ARTIFACT_FILE_MODE, HashingBatches, dataset_batches, validated_manifest
 from export.source import SplitSettings, load_export_data
 from service.core.artifact import (
     Manifest,
@@ -103,7 +103,7 @@ def recalibrate(
             continue
         if dataset is None:
             raise ExportError(f"the stored calibration has a {name} split but {data_dir} has none")
-        hashing = _Hashing(dataset_batches(dataset, batch_size))
+        hashing = HashingBatches(dataset_batches(dataset, batch_size))
         result, _ = run_split(engine, hashing, manifest.num_stages)
         expected = recorded.get(f"{name}_sha256")
         if expected is not None and hashing.hexdigest() != expected:
@@ -126,7 +126,7 @@ def recalibrate(
         "previous_calibration_sha256": manifest.calibration.sha256,
         "changed_confidences": {c.split: c.changed for c in changes},
     }
-    updated = _validated(body)
+    updated = validated_manifest(body)
     temporary.chmod(ARTIFACT_FILE_MODE)  # the serving user must read it, whatever the umask (see export.pipeline)
     os.replace(temporary, calibration_path)
     write_manifest(root, updated).chmod(ARTIFACT_FILE_MODE)

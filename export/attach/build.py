@@ -50,13 +50,13 @@ from export.attach.graph import (
 from export.attach.heads import LinearHead, train_heads
 from export.calibrate import SplitResult, make_engine, run_split
 from export.pipeline import (
-    _Hashing,
-    _new_temp_dir,
-    _validated,
+    HashingBatches,
     dataset_batches,
     finish_artifact,
     git_sha,
+    new_partial_dir,
     tool_versions,
+    validated_manifest,
     write_calibration,
 )
 from export.progress import Progress
@@ -216,7 +216,7 @@ def _train_features(
         n = min(options.train_limit, len(train))
         train = ArrayDataset(train.images[:n], train.labels[:n], train.transform)
     total = len(train)
-    hashing = _Hashing(dataset_batches(train, options.batch_size))
+    hashing = HashingBatches(dataset_batches(train, options.batch_size))
     for _ in hashing:  # the cache key covers the very images (and their normalisation)
         pass
     digest = hashing.hexdigest()
@@ -283,7 +283,7 @@ def _whole_engine(classifier: Classifier, work: Path, pre: dict[str, Any], class
         0.0,
         {},
     )
-    manifest = _validated(body)
+    manifest = validated_manifest(body)
     return make_engine(manifest, work)
 
 
@@ -383,7 +383,7 @@ def attach_exits(
     if cuts:
         progress.note("cuts: " + ", ".join(c.name for c in cuts))
 
-    temp = _new_temp_dir(out)
+    temp = new_partial_dir(out)
     try:
         stage_models: list[onnx.ModelProto] = []
         macs: list[int] = []
@@ -440,7 +440,7 @@ def attach_exits(
             },
         }
         name = options.name or first.path.stem + ("-cascade" if cascade else "-exits" if cuts else "")
-        manifest = _validated(_manifest_body(name, stage_bodies, pre, classes, options.t, provenance))
+        manifest = validated_manifest(_manifest_body(name, stage_bodies, pre, classes, options.t, provenance))
 
         engine = make_engine(manifest, temp, threads=options.threads)
         progress.note("last-exit parity (serving engine: chained stages vs the unsplit model) ...")
@@ -453,13 +453,13 @@ def attach_exits(
             checked = _Parity(engine, refs)
             checked.run_all_stages(images[:1])  # a batch of one, then every calibration batch
             n = manifest.num_stages
-            hashing = _Hashing(dataset_batches(splits.heldout, options.batch_size))
+            hashing = HashingBatches(dataset_batches(splits.heldout, options.batch_size))
             with progress.bar(total=len(splits.heldout), desc="calibrate held-out", unit="img") as bar:
                 heldout, _ = run_split(checked, hashing, n, progress=bar.update)
             provenance["dataset"]["heldout_sha256"] = hashing.hexdigest()
             test: SplitResult | None = None
             if options.include_test:
-                hashing = _Hashing(dataset_batches(splits.test, options.batch_size))
+                hashing = HashingBatches(dataset_batches(splits.test, options.batch_size))
                 with progress.bar(total=len(splits.test), desc="calibrate test", unit="img") as bar:
                     test, _ = run_split(checked, hashing, n, progress=bar.update)
                 provenance["dataset"]["test_sha256"] = hashing.hexdigest()
@@ -470,7 +470,7 @@ def attach_exits(
         provenance["parity"] = {"images": checked.images, "bit_exact": True}
         body = _manifest_body(name, stage_bodies, pre, classes, options.t, provenance)
         body["calibration"] = calibration
-        manifest = _validated(body)
+        manifest = validated_manifest(body)
         finish_artifact(temp, out, manifest, options.overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

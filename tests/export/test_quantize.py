@@ -16,7 +16,7 @@ import pytest
 
 from boostserve.cli import main
 from export.errors import ExportError
-from export.pipeline import _Hashing, dataset_batches
+from export.pipeline import HashingBatches, dataset_batches
 from export.quantize import QuantizeOptions, QuantizeResult, quantize_artifact, training_images
 from export.quantize_rule import StageTiming, choose_precisions, parse_precisions
 from export.source import SplitSettings, load_export_data
@@ -62,7 +62,7 @@ def _heldout_images(manifest: Manifest) -> np.ndarray:
         mean=tuple(pre.mean), std=tuple(pre.std),
     )  # fmt: skip
     assert data.heldout is not None
-    hashing = _Hashing(dataset_batches(data.heldout, 16))
+    hashing = HashingBatches(dataset_batches(data.heldout, 16))
     images = np.concatenate([x for x, _ in hashing])  # (n, C, H, W)
     assert hashing.hexdigest() == recorded["heldout_sha256"]
     return images

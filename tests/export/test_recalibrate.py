@@ -12,7 +12,7 @@ import pytest
 
 from boostserve.cli import main
 from export.errors import ExportError
-from export.pipeline import _validated
+from export.pipeline import validated_manifest
 from export.recalibrate import recalibrate
 from service.core.artifact import load_manifest, save_calibration_npz, sha256_file, write_manifest
 
@@ -36,7 +36,7 @@ def _age(art: Path, edit: str = "confidence") -> str:
     save_calibration_npz(path, arrays)
     body = json.loads((art / "manifest.json").read_text())
     body["calibration"]["sha256"] = sha256_file(path)
-    manifest = _validated(body)
+    manifest = validated_manifest(body)
     write_manifest(art, manifest)
     return manifest.version
 
