@@ -47,7 +47,7 @@ lint: $(VENV)/.dev-installed  ## ruff, mypy on service/, export/ and bench/, imp
 model: $(VENV)/.dev-installed  ## retrain, export and calibrate the embedded Fashion-MNIST model from scratch
 	bash scripts/make_embedded_model.sh
 
-bench: $(VENV)/.dev-installed  ## full benchmarks on the embedded model, published to docs/benchmarks (~10 min)
+bench: $(VENV)/.dev-installed  ## full benchmarks on the embedded model, published to docs/benchmarks (~23 min)
 	$(VENV)/bin/boostserve bench --publish --profile
 	$(PY) scripts/render_readme.py  # the README's int8 table reads the published engine.json
 

@@ -63,10 +63,11 @@ this checkout; checked before it starts) on the same --artifacts with the settin
 per round. The summary gets a "this checkout vs <commit>" table; http.json records both commits.
 Remove the checkout afterwards with `git worktree remove /tmp/prev`.
 
-Measured durations on the 2-core dev machine with the embedded model: --quick about 70 s for all
-suites (offline <1 s, engine ~5 s, http ~65 s); full about 12.5 min (offline <1 s, engine ~64 s,
-http ~690 s at the default 2 rounds). The published results use --http-rounds 3 (~17.5 min): on
-this shared machine two runs of 2 rounds differed by ~10 % in req/s. --publish writes the results
+Measured durations on the 2-core dev machine with the embedded model: `--suite http --quick` took
+139 s (2026-12-01, servers started included); the published default run (`make bench`: --publish --profile, 2 HTTP rounds, 2026-12-01) took about
+22.5 min (offline 48 s, engine 127 s with fp32 and int8, http 1,170 s with the profiled cells); the
+slo suite about 5 min and the peers suite about 8 min on top. On this shared machine two runs of
+2 rounds have differed by ~10 % in req/s. --publish writes the results
 to docs/benchmarks/ and the summary to docs/benchmarks.md;
 --report-only regenerates the summary and plots from the JSON already in --out.
 """
