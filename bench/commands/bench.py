@@ -64,11 +64,11 @@ per round. The summary gets a "this checkout vs <commit>" table; http.json recor
 Remove the checkout afterwards with `git worktree remove /tmp/prev`.
 
 Measured durations on the 2-core dev machine with the embedded model: `--suite http --quick` took
-139 s (2026-12-01, servers started included); the published default run (`make bench`: --publish --profile, 2 HTTP rounds, 2026-12-01) took about
-22.5 min (offline 48 s, engine 127 s with fp32 and int8, http 1,170 s with the profiled cells); the
-slo suite about 5 min and the peers suite about 8 min on top. On this shared machine two runs of
-2 rounds have differed by ~10 % in req/s. --publish writes the results
-to docs/benchmarks/ and the summary to docs/benchmarks.md;
+139 s (2026-12-01, servers started included); the published default run (`make bench`: --publish
+--profile, 2 HTTP rounds, 2026-12-01) took about 22.5 min (offline 48 s, engine 127 s with fp32 and
+int8, http 1,170 s with the profiled cells); the slo suite about 5 min and the peers suite about
+8 min on top. On this shared machine two runs of 2 rounds have differed by ~10 % in req/s.
+--publish writes the results to docs/benchmarks/ and the summary to docs/benchmarks.md;
 --report-only regenerates the summary and plots from the JSON already in --out.
 """
 
