@@ -96,6 +96,22 @@ def simulate_exits(
     }
 
 
+def json_number(value: Any) -> float:
+    """JSON value -> float; None (a NaN in the results) and strings become NaN."""
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def format_number(value: Any, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
+    """Format a number from the results JSON for a report ("–" for missing/NaN; "inf"/"-inf"
+    strings pass through): the one rule every suite's markdown uses."""
+    if value in ("inf", "-inf"):
+        return str(value)
+    number = json_number(value)
+    if math.isnan(number):
+        return "–"
+    return fmt.format(number * scale)
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     """Strict JSON (no NaN/Infinity tokens), sorted for stable diffs of committed results."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,8 @@ def fp32_source(artifact: Artifact) -> Path | None:
     Why: the served default is the int8 embedded model, and the engine suite measures it against
     its fp32 source (the reference "what a user runs today"), whichever of the two it is given.
     """
+    from service.core.artifact import load_manifest
+
     quantization = (artifact.manifest.provenance.model_extra or {}).get("quantization")
     name = artifact.path.name
     if not isinstance(quantization, dict) or not name.endswith("_int8"):
@@ -80,7 +82,8 @@ def fp32_source(artifact: Artifact) -> Path | None:
     if not (candidate / "manifest.json").is_file():
         return None
     source = quantization.get("source") or {}
-    return candidate if load_artifact(candidate).manifest.version == source.get("version") else None
+    # The version only (the caller loads and verifies the artifact it picks): no second full load.
+    return candidate if load_manifest(candidate, verify=False).version == source.get("version") else None
 
 
 def mode_name(mode: str, precision: str) -> str:

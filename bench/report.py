@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bench.common import format_number as _f
+from bench.common import json_number as _num
 from bench.coverage import coverage_lines, plot_coverage
 from bench.figures import plot_http, plot_offline
 from bench.stats import safe_ratio
@@ -37,21 +39,6 @@ def load_results(out_dir: Path) -> dict[str, dict[str, Any]]:
         if path.is_file():
             found[suite] = json.loads(path.read_text())
     return found
-
-
-def _num(value: Any) -> float:
-    """JSON value -> float; None (a NaN in the results) and strings become NaN."""
-    return float(value) if isinstance(value, int | float) else math.nan
-
-
-def _f(value: Any, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
-    """Format a number from the JSON ("–" for missing/NaN; "inf"/"-inf" strings pass through)."""
-    if value in ("inf", "-inf"):
-        return str(value)
-    number = _num(value)
-    if math.isnan(number):
-        return "–"
-    return fmt.format(number * scale)
 
 
 def _pct(value: Any) -> str:

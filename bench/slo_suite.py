@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Artifact, Progress
+from bench.common import Artifact, Progress, format_number
 from bench.data import TestSet, encode_png
 from bench.http_suite import pinned
 from bench.loadgen import run_closed_loop
@@ -384,14 +384,6 @@ def plot_slo(doc: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
-def _pct(value: Any) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f} %"
-
-
-def _ms(value: Any) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
-
-
 def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
     """The markdown section of the slo suite."""
     r = doc["result"]
@@ -427,9 +419,9 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
             lines.append(
                 f"| {name} | {s['load']:g} | {s['offered_rps']:.0f} | {s['served_rps']:.0f} | {s['p50_ms']:.1f} "
                 f"| {s['p99_ms']:.1f} | {100 * s['shed_share']:.2f} % | {100 * (s['degraded_share'] or 0):.1f} % "
-                f"| {_pct(s.get('allowed_drop_mean'))} "
+                f"| {format_number(s.get('allowed_drop_mean'), '{:.2f} %', 100)} "
                 f"| {100 * s['accuracy']:.2f} % | {'–' if loss is None else f'{100 * loss:.2f} pp'} "
-                f"| {s['over_target']} | {_ms(s.get('send_lag_p99_ms'))} |"
+                f"| {s['over_target']} | {format_number(s.get('send_lag_p99_ms'), '{:.1f}')} |"
             )
     for name, sc in (r.get("accuracy_first") or {}).items():
         shadow = sc.get("shadow")
