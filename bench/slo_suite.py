@@ -12,6 +12,9 @@ Poisson schedule and seed, one after the other):
   test split's all-stages correctness from calibration.npz, which the server's engine computed),
   and the live disagreement of the shadow monitor when the server exports it. Also: capacity at
   the floor ÷ capacity at the budget (closed loop, same server, per-request budget).
+* **refusal cost**: server CPU per request of `bench.shedding_app` (the service in SLO mode, told to
+  shed everything) closed loop, with the protocol's head gate and without it (the refusal through
+  ASGI admission), interleaved rounds, beside the CPU per answered request at the floor.
 * **drift**: global `budget_macs` (the held-out cost of `max_accuracy_drop=0.01`); server
   `drift_static` (BOOSTSERVE_LIVE_BUDGET=false) vs `drift_live` (the live MAC budget). Open loop at
   a share of the capacity; the image mix moves from the whole test split to its hardest third (by
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +58,7 @@ class SloSettings:
     latency_target_ms: float = 50.0
     capacity_s: float = 6.0
     capacity_clients: int = 64
+    refusal_s: float = 3.0  # per refusal-cost cell
     drift_budget_drop: float = 0.01  # budget_macs = this drop's held-out cost
     drift_phases_s: tuple[float, float] = (15.0, 40.0)
     drift_load: float = 0.5  # x the measured capacity
@@ -178,22 +183,101 @@ def _open_loop(server: ServerProcess, bodies: list[bytes], phases: list[Phase], 
     )
 
 
-def _capacity(server: ServerProcess, bodies: list[bytes], settings: SloSettings, query: str = "") -> float:
+@dataclass(frozen=True)
+class ClosedLoopCell:
+    req_per_s: float  # answered with `status`
+    cpu_ms_per_request: float  # server CPU over the measured window ÷ requests answered with `status`
+    share: float  # of all answers, those with `status`
+
+
+def _closed_loop(
+    server: ServerProcess,
+    bodies: list[bytes],
+    settings: SloSettings,
+    seconds: float,
+    query: str = "",
+    status: int = 200,
+) -> ClosedLoopCell:
     path = CLASSIFY_PATH + (f"?{query}" if query else "")
-    result = asyncio.run(
-        run_closed_loop(
-            host=server.host,
-            port=server.port,
-            path=path,
-            bodies=bodies,
-            concurrency=settings.capacity_clients,
-            duration_s=settings.capacity_s,
-            max_requests=10**7,
-            warmup_s=1.0,
+
+    def load(duration_s: float) -> Any:
+        return asyncio.run(
+            run_closed_loop(
+                host=server.host,
+                port=server.port,
+                path=path,
+                bodies=bodies,
+                concurrency=settings.capacity_clients,
+                duration_s=duration_s,
+                max_requests=10**7,
+                warmup_s=0.0,
+            )
         )
+
+    load(1.0)  # warm-up, not counted
+    cpu0 = server.cpu_seconds()
+    result = load(seconds)
+    cpu = server.cpu_seconds() - cpu0
+    n = sum(1 for s in result.statuses if s == status)
+    return ClosedLoopCell(
+        req_per_s=n / result.wall_s if result.wall_s > 0 else math.nan,
+        cpu_ms_per_request=1e3 * cpu / n if n else math.nan,
+        share=n / len(result.statuses) if result.statuses else math.nan,
     )
-    ok = sum(1 for s in result.statuses if s == 200)
-    return ok / result.wall_s if result.wall_s > 0 else math.nan
+
+
+class SheddingServerProcess(ServerProcess):
+    """`python -m bench.shedding_app`: the service in SLO mode shedding every classify request."""
+
+    def __init__(self, artifacts: Path, env: dict[str, str], gate: bool, *, cpus: list[int] | None, log_path: Path):
+        super().__init__(artifacts, env, cpus=cpus, log_path=log_path)
+        self.gate = gate
+
+    @property
+    def command(self) -> list[str]:
+        extra = [] if self.gate else ["--no-gate"]
+        return [
+            sys.executable,
+            "-m",
+            "bench.shedding_app",
+            "--artifacts",
+            str(self.artifacts),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            *extra,
+        ]
+
+
+def refusal_cost(
+    artifact: Artifact, bodies: list[bytes], settings: SloSettings, logs_dir: Path, rounds: int = 2
+) -> dict[str, Any]:
+    """Server CPU per 429 with the head gate and through ASGI admission (medians over interleaved rounds)."""
+    cells: dict[str, list[ClosedLoopCell]] = {"head_gate": [], "asgi": []}
+    for r in range(rounds):
+        for name in ("head_gate", "asgi") if r % 2 == 0 else ("asgi", "head_gate"):
+            server = SheddingServerProcess(
+                artifact.path,
+                _base_env(),
+                name == "head_gate",
+                cpus=settings.server_cpus,
+                log_path=logs_dir / f"slo-refusal-{name}.log",
+            )
+            with server:
+                cells[name].append(_closed_loop(server, bodies, settings, settings.refusal_s, status=429))
+    return {
+        name: {
+            "cpu_ms_per_refusal": float(np.median([c.cpu_ms_per_request for c in runs])),
+            "cpu_ms_per_refusal_range": [
+                min(c.cpu_ms_per_request for c in runs),
+                max(c.cpu_ms_per_request for c in runs),
+            ],
+            "refusals_per_s": float(np.median([c.req_per_s for c in runs])),
+            "share_refused": min(c.share for c in runs),
+        }
+        for name, runs in cells.items()
+    }
 
 
 def _shadow(server: ServerProcess) -> dict[str, float] | None:
@@ -257,21 +341,27 @@ def run_slo(
         name: ServerProcess(artifact.path, env, cpus=settings.server_cpus, log_path=logs_dir / f"slo-{name}.log")
         for name, env in envs.items()
     }
-    total = 3 + 2 * 2
+    total = 3 + 2 * 2 + 1
     with progress.task("slo", total) as advance, pinned(settings.client_cpus):
         try:
             for server in servers.values():
                 server.start()
             static = servers["static"]
-            capacity = _capacity(static, bodies, settings)
+            at_budget = _closed_loop(static, bodies, settings, settings.capacity_s)
+            capacity = at_budget.req_per_s
             advance(1, f"capacity {capacity:.0f} req/s")
-            floor_capacity = _capacity(static, bodies, settings, f"max_accuracy_drop={settings.floor:g}")
+            at_floor = _closed_loop(
+                static, bodies, settings, settings.capacity_s, f"max_accuracy_drop={settings.floor:g}"
+            )
+            floor_capacity = at_floor.req_per_s
             advance(1, f"floor capacity {floor_capacity:.0f} req/s")
             out["capacity"] = {
                 "budget_rps": capacity,
                 "floor_rps": floor_capacity,
                 "floor_over_budget": floor_capacity / capacity if capacity > 0 else math.nan,
                 "clients": settings.capacity_clients,
+                "budget_cpu_ms_per_request": at_budget.cpu_ms_per_request,
+                "floor_cpu_ms_per_request": at_floor.cpu_ms_per_request,
             }
             everything = np.arange(len(bodies))
             phases = [Phase(settings.step_s, f * capacity, everything) for f in settings.steps]
@@ -330,6 +420,8 @@ def run_slo(
         finally:
             for server in servers.values():
                 server.stop()
+        out["refusal_cost"] = refusal_cost(artifact, bodies, settings, logs_dir)
+        advance(1, "refusal cost")
     return out
 
 
@@ -406,6 +498,22 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
             f"Capacity at the budget: {cap['budget_rps']:.0f} req/s; at the floor (max_accuracy_drop={st['floor']:g}): "
             f"{cap['floor_rps']:.0f} req/s; floor ÷ budget = {cap['floor_over_budget']:.2f}× (how much overload "
             "accuracy scaling can absorb on this model and CPU).",
+            "",
+        ]
+    refusal = r.get("refusal_cost")
+    if refusal:
+        head, asgi = refusal["head_gate"], refusal["asgi"]
+        served = (cap or {}).get("floor_cpu_ms_per_request")
+        lines += [
+            "What a refusal costs (bench.shedding_app: the service in SLO mode told to shed every request, "
+            f"closed loop, {st['capacity_clients']} clients, median [range] of interleaved rounds): server CPU per "
+            f"429 refused at the request head {format_number(head['cpu_ms_per_refusal'], '{:.3f}')} ms "
+            f"[{format_number(head['cpu_ms_per_refusal_range'][0], '{:.3f}')}–"
+            f"{format_number(head['cpu_ms_per_refusal_range'][1], '{:.3f}')}], through ASGI admission "
+            f"{format_number(asgi['cpu_ms_per_refusal'], '{:.3f}')} ms "
+            f"[{format_number(asgi['cpu_ms_per_refusal_range'][0], '{:.3f}')}–"
+            f"{format_number(asgi['cpu_ms_per_refusal_range'][1], '{:.3f}')}]; per answered request at the floor "
+            f"{format_number(served, '{:.3f}')} ms (the floor capacity run).",
             "",
         ]
     lines += [

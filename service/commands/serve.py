@@ -177,6 +177,45 @@ def _graceful_exit(signum: int, frame: object) -> None:
     """SIGTERM after uvicorn's graceful shutdown: nothing left to do."""
 
 
+def uvicorn_config(settings: Any, app: Any, **overrides: Any) -> Any:
+    """The uvicorn.Config `boostserve serve` runs `app` with (tests start the same one in process)."""
+    import uvicorn
+
+    from service.http.connection import bounded_protocol
+    from service.http.early_refusal import EarlyRefusal, service_shed_check
+    from service.http.middleware import request_ids
+
+    # While SLO mode sheds, classify requests are refused at their head (service.http.early_refusal).
+    early_refusal = None
+    if settings.latency_target_ms is not None:
+        early_refusal = EarlyRefusal(service_shed_check(app.state), app.state.metrics, request_ids())
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "workers": 1,
+        "log_level": settings.log_level,
+        "access_log": False,
+        # The float itself (uvicorn passes it to asyncio.wait_for): round() turned a grace under
+        # 0.5 s into 0 -> None, i.e. no timeout at all, and moved 1.4 s to 1 s, 2.6 s to 3 s.
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
+        "proxy_headers": False,
+        "server_header": False,
+        # Connection limits (issue 15): uvicorn's own, then what its httptools protocol lacks.
+        "limit_concurrency": settings.limit_concurrency,
+        "backlog": settings.backlog,
+        "timeout_keep_alive": settings.keep_alive_s,  # typed int there; call_later takes the float
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "http": bounded_protocol(
+            max_header_bytes=settings.max_header_bytes,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            early_refusal=early_refusal,
+        ),
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -187,8 +226,6 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"boostserve serve: invalid settings: {describe_errors(exc)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-
-    import uvicorn
 
     from service.core.artifact import ArtifactError, load_manifest
     from service.http.logging_setup import configure_logging, uvicorn_log_config
@@ -206,33 +243,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
 
     from service.http.app import create_app
-    from service.http.connection import bounded_protocol
 
     app = create_app(settings, companions=_companions(settings))
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        workers=1,
-        log_config=uvicorn_log_config(),
-        log_level=settings.log_level,
-        access_log=False,
-        # The float itself (uvicorn passes it to asyncio.wait_for): round() turned a grace under
-        # 0.5 s into 0 -> None, i.e. no timeout at all, and moved 1.4 s to 1 s, 2.6 s to 3 s.
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
-        proxy_headers=False,
-        server_header=False,
-        # Connection limits (issue 15): uvicorn's own, then what its httptools protocol lacks.
-        limit_concurrency=settings.limit_concurrency,
-        backlog=settings.backlog,
-        timeout_keep_alive=settings.keep_alive_s,  # typed int there; call_later takes the float
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-        http=bounded_protocol(
-            max_header_bytes=settings.max_header_bytes,
-            header_timeout_s=settings.header_timeout_s,
-            body_timeout_s=settings.body_timeout_s,
-        ),
-    )
+    config = uvicorn_config(settings, app, log_config=uvicorn_log_config())
     server = _server_class()(config)
     # uvicorn re-raises the signal it caught once shutdown is complete; a SIGTERM that led to a
     # clean drain is a normal exit (0), so the handler it restores and re-raises into does nothing.

@@ -6,6 +6,7 @@ maps `error_type` to a status code, and the same closed set labels the error met
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 
@@ -71,6 +72,11 @@ class OverCapacityError(BoostServeError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    @property
+    def retry_after_s(self) -> int:
+        """`retry_after` as a Retry-After header (or gRPC metadata) carries it: whole seconds, at least 1."""
+        return max(1, math.ceil(self.retry_after))
 
 
 class NotReadyError(BoostServeError):

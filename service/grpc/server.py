@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -117,7 +116,7 @@ class InferenceServicer:
             self.observer.count_error(error_type)
         metadata: list[tuple[str, str]] = [("boostserve-error-type", error_type)]
         if isinstance(exc, OverCapacityError):
-            metadata.append(("retry-after", str(max(1, math.ceil(exc.retry_after)))))
+            metadata.append(("retry-after", str(exc.retry_after_s)))
         context.set_trailing_metadata(tuple(metadata))
         await context.abort(grpc.StatusCode[code], message)
 

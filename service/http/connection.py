@@ -14,6 +14,10 @@ header, or a body shorter than its Content-Length is held forever). This subclas
 - no body bytes for `body_timeout_s` while the body is incomplete -> 408 (if no response started)
   and closed; the app sees the client disconnect.
 
+It also asks `early_refusal` (`service.http.early_refusal`, set by `boostserve serve`) once a
+request head is complete: while SLO mode sheds, a classify request is answered 429 from there, its
+body discarded as it arrives, and no ASGI task is started.
+
 Why a protocol subclass and not middleware: an ASGI app only runs once the head is complete, and a
 body read stalled in `receive()` cannot answer while the app awaits it; only the protocol sees the
 bytes and owns the socket.
@@ -23,12 +27,27 @@ from __future__ import annotations
 
 import json
 from asyncio import TimerHandle
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.http.errors import error_body, status_for
+
+
+class EarlyRefusalGate(Protocol):
+    """`service.http.early_refusal.EarlyRefusal`: the whole response to write instead of serving a
+    request whose head is complete, or None to serve it."""
+
+    def __call__(
+        self,
+        method: bytes,
+        url: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        keep_alive: bool,
+        default_headers: Sequence[tuple[bytes, bytes]],
+    ) -> bytes | None: ...
+
 
 HEADERS_TOO_LARGE = "headers_too_large"
 REQUEST_TIMEOUT = "request_timeout"
@@ -51,12 +70,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     max_header_bytes = 32 * 1024
     header_timeout_s = 10.0
     body_timeout_s = 30.0
+    early_refusal: ClassVar[EarlyRefusalGate | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True  # bytes received now belong to a request head
         self._head_bytes = 0  # bytes received since the current head began
         self._read_timer: TimerHandle | None = None
+        #: The answer of the request being received when the gate refused it, and its keep-alive.
+        self._refusal: tuple[bytes, bool] | None = None
 
     # -- timers ----------------------------------------------------------------------------------
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
@@ -132,21 +154,66 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_bytes = 0
         self._arm(self.body_timeout_s, self._body_timed_out)
+        gate = self.early_refusal
+        if gate is not None and (self.cycle is None or self.cycle.response_complete):  # not behind a pipelined one
+            # Keep-alive as uvicorn decides it; a client waiting for 100-continue is answered now
+            # and the connection closed (it will not send the body the parser waits for).
+            waiting = self.expect_100_continue
+            keep_alive = not waiting and self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+            refusal = gate(
+                self.parser.get_method(), self.url, self.headers, keep_alive, self.server_state.default_headers
+            )
+            if refusal is not None:
+                if waiting:
+                    self._answer_refused(refusal, keep_alive=False)
+                    refusal = b""  # answered: the rest of this message, if any arrives, is discarded
+                self._refusal = (refusal, keep_alive)
+                return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._refusal is None:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._disarm()
         self._in_head = True
         self._head_bytes = 0
-        super().on_message_complete()
+        refusal = self._refusal
+        if refusal is None:
+            super().on_message_complete()
+            return
+        self._refusal = None
+        self._answer_refused(*refusal)
+
+    def _answer_refused(self, response: bytes, keep_alive: bool) -> None:
+        """Write a refusal and go on as uvicorn does after a response (keep-alive timer or close)."""
+        if self.transport.is_closing() or not response:
+            return
+        self.transport.write(response)
+        self.server_state.total_requests += 1
+        if not keep_alive:
+            self.transport.close()
+            return
+        self._unset_keepalive_if_required()
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
 def bounded_protocol(
-    *, max_header_bytes: int, header_timeout_s: float, body_timeout_s: float
+    *,
+    max_header_bytes: int,
+    header_timeout_s: float,
+    body_timeout_s: float,
+    early_refusal: EarlyRefusalGate | None = None,
 ) -> type[HttpToolsProtocol]:
     """A BoundedHttpToolsProtocol class carrying these limits (uvicorn instantiates the class itself)."""
     return type(
         "BoundedHttpToolsProtocol",
         (BoundedHttpToolsProtocol,),
-        {"max_header_bytes": max_header_bytes, "header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s},
+        {
+            "max_header_bytes": max_header_bytes,
+            "header_timeout_s": header_timeout_s,
+            "body_timeout_s": body_timeout_s,
+            "early_refusal": None if early_refusal is None else staticmethod(early_refusal),
+        },
     )

@@ -25,7 +25,6 @@ Choices documented here:
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -101,7 +100,7 @@ def error_response(request: Request, exc: BoostServeError) -> JSONResponse:
     headers: dict[str, str] = {}
     message = exc.message
     if isinstance(exc, OverCapacityError):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, NotReadyError):
         headers["Retry-After"] = str(NOT_READY_RETRY_AFTER_S)
     elif isinstance(exc, UnauthorizedError):

@@ -29,6 +29,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -114,6 +115,17 @@ async def _linger(receive: Receive, scope: Scope, remaining: int | None, budget:
             budget.lingering -= 1
 
 
+def request_ids() -> Callable[[], str]:
+    """A source of request ids: a random 20-hex-digit prefix per source, then a counter (32 hex digits)."""
+    prefix = uuid.uuid4().hex[:20]
+    counter = itertools.count()
+
+    def new_request_id() -> str:
+        return f"{prefix}{next(counter) & 0xFFFFFFFFFFFF:012x}"
+
+    return new_request_id
+
+
 def route_template(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
@@ -128,15 +140,14 @@ class RequestMiddleware:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.body_budget = body_budget
-        self._id_prefix = uuid.uuid4().hex[:20]
-        self._id_counter = itertools.count()
+        self._new_request_id = request_ids()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = _client_request_id(scope) or self._new_request_id()
+        request_id = client_request_id(scope.get("headers", ())) or self._new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode("latin-1"))
         status_holder = [500]
@@ -250,9 +261,6 @@ class RequestMiddleware:
                 budget.held -= received[0]
             self._finish(scope, start, status_holder[0], request_id)
 
-    def _new_request_id(self) -> str:
-        return f"{self._id_prefix}{next(self._id_counter) & 0xFFFFFFFFFFFF:012x}"  # 32 hex digits
-
     async def _reply_error(
         self,
         send: Send,
@@ -286,9 +294,9 @@ class RequestMiddleware:
         log_access(scope["method"], target, status, elapsed, request_id, route)
 
 
-def _client_request_id(scope: Scope) -> str | None:
-    """The client's X-Request-ID when it is sane, else None."""
-    for name, value in scope.get("headers", []):
+def client_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The client's X-Request-ID (from a request's lower-cased headers) when it is sane, else None."""
+    for name, value in headers:
         if name == b"x-request-id":
             candidate = value.decode("latin-1")
             return candidate if _SANE_ID.match(candidate) else None

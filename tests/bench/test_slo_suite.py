@@ -1,17 +1,22 @@
-"""The slo suite's pieces without servers: the Poisson schedule, per-step numbers, the verdicts."""
+"""The slo suite's pieces: the Poisson schedule, per-step numbers, the verdicts, the refusal-cost harness."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from bench.common import load_artifact
 from bench.openloop import Phase, run_open_loop, schedule
-from bench.slo_suite import hardest_third, step_summary
+from bench.slo_suite import SloSettings, hardest_third, refusal_cost, slo_section, step_summary
 from bench.targets import evaluate_slo
+from tests.fixtures.synthetic_artifact import build_synthetic_artifact
+from tests.service.http import images
 
 
 def test_schedule_is_poisson_at_the_set_rate_per_phase() -> None:
@@ -139,3 +144,36 @@ def test_slo_verdicts_pass_and_miss_on_their_limits() -> None:
     bad = _verdicts(_steps(0.0, 40.0, 0.001, 500), _steps(0.02, 60.0, 0.04, 100), 1.04, 1.01)
     assert bad == dict.fromkeys(("slo_shed", "slo_p99", "slo_loss", "slo_violations", "drift_macs"), "MISS")
     assert {t.verdict for t in evaluate_slo(None)} == {"N/A"}
+
+
+def test_refusal_cost_measures_the_head_gate_and_asgi_admission(tmp_path: Path) -> None:
+    """bench.shedding_app sheds every classify request, at the head or through admission; the suite
+    reads a CPU cost per 429 for both and the markdown reports them beside the served cost."""
+    artifact = load_artifact(build_synthetic_artifact(tmp_path / "model"))
+    bodies = [images.png()] * 8
+    settings = SloSettings(refusal_s=0.3, capacity_clients=4)
+    cost = refusal_cost(artifact, bodies, settings, tmp_path / "logs", rounds=2)
+    for name in ("head_gate", "asgi"):
+        assert cost[name]["share_refused"] == 1.0, cost  # every answer a 429
+        low, high = cost[name]["cpu_ms_per_refusal_range"]
+        assert 0 <= low <= cost[name]["cpu_ms_per_refusal"] <= high < 100, cost
+        assert cost[name]["refusals_per_s"] > 0
+    assert "slo-refusal-head_gate.log" in {p.name for p in (tmp_path / "logs").iterdir()}
+    doc = {
+        "result": {
+            "settings": asdict(settings),
+            "capacity": {
+                "budget_rps": 10.0,
+                "floor_rps": 20.0,
+                "floor_over_budget": 2.0,
+                "floor_cpu_ms_per_request": 0.3,
+            },
+            "refusal_cost": {
+                "head_gate": {"cpu_ms_per_refusal": 0.04, "cpu_ms_per_refusal_range": [0.035, 0.05]},
+                "asgi": {"cpu_ms_per_refusal": 0.14, "cpu_ms_per_refusal_range": [0.12, 0.155]},
+            },
+        }
+    }
+    text = "\n".join(slo_section(doc, None))
+    assert "429 refused at the request head 0.040 ms [0.035–0.050], through ASGI admission 0.140 ms" in text
+    assert "per answered request at the floor 0.300 ms" in text
