@@ -30,6 +30,8 @@ import asyncio
 import json
 import math
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -181,6 +183,68 @@ def _open_loop(server: ServerProcess, bodies: list[bytes], phases: list[Phase], 
     return asyncio.run(
         run_open_loop(host=server.host, port=server.port, path=CLASSIFY_PATH, bodies=bodies, phases=phases, seed=seed)
     )
+
+
+class StepSampler:
+    """The server's CPU seconds and stage-1 batch counters at each step boundary of an open-loop trace.
+
+    Why: the open-loop load is defined from closed-loop capacity, and a server that sees Poisson
+    arrivals forms smaller batches and pays more per request than 64 clients in lock step; per step,
+    the CPU per answered request and the mean stage-1 batch show how far. A thread reads them at
+    0, step, 2·step, ... seconds after `start()` (just before the trace starts), from /proc and one
+    /metrics scrape each; the boundaries are the trace's to within that start offset.
+    """
+
+    def __init__(self, server: ServerProcess, boundaries_s: Sequence[float]) -> None:
+        self.server = server
+        self.boundaries_s = list(boundaries_s)
+        self.samples: list[tuple[float, float, float]] = []  # (cpu s, stage-1 batches, stage-1 images)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _sample(self) -> tuple[float, float, float]:
+        cpu = self.server.cpu_seconds()
+        try:
+            metrics = self.server.scrape()
+        except OSError:
+            return cpu, math.nan, math.nan
+        count = metric_sum(metrics, "boostserve_stage_batch_size_count", stage="1")
+        total = metric_sum(metrics, "boostserve_stage_batch_size_sum", stage="1")
+        return cpu, count, total
+
+    def _run(self, t0: float) -> None:
+        for at in self.boundaries_s:
+            if self._stop.wait(max(0.0, t0 + at - time.perf_counter())):
+                return
+            self.samples.append(self._sample())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, args=(time.perf_counter(),), daemon=True)
+        self._thread.start()
+
+    def finish(self, wait: bool = True) -> None:
+        """Take the remaining samples (`wait`; the trace ended) or give them up (the trace failed)."""
+        if self._thread is None:
+            return
+        if not wait:
+            self._stop.set()
+        self._thread.join(timeout=None if wait else 10.0)
+
+    def per_step(self, answered: Sequence[int]) -> list[dict[str, float]]:
+        """Per step: server CPU ms per answered request and mean stage-1 batch (NaN where unsampled)."""
+        out = []
+        for k, n in enumerate(answered):
+            if k + 1 >= len(self.samples):
+                out.append({"server_cpu_ms_per_answer": math.nan, "stage1_batch_mean": math.nan})
+                continue
+            (c0, b0, i0), (c1, b1, i1) = self.samples[k], self.samples[k + 1]
+            out.append(
+                {
+                    "server_cpu_ms_per_answer": 1e3 * (c1 - c0) / n if n else math.nan,
+                    "stage1_batch_mean": (i1 - i0) / (b1 - b0) if b1 > b0 else math.nan,
+                }
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -369,13 +433,23 @@ def run_slo(
             for name in ("static", "slo"):
                 server = servers[name]
                 before = _shadow(server)
-                rec = _open_loop(server, bodies, phases, settings.seed).as_arrays()
+                sampler = StepSampler(server, [k * settings.step_s for k in range(len(settings.steps) + 1)])
+                sampler.start()
+                try:
+                    rec = _open_loop(server, bodies, phases, settings.seed).as_arrays()
+                except BaseException:
+                    sampler.finish(wait=False)
+                    raise
+                sampler.finish()
                 after = _shadow(server)
+                steps = [
+                    {"load": f, **step_summary(rec, p, settings.step_s, labels, full_correct, target_s)}
+                    for p, f in enumerate(settings.steps)
+                ]
+                for step, cost in zip(steps, sampler.per_step([s["answered"] for s in steps]), strict=True):
+                    step.update(cost)
                 scenario[name] = {
-                    "steps": [
-                        {"load": f, **step_summary(rec, p, settings.step_s, labels, full_correct, target_s)}
-                        for p, f in enumerate(settings.steps)
-                    ],
+                    "steps": steps,
                     "series": time_series(rec, settings.window_s / 2, target_s),
                     "shadow": _delta(after, before),
                 }
@@ -518,8 +592,9 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
         ]
     lines += [
         "| server | load × cap | offered req/s | served req/s | p50 ms | p99 ms | shed | degraded "
-        "| mean allowed drop served | accuracy | loss vs all stages | over target | generator lag p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mean allowed drop served | accuracy | loss vs all stages | over target | generator lag p99 ms "
+        "| server CPU ms per answer | mean stage-1 batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, sc in (r.get("accuracy_first") or {}).items():
         for s in sc["steps"]:
@@ -529,7 +604,9 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
                 f"| {s['p99_ms']:.1f} | {100 * s['shed_share']:.2f} % | {100 * (s['degraded_share'] or 0):.1f} % "
                 f"| {format_number(s.get('allowed_drop_mean'), '{:.2f} %', 100)} "
                 f"| {100 * s['accuracy']:.2f} % | {'–' if loss is None else f'{100 * loss:.2f} pp'} "
-                f"| {s['over_target']} | {format_number(s.get('send_lag_p99_ms'), '{:.1f}')} |"
+                f"| {s['over_target']} | {format_number(s.get('send_lag_p99_ms'), '{:.1f}')} "
+                f"| {format_number(s.get('server_cpu_ms_per_answer'), '{:.3f}')} "
+                f"| {format_number(s.get('stage1_batch_mean'), '{:.1f}')} |"
             )
     for name, sc in (r.get("accuracy_first") or {}).items():
         shadow = sc.get("shadow")

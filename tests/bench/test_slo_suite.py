@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 
 from bench.common import load_artifact
 from bench.openloop import Phase, run_open_loop, schedule
-from bench.slo_suite import SloSettings, hardest_third, refusal_cost, slo_section, step_summary
+from bench.slo_suite import SloSettings, StepSampler, hardest_third, refusal_cost, slo_section, step_summary
 from bench.targets import evaluate_slo
 from tests.fixtures.synthetic_artifact import build_synthetic_artifact
 from tests.service.http import images
@@ -177,3 +179,35 @@ def test_refusal_cost_measures_the_head_gate_and_asgi_admission(tmp_path: Path) 
     text = "\n".join(slo_section(doc, None))
     assert "429 refused at the request head 0.040 ms [0.035–0.050], through ASGI admission 0.140 ms" in text
     assert "per answered request at the floor 0.300 ms" in text
+
+
+def test_step_sampler_reads_cpu_and_batches_at_each_step_boundary() -> None:
+    class FakeServer:
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def cpu_seconds(self) -> float:
+            self.reads += 1
+            return 0.5 * self.reads  # 0.5 s of CPU between samples
+
+        def scrape(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+            n = float(self.reads)
+            return {
+                ("boostserve_stage_batch_size_count", frozenset({("stage", "1")})): 10 * n,
+                ("boostserve_stage_batch_size_sum", frozenset({("stage", "1")})): 40 * n * n,
+                ("boostserve_stage_batch_size_count", frozenset({("stage", "2")})): 999.0,
+            }
+
+    sampler = StepSampler(FakeServer(), [0.0, 0.02, 0.04])  # type: ignore[arg-type]
+    sampler.start()
+    sampler.finish()
+    assert len(sampler.samples) == 3
+    steps = sampler.per_step([100, 250, 7])
+    assert steps[0] == pytest.approx({"server_cpu_ms_per_answer": 5.0, "stage1_batch_mean": 12.0})  # (160-40)/10
+    assert steps[1] == pytest.approx({"server_cpu_ms_per_answer": 2.0, "stage1_batch_mean": 20.0})  # (360-160)/10
+    assert all(math.isnan(v) for v in steps[2].values())  # no sample after the last boundary
+    gave_up = StepSampler(FakeServer(), [0.0, 60.0])  # type: ignore[arg-type]
+    gave_up.start()
+    t = time.perf_counter()
+    gave_up.finish(wait=False)  # a failed trace does not wait for the next boundary
+    assert time.perf_counter() - t < 5.0 and len(gave_up.samples) <= 1
