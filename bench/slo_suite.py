@@ -563,7 +563,9 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
         + ", ".join(f"{f:g}" for f in st["steps"])
         + " × the capacity measured in the same run (closed loop, "
         f"{st['capacity_clients']} clients). Servers run one after the other on the same CPUs and schedule. "
-        "Generator lag: how late the load generator itself sent a request (part of its latency).",
+        "Generator lag: how late the load generator itself sent a request (part of its latency). Server CPU per "
+        "answer and mean stage-1 batch: read at the step boundaries from /proc and /metrics (– where the "
+        "server refused the scrape, at its connection limit).",
         "",
     ]
     cap = r.get("capacity")
