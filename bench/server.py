@@ -101,19 +101,26 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_s = float("nan")
 
+    #: `python -m` these, then --artifacts/--host/--port, then `extra_args` (a subclass may run another entry point).
+    entry_point: tuple[str, ...] = ("boostserve", "serve")
+
+    @property
+    def extra_args(self) -> list[str]:
+        return []
+
     @property
     def command(self) -> list[str]:
         return [
             sys.executable,
             "-m",
-            "boostserve",
-            "serve",
+            *self.entry_point,
             "--artifacts",
             str(self.artifacts),
             "--host",
             self.host,
             "--port",
             str(self.port),
+            *self.extra_args,
         ]
 
     def describe(self) -> dict[str, Any]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -297,21 +296,11 @@ class SheddingServerProcess(ServerProcess):
         super().__init__(artifacts, env, cpus=cpus, log_path=log_path)
         self.gate = gate
 
+    entry_point = ("bench.shedding_app",)
+
     @property
-    def command(self) -> list[str]:
-        extra = [] if self.gate else ["--no-gate"]
-        return [
-            sys.executable,
-            "-m",
-            "bench.shedding_app",
-            "--artifacts",
-            str(self.artifacts),
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            *extra,
-        ]
+    def extra_args(self) -> list[str]:
+        return [] if self.gate else ["--no-gate"]
 
 
 def refusal_cost(

@@ -27,27 +27,13 @@ from __future__ import annotations
 
 import json
 from asyncio import TimerHandle
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Protocol
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from service.http.early_refusal import EarlyRefusal
 from service.http.errors import error_body, status_for
-
-
-class EarlyRefusalGate(Protocol):
-    """`service.http.early_refusal.EarlyRefusal`: the whole response to write instead of serving a
-    request whose head is complete, or None to serve it."""
-
-    def __call__(
-        self,
-        method: bytes,
-        url: bytes,
-        headers: Sequence[tuple[bytes, bytes]],
-        keep_alive: bool,
-        default_headers: Sequence[tuple[bytes, bytes]],
-    ) -> bytes | None: ...
-
 
 HEADERS_TOO_LARGE = "headers_too_large"
 REQUEST_TIMEOUT = "request_timeout"
@@ -70,7 +56,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     max_header_bytes = 32 * 1024
     header_timeout_s = 10.0
     body_timeout_s = 30.0
-    early_refusal: ClassVar[EarlyRefusalGate | None] = None
+    early_refusal: ClassVar[EarlyRefusal | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -204,7 +190,7 @@ def bounded_protocol(
     max_header_bytes: int,
     header_timeout_s: float,
     body_timeout_s: float,
-    early_refusal: EarlyRefusalGate | None = None,
+    early_refusal: EarlyRefusal | None = None,
 ) -> type[HttpToolsProtocol]:
     """A BoundedHttpToolsProtocol class carrying these limits (uvicorn instantiates the class itself)."""
     return type(
