@@ -34,6 +34,7 @@ def main() -> None:
 
     from service.commands.serve import uvicorn_config
     from service.http.app import create_app
+    from service.http.connection import BoundedHttpToolsProtocol
     from service.http.settings import Settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,7 +48,9 @@ def main() -> None:
     app = create_app(settings)
     config = uvicorn_config(settings, app)
     if args.no_gate:
-        config.http.early_refusal = None
+        protocol = config.http
+        assert isinstance(protocol, type) and issubclass(protocol, BoundedHttpToolsProtocol)
+        protocol.early_refusal = None
     threading.Thread(target=_shed_everything, args=(app,), daemon=True).start()
     uvicorn.Server(config).run()
 

@@ -14,7 +14,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported when used: `boostserve --help` must not load the web stack
+    import uvicorn
+
+    from service.http.app import BoostServeApp
+    from service.http.settings import Settings
 
 EXIT_BAD_CONFIG = 2
 
@@ -177,7 +183,7 @@ def _graceful_exit(signum: int, frame: object) -> None:
     """SIGTERM after uvicorn's graceful shutdown: nothing left to do."""
 
 
-def uvicorn_config(settings: Any, app: Any, **overrides: Any) -> Any:
+def uvicorn_config(settings: Settings, app: BoostServeApp, **overrides: Any) -> uvicorn.Config:
     """The uvicorn.Config `boostserve serve` runs `app` with (tests start the same one in process)."""
     import uvicorn
 

@@ -11,8 +11,9 @@ parsing the request head.
 
 The decision is the core's own: the service's `shed_check` (SLO mode's rule, `service.core.live`)
 asked for one image, exactly as admission asks it. So there is one rule, and the 429 a client gets
-here is the one admission gives (envelope, message, Retry-After), with an X-Request-ID from the
-middleware's generator as on every answer, counted in the same request and error metrics. Only
+here is the one admission gives (envelope, message, Retry-After), with an X-Request-ID as on every
+answer (the client's own when it is sane, as the middleware keeps it, else a generated one), counted
+in the same request and error metrics. Only
 classify requests are gated (`POST /v1/classify` and the Open Inference Protocol infer routes);
 probes, metrics and the admin API never are. One consequence (docs/http-api.md): while shedding, a
 classify request is refused before its body is read, so an invalid one gets the 429, not its 4xx.
