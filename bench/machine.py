@@ -7,6 +7,7 @@ explains noisy numbers).
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
@@ -56,6 +57,23 @@ def _version(module: str) -> str | None:
     except ImportError:
         return None
     return str(getattr(mod, "__version__", "unknown"))
+
+
+def cpu_ticks() -> tuple[float, float]:
+    """(steal, all) clock ticks of every CPU since boot, from /proc/stat; NaNs where unreadable.
+
+    Steal is the time the hypervisor ran something else while this VM wanted the CPU: on a shared
+    VM, the share of it over a measurement says how much of a slow run was the host's doing.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return math.nan, math.nan
+    if len(fields) < 9 or fields[0] != "cpu":
+        return math.nan, math.nan
+    ticks = [float(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return ticks[7], sum(ticks)
 
 
 def machine_info(providers_in_use: list[str] | None = None) -> dict[str, Any]:

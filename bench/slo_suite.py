@@ -42,6 +42,7 @@ from bench.common import Artifact, Progress, format_number
 from bench.data import TestSet, encode_png
 from bench.http_suite import pinned
 from bench.loadgen import run_closed_loop
+from bench.machine import cpu_ticks
 from bench.openloop import OpenLoopResult, Phase, run_open_loop
 from bench.server import ServerProcess, metric_sum
 
@@ -184,32 +185,44 @@ def _open_loop(server: ServerProcess, bodies: list[bytes], phases: list[Phase], 
     )
 
 
+@dataclass(frozen=True)
+class StepSample:
+    cpu_s: float  # the server process's CPU seconds
+    batches: float  # stage-1 batches run so far (NaN: scrape refused)
+    images: float  # images in them
+    steal_ticks: float  # the whole VM's (bench.machine.cpu_ticks)
+    all_ticks: float
+
+
 class StepSampler:
-    """The server's CPU seconds and stage-1 batch counters at each step boundary of an open-loop trace.
+    """The server's CPU seconds and stage-1 batch counters, and the VM's steal time, at each step
+    boundary of an open-loop trace.
 
     Why: the open-loop load is defined from closed-loop capacity, and a server that sees Poisson
     arrivals forms smaller batches and pays more per request than 64 clients in lock step; per step,
-    the CPU per answered request and the mean stage-1 batch show how far. A thread reads them at
-    0, step, 2·step, ... seconds after `start()` (just before the trace starts), from /proc and one
-    /metrics scrape each; the boundaries are the trace's to within that start offset.
+    the CPU per answered request and the mean stage-1 batch show how far. Steal time says how much
+    of a slow step was the host's (this runs on shared VMs). A thread reads them at 0, step,
+    2·step, ... seconds after `start()` (just before the trace starts), from /proc and one /metrics
+    scrape each; the boundaries are the trace's to within that start offset.
     """
 
     def __init__(self, server: ServerProcess, boundaries_s: Sequence[float]) -> None:
         self.server = server
         self.boundaries_s = list(boundaries_s)
-        self.samples: list[tuple[float, float, float]] = []  # (cpu s, stage-1 batches, stage-1 images)
+        self.samples: list[StepSample] = []
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def _sample(self) -> tuple[float, float, float]:
+    def _sample(self) -> StepSample:
         cpu = self.server.cpu_seconds()
+        steal, ticks = cpu_ticks()
         try:
             metrics = self.server.scrape()
         except OSError:
-            return cpu, math.nan, math.nan
+            return StepSample(cpu, math.nan, math.nan, steal, ticks)
         count = metric_sum(metrics, "boostserve_stage_batch_size_count", stage="1")
         total = metric_sum(metrics, "boostserve_stage_batch_size_sum", stage="1")
-        return cpu, count, total
+        return StepSample(cpu, count, total, steal, ticks)
 
     def _run(self, t0: float) -> None:
         for at in self.boundaries_s:
@@ -230,17 +243,22 @@ class StepSampler:
         self._thread.join(timeout=None if wait else 10.0)
 
     def per_step(self, answered: Sequence[int]) -> list[dict[str, float]]:
-        """Per step: server CPU ms per answered request and mean stage-1 batch (NaN where unsampled)."""
+        """Per step: server CPU ms per answered request, mean stage-1 batch and the VM's steal share
+        (NaN where unsampled)."""
         out = []
         for k, n in enumerate(answered):
             if k + 1 >= len(self.samples):
-                out.append({"server_cpu_ms_per_answer": math.nan, "stage1_batch_mean": math.nan})
+                out.append(dict.fromkeys(("server_cpu_ms_per_answer", "stage1_batch_mean", "steal_share"), math.nan))
                 continue
-            (c0, b0, i0), (c1, b1, i1) = self.samples[k], self.samples[k + 1]
+            a, b = self.samples[k], self.samples[k + 1]
+            ticks = b.all_ticks - a.all_ticks
             out.append(
                 {
-                    "server_cpu_ms_per_answer": 1e3 * (c1 - c0) / n if n else math.nan,
-                    "stage1_batch_mean": (i1 - i0) / (b1 - b0) if b1 > b0 else math.nan,
+                    "server_cpu_ms_per_answer": 1e3 * (b.cpu_s - a.cpu_s) / n if n else math.nan,
+                    "stage1_batch_mean": (b.images - a.images) / (b.batches - a.batches)
+                    if b.batches > a.batches
+                    else math.nan,
+                    "steal_share": (b.steal_ticks - a.steal_ticks) / ticks if ticks > 0 else math.nan,
                 }
             )
         return out
@@ -554,7 +572,8 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
         f"{st['capacity_clients']} clients). Servers run one after the other on the same CPUs and schedule. "
         "Generator lag: how late the load generator itself sent a request (part of its latency). Server CPU per "
         "answer and mean stage-1 batch: read at the step boundaries from /proc and /metrics (– where the "
-        "server refused the scrape, at its connection limit).",
+        "server refused the scrape, at its connection limit); VM steal: the share of the machine's CPU time "
+        "the hypervisor gave to others during the step (/proc/stat).",
         "",
     ]
     cap = r.get("capacity")
@@ -584,8 +603,8 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
     lines += [
         "| server | load × cap | offered req/s | served req/s | p50 ms | p99 ms | shed | degraded "
         "| mean allowed drop served | accuracy | loss vs all stages | over target | generator lag p99 ms "
-        "| server CPU ms per answer | mean stage-1 batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU ms per answer | mean stage-1 batch | VM steal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, sc in (r.get("accuracy_first") or {}).items():
         for s in sc["steps"]:
@@ -597,7 +616,8 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
                 f"| {100 * s['accuracy']:.2f} % | {'–' if loss is None else f'{100 * loss:.2f} pp'} "
                 f"| {s['over_target']} | {format_number(s.get('send_lag_p99_ms'), '{:.1f}')} "
                 f"| {format_number(s.get('server_cpu_ms_per_answer'), '{:.3f}')} "
-                f"| {format_number(s.get('stage1_batch_mean'), '{:.1f}')} |"
+                f"| {format_number(s.get('stage1_batch_mean'), '{:.1f}')} "
+                f"| {format_number(s.get('steal_share'), '{:.1f} %', 100)} |"
             )
     for name, sc in (r.get("accuracy_first") or {}).items():
         shadow = sc.get("shadow")

@@ -6,7 +6,7 @@ import asyncio
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,9 +203,13 @@ def test_step_sampler_reads_cpu_and_batches_at_each_step_boundary() -> None:
     sampler.finish()
     assert len(sampler.samples) == 3
     steps = sampler.per_step([100, 250, 7])
-    assert steps[0] == pytest.approx({"server_cpu_ms_per_answer": 5.0, "stage1_batch_mean": 12.0})  # (160-40)/10
-    assert steps[1] == pytest.approx({"server_cpu_ms_per_answer": 2.0, "stage1_batch_mean": 20.0})  # (360-160)/10
+    assert [steps[0]["server_cpu_ms_per_answer"], steps[0]["stage1_batch_mean"]] == pytest.approx([5.0, 12.0])
+    assert [steps[1]["server_cpu_ms_per_answer"], steps[1]["stage1_batch_mean"]] == pytest.approx([2.0, 20.0])
+    assert all(0.0 <= s["steal_share"] <= 1.0 or math.isnan(s["steal_share"]) for s in steps[:2])  # this VM's own
     assert all(math.isnan(v) for v in steps[2].values())  # no sample after the last boundary
+    a, b = sampler.samples[0], sampler.samples[1]
+    sampler.samples[1] = replace(b, steal_ticks=a.steal_ticks + 30, all_ticks=a.all_ticks + 120)
+    assert sampler.per_step([100, 250])[0]["steal_share"] == pytest.approx(0.25)
     gave_up = StepSampler(FakeServer(), [0.0, 60.0])  # type: ignore[arg-type]
     gave_up.start()
     t = time.perf_counter()
