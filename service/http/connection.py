@@ -30,10 +30,10 @@ from asyncio import TimerHandle
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.http.early_refusal import EarlyRefusal
-from service.http.errors import error_body, status_for
+from service.http.errors import error_body, raw_response, status_for
 
 HEADERS_TOO_LARGE = "headers_too_large"
 REQUEST_TIMEOUT = "request_timeout"
@@ -42,12 +42,7 @@ REQUEST_TIMEOUT = "request_timeout"
 def _raw_error(status: int, error_type: str, message: str) -> bytes:
     """A complete HTTP/1.1 error response in our envelope, with Connection: close."""
     body = json.dumps(error_body(error_type, message)).encode()
-    head = (
-        b"content-type: application/json\r\ncontent-length: "
-        + str(len(body)).encode("ascii")
-        + b"\r\nconnection: close\r\n\r\n"
-    )
-    return STATUS_LINE[status] + head + body
+    return raw_response(status, [(b"content-type", b"application/json"), (b"connection", b"close")], body)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):

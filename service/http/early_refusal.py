@@ -27,13 +27,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.responses import JSONResponse
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from service.core.errors import OverCapacityError
-from service.http.errors import error_body, status_for
-from service.http.logging_setup import log_access
+from service.http.errors import error_body, raw_response, status_for
 from service.http.metrics import Metrics
-from service.http.middleware import client_request_id
+from service.http.middleware import client_request_id, record_request
 
 __all__ = ["EarlyRefusal", "gated_route", "service_shed_check"]
 
@@ -89,21 +87,17 @@ class EarlyRefusal:
         request_id = client_request_id(headers) or self._request_id()
         status = status_for(refusal.error_type)
         head = [
-            STATUS_LINE[status],
-            *(name + b": " + value + b"\r\n" for name, value in default_headers),
-            b"content-type: application/json\r\n",
-            b"retry-after: %d\r\n" % refusal.retry_after_s,
-            b"x-request-id: " + request_id.encode("latin-1") + b"\r\n",
+            *default_headers,
+            (b"content-type", b"application/json"),
+            (b"retry-after", b"%d" % refusal.retry_after_s),
+            (b"x-request-id", request_id.encode("latin-1")),
         ]
         if not keep_alive:
-            head.append(b"connection: close\r\n")
-        body = self._body(route, refusal)
-        head.append(b"content-length: %d\r\n\r\n" % len(body))
+            head.append((b"connection", b"close"))
+        response = raw_response(status, head, self._body(route, refusal))
         self._metrics.count_error(refusal.error_type)
-        elapsed = time.perf_counter() - start
-        self._metrics.observe_request(route, "POST", status, elapsed)
-        log_access("POST", route, status, elapsed, request_id, route)
-        return b"".join(head) + body
+        record_request(self._metrics, "POST", route, route, status, time.perf_counter() - start, request_id)
+        return response
 
     def _body(self, route: str, refusal: OverCapacityError) -> bytes:
         key = (route, refusal.message)

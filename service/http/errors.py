@@ -25,12 +25,14 @@ Choices documented here:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from service.core.errors import (
     BoostServeError,
@@ -81,6 +83,13 @@ def error_body(error_type: str, message: str, path: str = "") -> dict[str, Any]:
     if is_oip_path(path):
         return {"error": message, "error_type": error_type}
     return {"error": {"type": error_type, "message": message}}
+
+
+def raw_response(status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """A complete HTTP/1.1 response written by the protocol itself: status line, `headers`, then
+    Content-Length and `body` (service.http.connection's 431/408, the head gate's 429s)."""
+    lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return STATUS_LINE[status] + lines + b"content-length: %d\r\n\r\n" % len(body) + body
 
 
 def request_id_of(request: Request) -> str:

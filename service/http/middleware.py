@@ -286,12 +286,19 @@ class RequestMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     def _finish(self, scope: Scope, start: float, status: int, request_id: str) -> None:
-        elapsed = time.perf_counter() - start
         route = route_template(scope)
-        self.metrics.observe_request(route, scope["method"], status, elapsed)
         # Never the body or query values that could carry image data: method, template, status.
         target = route if route != OTHER_ROUTE else scope["path"][:200]
-        log_access(scope["method"], target, status, elapsed, request_id, route)
+        record_request(self.metrics, scope["method"], route, target, status, time.perf_counter() - start, request_id)
+
+
+def record_request(
+    metrics: Metrics, method: str, route: str, target: str, status: int, elapsed: float, request_id: str
+) -> None:
+    """One answered HTTP request in the request metrics and the access log: the middleware's, and the
+    protocol's head refusals (service.http.early_refusal), which never reach it."""
+    metrics.observe_request(route, method, status, elapsed)
+    log_access(method, target, status, elapsed, request_id, route)
 
 
 def client_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
