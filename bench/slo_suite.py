@@ -586,18 +586,18 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
         ]
     refusal = r.get("refusal_cost")
     if refusal:
-        head, asgi = refusal["head_gate"], refusal["asgi"]
+
+        def cost(variant: dict[str, Any]) -> str:
+            low, high = (format_number(v, "{:.3f}") for v in variant["cpu_ms_per_refusal_range"])
+            return f"{format_number(variant['cpu_ms_per_refusal'], '{:.3f}')} ms [{low}–{high}]"
+
         served = (cap or {}).get("floor_cpu_ms_per_request")
         lines += [
             "What a refusal costs (bench.shedding_app: the service in SLO mode told to shed every request, "
             f"closed loop, {st['capacity_clients']} clients, median [range] of interleaved rounds): server CPU per "
-            f"429 refused at the request head {format_number(head['cpu_ms_per_refusal'], '{:.3f}')} ms "
-            f"[{format_number(head['cpu_ms_per_refusal_range'][0], '{:.3f}')}–"
-            f"{format_number(head['cpu_ms_per_refusal_range'][1], '{:.3f}')}], through ASGI admission "
-            f"{format_number(asgi['cpu_ms_per_refusal'], '{:.3f}')} ms "
-            f"[{format_number(asgi['cpu_ms_per_refusal_range'][0], '{:.3f}')}–"
-            f"{format_number(asgi['cpu_ms_per_refusal_range'][1], '{:.3f}')}]; per answered request at the floor "
-            f"{format_number(served, '{:.3f}')} ms (the floor capacity run).",
+            f"429 refused at the request head {cost(refusal['head_gate'])}, through ASGI admission "
+            f"{cost(refusal['asgi'])}; per answered request at the floor {format_number(served, '{:.3f}')} ms "
+            "(the floor capacity run).",
             "",
         ]
     lines += [
