@@ -120,6 +120,9 @@ class ClassifyService:
         #: The point in force for requests on the global budget (the live controllers move it).
         self.live = LiveOperatingPoint(resolver, global_budget)
         self.global_answer_hooks: list[GlobalAnswerHook] = []
+        #: Called with the seconds every answered request took, from its arrival (`classify`'s
+        #: `arrived`) to its answers; SLO mode's shed limit reads them.
+        self.answer_hooks: list[Callable[[float], None]] = []
         self.shed_check: ShedCheck | None = None
         #: Drift tightening of a global max_accuracy_drop from the shadow monitor (set by the app).
         self.drift: DriftControl | None = None
@@ -269,8 +272,11 @@ class ClassifyService:
         if self.shed_check is not None:
             self.shed_check(count)
 
-    async def classify(self, request: ClassifyRequest) -> ClassifyResult:
-        """Options -> budget, admission, images -> tensor, scheduler -> answers (1-based exits)."""
+    async def classify(self, request: ClassifyRequest, arrived: float | None = None) -> ClassifyResult:
+        """Options -> budget, admission, images -> tensor, scheduler -> answers (1-based exits).
+
+        `arrived`: time.monotonic() when the transport had the request (its head), if it knows; the
+        time `answer_hooks` hear of counts from there (else from this call)."""
         start = time.monotonic()
         resolved, options = self.resolve_options(request.options, request.where, request.extra_knobs)
         deadline_ms = options.deadline_ms
@@ -295,6 +301,10 @@ class ClassifyService:
             )
         finally:
             self.inflight -= 1
+        if self.answer_hooks:
+            took = time.monotonic() - (start if arrived is None else min(arrived, start))
+            for answered in self.answer_hooks:
+                answered(took)
         if options.budget is None and resolved.early_exit:
             for hook in self.global_answer_hooks:
                 hook(resolved, results)

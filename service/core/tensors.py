@@ -226,11 +226,12 @@ async def infer(
     knobs: Mapping[str, Any],
     wanted: list[str],
     started: float,
+    arrived: float | None = None,
 ) -> InferAnswer:
     """The OIP inference flow, once for REST and gRPC: the knobs and the tensor -> the classify core
     -> the outputs and the response parameters. `started` is the adapter's `time.perf_counter()` at
-    receipt (latency_ms counts parsing too)."""
-    result = await service.classify(ClassifyRequest(tensor, knobs, PARAMETERS))
+    receipt (latency_ms counts parsing too); `arrived` as for `ClassifyService.classify`."""
+    result = await service.classify(ClassifyRequest(tensor, knobs, PARAMETERS), arrived=arrived)
     answers, resolved = result.answers, result.budget
     info = service.budget_info(resolved)
     parameters = {

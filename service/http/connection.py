@@ -26,6 +26,7 @@ bytes and owns the socket.
 from __future__ import annotations
 
 import json
+import time
 from asyncio import TimerHandle
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -34,6 +35,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.http.early_refusal import EarlyRefusal
 from service.http.errors import error_body, raw_response, status_for
+from service.http.middleware import ARRIVED_AT
 
 HEADERS_TOO_LARGE = "headers_too_large"
 REQUEST_TIMEOUT = "request_timeout"
@@ -150,6 +152,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                     refusal = b""  # answered: the rest of this message, if any arrives, is discarded
                 self._refusal = (refusal, keep_alive)
                 return
+        self.scope[ARRIVED_AT] = time.monotonic()  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:

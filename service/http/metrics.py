@@ -280,6 +280,16 @@ class Metrics:
             "live MACs per image of the global budget_macs (the live MAC controller's weighted average)",
             registry=r,
         )
+        self.slo_shed_limit = Gauge(
+            "boostserve_slo_shed_limit_seconds",
+            "SLO mode: the queue delay beyond which the cheapest allowed point sheds (adapts to answered p99)",
+            registry=r,
+        )
+        self.slo_answered_p99 = Gauge(
+            "boostserve_slo_answered_p99_seconds",
+            "SLO mode: p99 of the requests answered in the last 0.5 s, head to answer (NaN: too few)",
+            registry=r,
+        )
         # The label-free accuracy monitor (service.core.shadow): shadow samples of the global budget's
         # early exits, what the calibration predicts for the point in force, the drift test and tightening.
         self.shadow_samples = Counter(
@@ -459,6 +469,10 @@ class Metrics:
 
     def set_live_macs(self, macs_per_image: float | None) -> None:
         self.live_macs.set(float("nan") if macs_per_image is None else float(macs_per_image))
+
+    def set_slo_shedding(self, *, shed_limit_s: float, answered_p99_s: float | None) -> None:
+        self.slo_shed_limit.set(shed_limit_s)
+        self.slo_answered_p99.set(float("nan") if answered_p99_s is None else answered_p99_s)
 
     # -- shadow monitor (service.core.shadow.ShadowObserver) ----------------------------------------
     def on_shadow_samples(self, stage: int, samples: int, disagreements: int) -> None:

@@ -301,6 +301,20 @@ def record_request(
     log_access(method, target, status, elapsed, request_id, route)
 
 
+#: Scope key: time.monotonic() when the protocol had the request's head (service.http.connection).
+ARRIVED_AT: Final = "boostserve.arrived_at"
+
+
+def arrived_at(scope: Scope) -> float | None:
+    """When the request's head was parsed, if the protocol stamped it (None under another server).
+
+    Why: the core measures an answered request's time for SLO mode, and a request can wait for the
+    busy event loop between its head and its handler's first step; that wait is part of what the
+    client sees, so it counts from here."""
+    value = scope.get(ARRIVED_AT)
+    return value if isinstance(value, float) else None
+
+
 def client_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """The client's X-Request-ID (from a request's lower-cased headers) when it is sane, else None."""
     for name, value in headers:

@@ -6,6 +6,7 @@ loaded machine cannot break a bound here.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import pytest
 from service.core.budget import BudgetResolver
 from service.core.exit_rule import exit_indices
 from service.core.knobs import Budget
+from service.core.live.latency import LatencyWindow
 from service.core.live.macs import MacController, MacControllerConfig
 from service.core.live.slo import Rung, Signals, SloConfig, SloController
 from tests.fixtures.synthetic_calibration import synthetic_calibration
@@ -59,18 +61,29 @@ class Trace:
     shed: int = 0
     offered: int = 0
     shed_below_floor: int = 0
+    admitted_at: list[float] = field(default_factory=list)  # per admitted image
+    latency: list[float] = field(default_factory=list)  # its queue wait + the hidden time
+    shed_limits: list[float] = field(default_factory=list)  # per tick
 
 
-def simulate(load: list[tuple[float, float]], seed: int = 0, config: SloConfig | None = None) -> Trace:
+def simulate(
+    load: list[tuple[float, float]], seed: int = 0, config: SloConfig | None = None, hidden_s: float = 0.0
+) -> Trace:
     """A single-server queue: Poisson arrivals at `load` = [(seconds, x capacity at rung 0)], served
-    FIFO at the true cost of the rung in force; the controller ticks every TICK_S."""
+    FIFO at the true cost of the rung in force; the controller ticks every TICK_S. Each admitted
+    image's latency is its queue wait plus `hidden_s`, time the queue never shows (the batch it runs
+    in, the deeper stages); the controller hears of it only once the image is answered."""
     rng = np.random.default_rng(seed)
-    ctl = SloController(config or SloConfig(latency_target_s=TARGET_S), LADDER)
+    cfg = config or SloConfig(latency_target_s=TARGET_S)
+    ctl = SloController(cfg, LADDER)
     trace = Trace()
+    latencies = LatencyWindow(cfg.latency_window_s)
+    unanswered: list[tuple[float, float]] = []  # heap of (answered at, latency)
     backlog = 0.0  # images (fluid service, integer arrivals)
     now = 0.0
     next_tick = TICK_S
     admitted = completed = 0.0
+    refused = 0
     busy_all_tick = True
     for seconds, factor in load:
         end = now + seconds
@@ -78,13 +91,20 @@ def simulate(load: list[tuple[float, float]], seed: int = 0, config: SloConfig |
             arrivals = int(rng.poisson(factor * CAPACITY_0 * STEP_S))
             trace.offered += arrivals
             for _ in range(arrivals):
-                if ctl.should_shed(backlog * true_cost(ctl.rung)):  # the wait of the newest image
+                wait = backlog * true_cost(ctl.rung)  # the wait of the newest image
+                if ctl.should_shed(wait):
                     trace.shed += 1
+                    refused += 1
                     if ctl.rung != ctl.floor:
                         trace.shed_below_floor += 1
                 else:
                     backlog += 1
                     admitted += 1
+                    trace.admitted_at.append(now)
+                    trace.latency.append(wait + hidden_s)
+                    heapq.heappush(unanswered, (now + wait + hidden_s, wait + hidden_s))
+            while unanswered and unanswered[0][0] <= now:
+                latencies.add(*heapq.heappop(unanswered))
             served = min(backlog, STEP_S / true_cost(ctl.rung))
             backlog -= served
             completed += served
@@ -93,14 +113,20 @@ def simulate(load: list[tuple[float, float]], seed: int = 0, config: SloConfig |
             if now >= next_tick - 1e-12:
                 delay = backlog * true_cost(ctl.rung)  # the wait a new image would see
                 stage = [t if ctl.rungs[ctl.rung].reach[k] > 0 else None for k, t in enumerate(STAGE_S)]
-                signals = Signals(now, delay, int(backlog), int(admitted), int(completed), stage, busy_all_tick)
+                latency = latencies.quantile(now, cfg.latency_quantile, cfg.min_latency_samples)
+                signals = Signals(
+                    now, delay, int(backlog), int(admitted), int(completed), stage, busy_all_tick, latency, refused
+                )
                 admitted = completed = 0.0
+                refused = 0
                 busy_all_tick = backlog > 0
                 rung = ctl.update(signals)
                 assert 0 <= rung <= ctl.floor  # never past the floor
+                assert cfg.shed_min <= ctl.shed_delay <= cfg.shed_max
                 trace.times.append(now)
                 trace.rungs.append(rung)
                 trace.delays.append(delay)
+                trace.shed_limits.append(ctl.shed_delay)
                 next_tick += TICK_S
     return trace
 
@@ -140,6 +166,67 @@ def test_overload_beyond_the_floor_sheds_only_at_the_floor() -> None:
     assert max(trace.rungs) == len(LADDER) - 1  # at the floor, never past it (asserted every tick)
     assert trace.shed > 0 and trace.shed_below_floor == 0
     assert max(window(trace, 5.0, 30.0, trace.delays)) <= TARGET_S  # admitted requests keep the target
+
+
+def admitted_p99(trace: Trace, start: float, end: float) -> float:
+    at = np.asarray(trace.admitted_at)
+    return float(np.quantile(np.asarray(trace.latency)[(at >= start) & (at < end)], 0.99))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_shed_limit_holds_the_target_on_time_the_queue_cannot_see(seed: int) -> None:
+    """30 ms of every admitted image's time is outside the queue (as a running batch and the deeper
+    stages were on the server): shedding at the fixed 0.6 T queue delay admits images that take
+    60 ms; reading answered p99, the limit shrinks until admitted p99 keeps the 50 ms target."""
+    trace = simulate([(30.0, 4.0)], seed=seed, hidden_s=0.03)
+    assert max(trace.rungs) == len(LADDER) - 1 and trace.shed > 0
+    assert admitted_p99(trace, 5.0, 30.0) <= TARGET_S
+    assert max(window(trace, 5.0, 30.0, trace.shed_limits)) < 0.5 * TARGET_S
+    # the same load with the limit held at its most breaks the target: the adaptation is what holds it
+    fixed = SloConfig(latency_target_s=TARGET_S, shed_min_share=0.6)
+    assert admitted_p99(simulate([(30.0, 4.0)], seed=seed, config=fixed, hidden_s=0.03), 5.0, 30.0) > TARGET_S
+
+
+def test_the_shed_limit_grows_back_once_answers_are_fast_again() -> None:
+    """Shrunk by slow answers, the limit steps back to its most while answered p99 stays under
+    0.8 T, one step per latency window; between 0.8 T and T it stays where it is."""
+    cfg = SloConfig(latency_target_s=TARGET_S)
+    ctl = SloController(cfg, LADDER)
+    ctl.rung = ctl.floor
+    stage = list(STAGE_S)
+    t = 0.0
+
+    def tick(latency: float) -> float:
+        nonlocal t
+        t += TICK_S
+        ctl.update(Signals(t, 0.03, 100, 100, 100, stage, True, latency, 10))
+        return ctl.shed_delay
+
+    assert tick(0.1) == pytest.approx(cfg.shed_max * 0.5)  # p99 twice the target: halved
+    assert tick(0.1) == pytest.approx(cfg.shed_max * 0.5)  # within the window: no second change
+    limits = [tick(0.1) for _ in range(40)]
+    assert min(limits) == pytest.approx(cfg.shed_min)  # never below its least
+    assert limits.count(limits[-1]) > 1  # ... and it stays there
+    steady = [tick(0.045) for _ in range(20)]  # in the band: no change
+    assert steady == [pytest.approx(cfg.shed_min)] * len(steady)
+    grown = [tick(0.01) for _ in range(200)]
+    steps = [b - a for a, b in itertools.pairwise([steady[-1], *grown]) if b != a]
+    assert all(step == pytest.approx(cfg.shed_step_share * TARGET_S) for step in steps[:-1])
+    assert grown[-1] == pytest.approx(cfg.shed_max)
+    ctl.rung = ctl.floor - 1  # above the floor nothing is shed: the limit is left alone
+    assert tick(0.2) == pytest.approx(cfg.shed_max)
+
+
+def test_a_tick_that_refused_requests_is_not_calm() -> None:
+    """At the floor a small shed limit keeps the queue delay low because it sheds: that is no reason
+    to move to a more accurate rung. The same ticks without refusals are."""
+    stage = list(STAGE_S)
+    for refused, expected in ((5, len(LADDER) - 1), (0, len(LADDER) - 2)):
+        ctl = SloController(SloConfig(latency_target_s=TARGET_S), LADDER)
+        ctl.rung = ctl.floor
+        for i in range(1, 61):  # 6 s at 0.3x rung 0's capacity, queue delay 1 ms
+            ctl.update(Signals(i * TICK_S, 0.001, 2, int(0.3 * CAPACITY_0 * TICK_S), 30, stage, False, 0.01, refused))
+        assert ctl.rung == expected, refused
 
 
 def test_the_service_rate_model_sizes_the_step() -> None:
@@ -190,6 +277,27 @@ def test_config_is_validated() -> None:
         SloConfig(latency_target_s=0.05, utilisation_up=0.9, utilisation_high=0.85)
     with pytest.raises(ValueError, match="latency_target_s"):
         SloConfig(latency_target_s=0.0)
+    with pytest.raises(ValueError, match="shed_min_share"):
+        SloConfig(latency_target_s=0.05, shed_min_share=0.7)
+    with pytest.raises(ValueError, match="latency_low_share"):
+        SloConfig(latency_target_s=0.05, latency_low_share=1.2)
+    with pytest.raises(ValueError, match="latency_quantile"):
+        SloConfig(latency_target_s=0.05, latency_quantile=1.0)
+
+
+def test_latency_window_reads_only_recent_answers() -> None:
+    window_ = LatencyWindow(0.5, capacity=1000)
+    for i in range(100):
+        window_.add(i * 0.01, 0.001 * i)  # answers over 1 s, latency rising
+    assert window_.quantile(0.99, 0.5, 10) == pytest.approx(np.quantile(0.001 * np.arange(50, 100), 0.5))
+    assert len(window_) == 50  # older answers are gone
+    assert window_.quantile(1.45, 0.5, 10) is None  # 5 left in the last 0.5 s: too few
+    bounded = LatencyWindow(10.0, capacity=8)
+    for i in range(100):
+        bounded.add(float(i) * 1e-3, 1.0)
+    assert len(bounded) == 8
+    with pytest.raises(ValueError):
+        LatencyWindow(0.0)
 
 
 # ------------------------------------------------------------------------------------------------

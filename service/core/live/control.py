@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from service.core.budget import ResolvedBudget
 from service.core.engine import ExitResult
 from service.core.errors import BoostServeError, OverCapacityError
 from service.core.knobs import Budget
+from service.core.live.latency import LatencyWindow
 from service.core.live.macs import MacController, MacControllerConfig
 from service.core.live.slo import Rung, Signals, SloConfig, SloController
 
@@ -74,6 +76,10 @@ class LiveObserver(Protocol):
 
     def set_live_macs(self, macs_per_image: float | None) -> None:
         """The MAC controller's weighted live MACs per image (global budget)."""
+        ...
+
+    def set_slo_shedding(self, *, shed_limit_s: float, answered_p99_s: float | None) -> None:
+        """SLO mode's shed limit and the answered p99 it was read against (None: too few answers)."""
         ...
 
 
@@ -137,8 +143,12 @@ class LiveControl:
         #: the wait of requests not yet parsed, which the scheduler's queue cannot see.
         self.loop_lag = 0.0
         service.global_answer_hooks.append(self._on_answers)
+        #: What answered requests took (time.monotonic()), read each tick by SLO mode's shed limit.
+        self.latencies = LatencyWindow(SloConfig.latency_window_s)
+        self._refused = 0  # images refused by the shed rule since the last tick
         if settings.latency_target_s is not None:
             service.shed_check = self._shed_check
+            service.answer_hooks.append(self._on_answered)
         service.live.subscribe(self._on_point)
 
     # -- hooks (event loop) ------------------------------------------------------------------------------
@@ -162,12 +172,16 @@ class LiveControl:
             return
         mac.observe(len(results), float(sum(r.macs for r in results)), float(expected))
 
+    def _on_answered(self, seconds: float) -> None:
+        self.latencies.add(time.monotonic(), seconds)
+
     def _shed_check(self, count: int) -> None:
         slo = self.slo
         if slo is None:
             return
         delay = max(self.service.scheduler.queue_delay(), self.loop_lag)
         if slo.should_shed(delay):
+            self._refused += count
             raise OverCapacityError(
                 "overloaded at the cheapest allowed operating point (SLO mode); retry later",
                 retry_after=max(0.1, round(delay, 1)),
@@ -208,15 +222,20 @@ class LiveControl:
         busy = backlog > 0 and measured > (0.0 if slo is None else slo.config.delay_low)
         prev = self._prev
         self._prev = (now, admitted, backlog, stages, busy)
+        refused, self._refused = self._refused, 0
+        latency = None
+        if slo is not None:
+            cfg = slo.config
+            latency = self.latencies.quantile(time.monotonic(), cfg.latency_quantile, cfg.min_latency_samples)
         if prev is None:
-            return Signals(now, delay, backlog, 0, 0, [None] * len(stages), False)
+            return Signals(now, delay, backlog, 0, 0, [None] * len(stages), False, latency, refused)
         _, prev_admitted, prev_backlog, prev_stages, prev_busy = prev
         per_image: list[float | None] = []
         for (items, seconds), (items0, seconds0) in zip(stages, prev_stages, strict=True):
             per_image.append((seconds - seconds0) / (items - items0) if items > items0 else None)
         new = admitted - prev_admitted
         done = max(0, prev_backlog + new - backlog)
-        return Signals(now, delay, backlog, new, done, per_image, busy and prev_busy)
+        return Signals(now, delay, backlog, new, done, per_image, busy and prev_busy, latency, refused)
 
     async def tick(self, now: float, dt: float, loop_lag: float = 0.0) -> None:
         """One control step at loop time `now`, `dt` seconds after the previous one; `loop_lag`: how
@@ -251,11 +270,15 @@ class LiveControl:
             if previous is not None:  # keep what was learnt of the rates, and the degradation
                 self.slo.arrival_rate, self.slo.overhead = previous.arrival_rate, previous.overhead
                 self.slo.stage_seconds = previous.stage_seconds
+                self.slo.shed_delay = previous.shed_delay
                 self.slo.rung = min(previous.rung, self.slo.floor)
             self._ladder, self._ladder_for = ladder, adjusted
         slo = self.slo
         assert slo is not None
-        rung = slo.update(self._signals(now))
+        signals = self._signals(now)
+        rung = slo.update(signals)
+        if self.observer is not None:
+            self.observer.set_slo_shedding(shed_limit_s=slo.shed_delay, answered_p99_s=signals.latency)
         wanted = self._ladder[rung]
         current = live.current.effective if live.degraded else None
         if wanted != current:

@@ -30,12 +30,22 @@ The rules (hysteresis: distinct levels, utilisations and a dwell for each direct
 * **more accurate**, one rung at a time, when d smoothed over `smoothing_s` has stayed below
   `delay_low` (and d itself never passed `delay_high`) for `hold_up_s`, and
   the model says the load fits the more accurate rung with room: λ ≤ ρ_up · μ_{r−1}, ρ_up < ρ_high.
+  A tick that refused requests is never calm: with a small shed limit the queue delay stays low
+  *because* the floor sheds, which must not read as a reason to spend more per image.
   Between the levels nothing moves, which bounds oscillation: on the simulated queue of the tests
   a steady load settles on one rung, which a Poisson burst may move once and the calm move back (at
   most two rungs apart, at most two changes in 80 s).
-* **shed** (429) only at the cheapest rung, while the measured queue delay exceeds `shed_share` ×
-  the latency target: admitting more would break the target anyway. Measured, not predicted: the
-  prediction rests on the learnt overhead, and a wrong estimate must not refuse traffic.
+* **shed** (429) only at the cheapest rung, while the measured queue delay exceeds the shed limit
+  L: admitting more would break the target anyway. Measured, not predicted: the prediction rests on
+  the learnt overhead, and a wrong estimate must not refuse traffic.
+* **the shed limit adapts to the latency answered requests had** (at the cheapest rung only). L
+  starts at `shed_share` × the target, its most. An admitted image waits about L in the queue, and
+  then the batch it runs in, the deeper stages and a worker thread that shares a busy CPU add their
+  own time, which the queue cannot show. So the controller reads the p99 of the latencies answered
+  in the last `latency_window_s` (`Signals.latency`). Above the target, L shrinks in proportion
+  (L·T/p99, at most halved, never below `shed_min_share` × T). Below `latency_low_share` × T, it
+  grows back by `shed_step_share` × T. A change waits `latency_window_s` after the last one, so
+  each change is judged on answers given after the one before (no wind-up on stale samples).
 
 Saturation (when the overhead is learnt) is read from the measured queue too (its delay above
 `delay_low` at both ends of the tick), never from the prediction: a prediction that declared itself
@@ -66,8 +76,14 @@ class SloConfig:
     utilisation_up: float = 0.8  # a step back needs λ <= this · capacity of the more accurate rung
     dwell_down_s: float = 0.3  # the least time between two steps down
     hold_up_s: float = 3.0  # calm time before a step back
-    shed_share: float = 0.6  # at the floor: shed while the measured queue delay passes this share of the target
+    shed_share: float = 0.6  # at the floor: the largest shed limit, as a share of the target
     smoothing_s: float = 1.0  # time constant of the rate and overhead estimates
+    shed_min_share: float = 0.04  # the smallest shed limit, as a share of the target
+    shed_step_share: float = 0.05  # the shed limit grows back by this share of the target per change
+    latency_low_share: float = 0.8  # the shed limit grows back while answered p99 is below this share
+    latency_window_s: float = 0.5  # answers the p99 is read from; also the least time between changes
+    latency_quantile: float = 0.99  # the promise: p99 of admitted requests
+    min_latency_samples: int = 50  # fewer answers in the window: no latency signal
 
     def __post_init__(self) -> None:
         if not self.latency_target_s > 0:
@@ -76,6 +92,12 @@ class SloConfig:
             raise ValueError("need 0 < delay_low_share < delay_high_share")
         if not 0 < self.utilisation_up < self.utilisation_high <= 1:
             raise ValueError("need 0 < utilisation_up < utilisation_high <= 1")
+        if not 0 < self.shed_min_share <= self.shed_share:
+            raise ValueError("need 0 < shed_min_share <= shed_share")
+        if not (self.shed_step_share > 0 and 0 < self.latency_low_share < 1 and self.latency_window_s > 0):
+            raise ValueError("need shed_step_share > 0, 0 < latency_low_share < 1 and latency_window_s > 0")
+        if not 0 < self.latency_quantile < 1:
+            raise ValueError("need 0 < latency_quantile < 1")
 
     @property
     def delay_high(self) -> float:
@@ -84,6 +106,14 @@ class SloConfig:
     @property
     def delay_low(self) -> float:
         return self.latency_target_s * self.delay_low_share
+
+    @property
+    def shed_max(self) -> float:
+        return self.latency_target_s * self.shed_share
+
+    @property
+    def shed_min(self) -> float:
+        return self.latency_target_s * self.shed_min_share
 
 
 @dataclass(frozen=True)
@@ -111,6 +141,8 @@ class Signals:
     completed: int  # images answered during the tick
     stage_seconds: Sequence[float | None]  # per-image seconds of each stage over the tick (None: no batch)
     saturated: bool  # the queue held work for the whole tick
+    latency: float | None = None  # p99 of the requests answered in the last latency_window_s (None: too few)
+    refused: int = 0  # images the shed rule refused during the tick
 
 
 class SloController:
@@ -131,6 +163,8 @@ class SloController:
         self._last_rate = 0.0  # images/s admitted over the last tick (unsmoothed)
         self._calm_since: float | None = None
         self.smoothed_delay = 0.0  # the calm test reads this (time constant smoothing_s)
+        self.shed_delay = config.shed_max  # L: the floor sheds while the queue delay passes it
+        self._last_shed_change = -math.inf
 
     @property
     def floor(self) -> int:
@@ -155,9 +189,8 @@ class SloController:
 
     def should_shed(self, queue_delay: float) -> bool:
         """Refuse a new request now? Only at the floor, and only while the queue's measured delay (its
-        oldest waiting image) passes `shed_share` of the target: admitting more would break it."""
-        cfg = self.config
-        return self.rung == self.floor and queue_delay > cfg.shed_share * cfg.latency_target_s
+        oldest waiting image) passes the shed limit: admitting more would break the target."""
+        return self.rung == self.floor and queue_delay > self.shed_delay
 
     # -- one tick ----------------------------------------------------------------------------------------
     def update(self, s: Signals) -> int:
@@ -168,16 +201,33 @@ class SloController:
             self._learn(s, dt)
             self.smoothed_delay += (1.0 - math.exp(-dt / self.config.smoothing_s)) * (s.delay - self.smoothed_delay)
         cfg = self.config
+        self._adapt_shed_limit(s)
         if s.delay > cfg.delay_high:
             self._calm_since = None
             self._maybe_down(s)
-        elif self.smoothed_delay < cfg.delay_low:
+        elif s.refused == 0 and self.smoothed_delay < cfg.delay_low:
             if self._calm_since is None:
                 self._calm_since = s.now
             self._maybe_up(s.now)
         else:
             self._calm_since = None
         return self.rung
+
+    def _adapt_shed_limit(self, s: Signals) -> None:
+        """At the floor: shrink the shed limit while answered p99 is over the target, grow it back
+        while it is well under (one change per latency window)."""
+        cfg = self.config
+        if self.rung != self.floor or s.latency is None or s.now - self._last_shed_change < cfg.latency_window_s:
+            return
+        target = cfg.latency_target_s
+        if s.latency > target:
+            shrink = max(0.5, target / s.latency)
+            self.shed_delay = max(cfg.shed_min, self.shed_delay * shrink)
+        elif s.latency < cfg.latency_low_share * target and self.shed_delay < cfg.shed_max:
+            self.shed_delay = min(cfg.shed_max, self.shed_delay + cfg.shed_step_share * target)
+        else:
+            return
+        self._last_shed_change = s.now
 
     def _learn(self, s: Signals, dt: float) -> None:
         w = 1.0 - math.exp(-dt / self.config.smoothing_s)

@@ -34,6 +34,7 @@ from starlette.types import Message, Receive, Scope, Send
 from service.core.classify import ClassifyRequest, ClassifyService
 from service.core.errors import BoostServeError, NotReadyError
 from service.http.errors import error_response
+from service.http.middleware import arrived_at
 from service.http.v1 import request as wire
 from service.http.v1.render import render_classify
 
@@ -130,7 +131,7 @@ class ClassifyFastPath:
                 request = await self._multipart(scope, receive, service, body, content_type, query)
             else:
                 request = wire.raw_request(body, query)
-            result = await service.classify(request)
+            result = await service.classify(request, arrived_at(scope))
             latency_ms = (time.perf_counter() - start) * 1000.0
             body = render_classify(service, result, latency_ms)
         except BoostServeError as exc:

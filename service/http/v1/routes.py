@@ -22,6 +22,7 @@ from service.core.budget_source import BUDGET_UPDATE_KNOBS, parse_budget_update
 from service.core.errors import UnsupportedMediaTypeError
 from service.core.knobs import BUDGET_KNOBS, KNOBS
 from service.http.deps import ServiceDep, require_admin, service_of
+from service.http.middleware import arrived_at
 from service.http.schemas import ERROR_RESPONSES, ClassifyResponse, ErrorResponse, GlobalBudgetInfo
 from service.http.v1 import request as wire
 from service.http.v1.render import render_classify
@@ -90,7 +91,7 @@ async def classify(request: Request, service: ServiceDep) -> Response:
         classify_request = wire.raw_request(await request.body(), query)
     else:
         raise wire.unsupported_media_type(kind)
-    result = await service.classify(classify_request)
+    result = await service.classify(classify_request, arrived_at(request.scope))
     latency_ms = (time.perf_counter() - start) * 1000.0
     body = render_classify(service, result, latency_ms)
     return Response(content=body, media_type="application/json")

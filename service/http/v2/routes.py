@@ -26,6 +26,7 @@ from service.core.classify import ClassifyService
 from service.core.errors import NotFoundError, NotReadyError
 from service.core.knobs import KNOBS
 from service.http.deps import ServiceDep, service_of
+from service.http.middleware import arrived_at
 from service.http.schemas import OIP_ERROR_RESPONSES, OipErrorResponse
 from service.http.v2 import codec
 from service.http.v2.schemas import (
@@ -196,6 +197,7 @@ async def _infer(request: Request, service: ClassifyService) -> Response:
         tensors.knob_parameters(payload.parameters),
         [name for name, _ in plan],
         start,
+        arrived_at(request.scope),
     )
     head: dict[str, Any] = {"model_name": service.manifest.name, "model_version": service.manifest.version}
     if payload.id is not None:

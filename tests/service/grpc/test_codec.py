@@ -129,7 +129,8 @@ class Recorder:
 def test_servicer_passes_the_deadline_to_the_core_and_maps_its_error() -> None:
     seen: list[ClassifyRequest] = []
 
-    async def classify(request: ClassifyRequest) -> Any:
+    async def classify(request: ClassifyRequest, arrived: float | None = None) -> Any:
+        assert arrived is None  # gRPC has no HTTP head to stamp: the core counts from its own start
         seen.append(request)
         raise OverCapacityError("queue full", retry_after=2.5)
 

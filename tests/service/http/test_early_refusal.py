@@ -5,6 +5,7 @@ config (`service.commands.serve.uvicorn_config`), the app on the session's synth
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import re
@@ -269,3 +270,33 @@ def test_without_slo_mode_the_protocol_has_no_gate(synthetic_artifact: Path) -> 
 )
 def test_gated_routes(method: bytes, path: bytes, route: str | None) -> None:
     assert gated_route(method, path) == route
+
+
+@pytest.mark.parametrize("adapter", ["v1 raw (fast path)", "v1 JSON (route)", "v2 infer"])
+def test_an_answered_requests_time_counts_from_its_head(slo_server: Served, adapter: str) -> None:
+    """SLO mode's shed limit reads what answered requests took (`LiveControl.latencies`); a request
+    that waited between its head and its handler (a busy loop; here, a body sent late) waited as
+    the client sees it, so its time counts from the head the protocol stamped."""
+    if adapter == "v1 raw (fast path)":
+        request = classify_request()
+    elif adapter == "v1 JSON (route)":
+        body = json.dumps({"image": base64.b64encode(images.png()).decode()}).encode()
+        request = classify_request(body=body).replace(b"content-type: image/png", b"content-type: application/json")
+    else:
+        tensor = {"name": "image", "shape": [1, 8, 8, 1], "datatype": "UINT8", "data": [7] * 64}
+        body = json.dumps({"inputs": [tensor]}).encode()
+        request = classify_request("/v2/models/synthetic-boostnet/infer", body=body).replace(
+            b"content-type: image/png", b"content-type: application/json"
+        )
+    head, _, body = request.partition(b"\r\n\r\n")
+    latencies = slo_server.app.state.live.latencies
+    with connect(slo_server) as sock:
+        buffer = bytearray()
+        sock.sendall(head + b"\r\n\r\n")
+        time.sleep(0.3)
+        body_sent = time.monotonic()
+        sock.sendall(body)
+        status, _, answer = read_response(sock, buffer)
+        assert status == 200, answer
+    answered_at, took = latencies._answers[-1]  # (the window keeps only its last 0.5 s: read the newest)
+    assert answered_at >= body_sent and took >= 0.3

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.core.knobs import Budget
+from service.core.live.slo import Signals
 from service.core.policies import ThresholdResult
 from service.http.settings import Settings
 from tests.service.http import images
@@ -220,3 +222,36 @@ def test_slo_mode_sees_the_event_loop_lag_and_sheds_on_it_at_the_floor(make_clie
         assert control.loop_lag == 0.0
         ok = client.post("/v1/classify", content=images.png(), headers={"content-type": "image/png"})
         assert ok.status_code == 200, ok.text
+
+
+def test_slo_mode_reads_what_answered_requests_took_and_what_it_refused(make_client: ClientFactory) -> None:
+    """The tick hands the controller the p99 of the answers in its window (each request's time in the
+    core, recorded as it is answered) and the images the shed rule refused since the last tick."""
+    with make_client(default_budget=GLOBAL, latency_target_ms=50, max_accuracy_drop_under_load=0.2) as client:
+        assert client.portal is not None
+        control = client.app.state.live  # type: ignore[attr-defined]
+        client.portal.call(control.tick, 0.0, 0.0)
+        before = time.monotonic()
+        for _ in range(3):
+            ok = client.post("/v1/classify", content=images.png(), headers={"content-type": "image/png"})
+            assert ok.status_code == 200
+        took = [latency for _, latency in control.latencies._answers]
+        assert len(took) == 3 and all(0.0 < t < time.monotonic() - before for t in took)
+        control.slo.rung, control.slo.shed_delay = control.slo.floor, -1.0  # at the floor, shedding
+        for _ in range(2):
+            shed = client.post("/v1/classify", content=images.png(), headers={"content-type": "image/png"})
+            assert shed.status_code == 429
+        control.slo.shed_delay = control.slo.config.shed_max  # shedding seen; back to the limit's most
+        seen: list[Signals] = []
+        update = control.slo.update
+        control.slo.update = lambda s: seen.append(s) or update(s)
+        client.portal.call(control.tick, 0.1, 0.1)
+        assert seen[-1].refused == 2 and seen[-1].latency is None  # 3 answers: too few for a p99
+        for _ in range(60):
+            control.latencies.add(time.monotonic(), 0.2)
+        client.portal.call(control.tick, 0.2, 0.1)
+        assert seen[-1].refused == 0 and seen[-1].latency == pytest.approx(0.2)
+        text = client.get("/metrics").text
+        assert _metric(text, "boostserve_slo_answered_p99_seconds") == pytest.approx(0.2)
+        assert _metric(text, "boostserve_slo_shed_limit_seconds") == pytest.approx(control.slo.shed_delay)
+        assert control.slo.shed_delay == pytest.approx(0.5 * 0.6 * 0.05)  # p99 4x the target at the floor: halved
