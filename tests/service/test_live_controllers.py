@@ -196,10 +196,10 @@ def test_the_shed_limit_grows_back_once_answers_are_fast_again() -> None:
     stage = list(STAGE_S)
     t = 0.0
 
-    def tick(latency: float) -> float:
+    def tick(latency: float, saturated: bool = True) -> float:
         nonlocal t
         t += TICK_S
-        ctl.update(Signals(t, 0.03, 100, 100, 100, stage, True, latency, 10))
+        ctl.update(Signals(t, 0.03, 100, 100, 100, stage, saturated, latency, 10))
         return ctl.shed_delay
 
     assert tick(0.1) == pytest.approx(cfg.shed_max * 0.5)  # p99 twice the target: halved
@@ -215,6 +215,22 @@ def test_the_shed_limit_grows_back_once_answers_are_fast_again() -> None:
     assert grown[-1] == pytest.approx(cfg.shed_max)
     ctl.rung = ctl.floor - 1  # above the floor nothing is shed: the limit is left alone
     assert tick(0.2) == pytest.approx(cfg.shed_max)
+
+
+def test_a_slow_tail_without_a_saturated_queue_does_not_shrink_the_limit() -> None:
+    """Shedding only shortens a queue: with answers slow but the queue not saturated (a host that
+    stalls the machine), the limit does not shrink, and a shrunk one grows back."""
+    cfg = SloConfig(latency_target_s=TARGET_S)
+    ctl = SloController(cfg, LADDER)
+    ctl.rung = ctl.floor
+    stage = list(STAGE_S)
+    for i in range(1, 31):
+        ctl.update(Signals(i * TICK_S, 0.001, 3, 100, 100, stage, False, 0.2, 5))
+    assert ctl.shed_delay == pytest.approx(cfg.shed_max)
+    ctl.shed_delay = cfg.shed_min
+    for i in range(31, 131):  # 10 s
+        ctl.update(Signals(i * TICK_S, 0.001, 3, 100, 100, stage, False, 0.2, 5))
+    assert ctl.shed_delay == pytest.approx(cfg.shed_max)
 
 
 def test_a_tick_that_refused_requests_is_not_calm() -> None:

@@ -42,10 +42,15 @@ The rules (hysteresis: distinct levels, utilisations and a dwell for each direct
   starts at `shed_share` × the target, its most. An admitted image waits about L in the queue, and
   then the batch it runs in, the deeper stages and a worker thread that shares a busy CPU add their
   own time, which the queue cannot show. So the controller reads the p99 of the latencies answered
-  in the last `latency_window_s` (`Signals.latency`). Above the target, L shrinks in proportion
-  (L·T/p99, at most halved, never below `shed_min_share` × T). Below `latency_low_share` × T, it
+  in the last `latency_window_s` (`Signals.latency`). Above the target, and only while the queue
+  is saturated (`Signals.saturated`), L shrinks in proportion (L·T/p99, at most halved, never below
+  `shed_min_share` × T). Below `latency_low_share` × T, or while the queue is not saturated, it
   grows back by `shed_step_share` × T. A change waits `latency_window_s` after the last one, so
   each change is judged on answers given after the one before (no wind-up on stale samples).
+  Saturation gates the shrink because shedding can only shorten a queue: a tail from elsewhere (a
+  host that stalls the VM) drove an ungated limit to its least in a scratch run, and the floor then
+  refused 93 % of 1.5× load while serving a tenth of its capacity, and a third of 0.5× load after.
+  The least, 0.2 T, stays above what a queue holds by design (the batch wait, one batch run).
 
 Saturation (when the overhead is learnt) is read from the measured queue too (its delay above
 `delay_low` at both ends of the tick), never from the prediction: a prediction that declared itself
@@ -78,7 +83,7 @@ class SloConfig:
     hold_up_s: float = 3.0  # calm time before a step back
     shed_share: float = 0.6  # at the floor: the largest shed limit, as a share of the target
     smoothing_s: float = 1.0  # time constant of the rate and overhead estimates
-    shed_min_share: float = 0.04  # the smallest shed limit, as a share of the target
+    shed_min_share: float = 0.2  # the smallest shed limit, as a share of the target
     shed_step_share: float = 0.05  # the shed limit grows back by this share of the target per change
     latency_low_share: float = 0.8  # the shed limit grows back while answered p99 is below this share
     latency_window_s: float = 0.5  # answers the p99 is read from; also the least time between changes
@@ -214,16 +219,16 @@ class SloController:
         return self.rung
 
     def _adapt_shed_limit(self, s: Signals) -> None:
-        """At the floor: shrink the shed limit while answered p99 is over the target, grow it back
-        while it is well under (one change per latency window)."""
+        """At the floor: shrink the shed limit while answered p99 is over the target and the queue is
+        saturated, grow it back while p99 is well under or the queue is not (one change per window)."""
         cfg = self.config
         if self.rung != self.floor or s.latency is None or s.now - self._last_shed_change < cfg.latency_window_s:
             return
         target = cfg.latency_target_s
-        if s.latency > target:
+        if s.latency > target and s.saturated:
             shrink = max(0.5, target / s.latency)
             self.shed_delay = max(cfg.shed_min, self.shed_delay * shrink)
-        elif s.latency < cfg.latency_low_share * target and self.shed_delay < cfg.shed_max:
+        elif (s.latency < cfg.latency_low_share * target or not s.saturated) and self.shed_delay < cfg.shed_max:
             self.shed_delay = min(cfg.shed_max, self.shed_delay + cfg.shed_step_share * target)
         else:
             return
