@@ -48,9 +48,9 @@ The rules (hysteresis: distinct levels, utilisations and a dwell for each direct
   grows back by `shed_step_share` × T. A change waits `latency_window_s` after the last one, so
   each change is judged on answers given after the one before (no wind-up on stale samples).
   Saturation gates the shrink because shedding can only shorten a queue: a tail from elsewhere (a
-  host that stalls the VM) drove an ungated limit to its least in a scratch run, and the floor then
-  refused 93 % of 1.5× load while serving a tenth of its capacity, and a third of 0.5× load after.
-  The least, 0.2 T, stays above what a queue holds by design (the batch wait, one batch run).
+  host that stalls the VM) drove an ungated limit to its least in a scratch run, where the floor
+  then refused nearly everything while serving a fraction of its capacity (docs/policies.md). The
+  least, 0.2 T, stays above what a queue holds by design (the batch wait, one batch run).
 
 Saturation (when the overhead is learnt) is read from the measured queue too (its delay above
 `delay_low` at both ends of the tick), never from the prediction: a prediction that declared itself
