@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from bench.http_suite import pinned
+from bench.machine import cpu_ticks
 from tests.reliability import _images as img
 from tests.reliability._load import (
     RunResult,
@@ -146,11 +147,18 @@ def _run_overload(server: Any, *, seconds: float, label: str) -> dict[str, Any]:
     rate = min(4.0 * capacity, CLIENT_RATE_CAP)
     rss_before = server.rss()
     hist_before = _classify_histogram(server)
+    steal_before, ticks_before = cpu_ticks()
     with Sampler(server.base_url, server.pid, interval=0.25) as sampler:
         run = open_loop(server.base_url, classify_request(png), rate=rate, duration=seconds, max_inflight=200)
         time.sleep(0.5)  # let the sampler see the queues drain
+    steal_after, ticks_after = cpu_ticks()
     hist_after = _classify_histogram(server)
     summary = summarize_overload(run, sampler, capacity, rate)
+    # The host's share of the run (/proc/stat steal): a failed client-side bound shows whether the VM
+    # was stalled (in one CI run every answer, 429s included, waited ~5 s while the server's own
+    # p99 stayed within 0.5 s).
+    ticks = ticks_after - ticks_before
+    summary["vm_steal_share"] = round((steal_after - steal_before) / ticks, 4) if ticks > 0 else None
     summary["rss_mb_before_overload"] = round(rss_before / 2**20, 1)
     # Server-side latency of admitted (2xx) requests, from boostserve_request_duration_seconds:
     # the upper bound of the histogram bucket holding the quantile (excludes client-side delays).
@@ -192,7 +200,11 @@ def assert_overload(summary: dict[str, Any], *, min_multiple: float) -> None:
     server_p99 = summary["server_admitted_p99_le_s"]
     assert server_p99 is not None and server_p99 <= max(2.5, 4.0 * drain_s), (server_p99, drain_s)
     bound_ms = 1000.0 * (10.0 * drain_s + 1.0)
-    assert summary["admitted_latency"]["p99_ms"] <= bound_ms, (summary["admitted_latency"], bound_ms)
+    assert summary["admitted_latency"]["p99_ms"] <= bound_ms, (
+        summary["admitted_latency"],
+        bound_ms,
+        {key: summary.get(key) for key in ("vm_steal_share", "refused_latency", "client_skipped", "duration_s")},
+    )
     # Memory: bounded (no per-request leak and no unbounded buffering of refused requests).
     assert summary["rss_mb_max"] <= summary["rss_mb_before_overload"] * 1.5 + 64, summary
     assert summary["ready_after"] == 200 and summary["valid_request_after"] == 200
