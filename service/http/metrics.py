@@ -290,6 +290,9 @@ class Metrics:
             "SLO mode: p99 of the requests answered in the last 0.5 s, head to answer (NaN: too few)",
             registry=r,
         )
+        # NaN until SLO mode ticks: without a latency target there is no limit, and 0 would read as one.
+        self.slo_shed_limit.set(float("nan"))
+        self.slo_answered_p99.set(float("nan"))
         # The label-free accuracy monitor (service.core.shadow): shadow samples of the global budget's
         # early exits, what the calibration predicts for the point in force, the drift test and tightening.
         self.shadow_samples = Counter(
