@@ -120,9 +120,9 @@ class ClassifyService:
         #: The point in force for requests on the global budget (the live controllers move it).
         self.live = LiveOperatingPoint(resolver, global_budget)
         self.global_answer_hooks: list[GlobalAnswerHook] = []
-        #: Called with the seconds every answered request took, from its arrival (`classify`'s
-        #: `arrived`) to its answers; SLO mode's shed limit reads them.
-        self.answer_hooks: list[Callable[[float], None]] = []
+        #: Called for every answered request with (answered at, seconds from its arrival, `classify`'s
+        #: `arrived`, to its answers), both time.monotonic(); SLO mode's shed limit reads them.
+        self.answer_hooks: list[Callable[[float, float], None]] = []
         self.shed_check: ShedCheck | None = None
         #: Drift tightening of a global max_accuracy_drop from the shadow monitor (set by the app).
         self.drift: DriftControl | None = None
@@ -302,9 +302,10 @@ class ClassifyService:
         finally:
             self.inflight -= 1
         if self.answer_hooks:
-            took = time.monotonic() - (start if arrived is None else min(arrived, start))
+            now = time.monotonic()
+            took = now - (start if arrived is None else min(arrived, start))
             for answered in self.answer_hooks:
-                answered(took)
+                answered(now, took)
         if options.budget is None and resolved.early_exit:
             for hook in self.global_answer_hooks:
                 hook(resolved, results)

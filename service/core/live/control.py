@@ -148,7 +148,7 @@ class LiveControl:
         self._refused = 0  # images refused by the shed rule since the last tick
         if settings.latency_target_s is not None:
             service.shed_check = self._shed_check
-            service.answer_hooks.append(self._on_answered)
+            service.answer_hooks.append(self.latencies.add)
         service.live.subscribe(self._on_point)
 
     # -- hooks (event loop) ------------------------------------------------------------------------------
@@ -171,9 +171,6 @@ class LiveControl:
         if mac is None or expected is None or resolved.budget is not self.service.global_budget.budget:
             return
         mac.observe(len(results), float(sum(r.macs for r in results)), float(expected))
-
-    def _on_answered(self, seconds: float) -> None:
-        self.latencies.add(time.monotonic(), seconds)
 
     def _shed_check(self, count: int) -> None:
         slo = self.slo
