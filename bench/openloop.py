@@ -4,7 +4,11 @@ Why open loop: closed-loop clients (bench.loadgen) send the next request only wh
 is answered, so an overloaded server slows its own offered load down and overload never shows.
 Here each request is sent at its scheduled arrival time on its own keep-alive connection (taken
 from a pool of idle ones, or opened), and its latency counts from that scheduled time, so time a
-request spends waiting for a connection or a socket counts too.
+request spends waiting for a connection or a socket counts too. Each record says whether its
+request opened a connection: HTTP/1.1 carries one request at a time, so when latency rises every
+extra request in flight needs a new connection, and a load step brings a flood of them (each
+costs the server an accept and a protocol of its own). An idle connection the server has closed
+(its keep-alive timeout) is dropped from the pool, not reused.
 
 A schedule is a list of phases (seconds, requests/s, image indices to draw from); arrivals within a
 phase are a Poisson process (exponential gaps, seeded), images drawn uniformly from the phase's
@@ -49,6 +53,7 @@ class OpenLoopResult:
     degraded: list[bool] = field(default_factory=list)
     allowed_drop: list[float] = field(default_factory=list)  # max_accuracy_drop of the point served (nan: other knob)
     send_lag_s: list[float] = field(default_factory=list)  # how late the generator sent it (its own delay)
+    new_connection: list[bool] = field(default_factory=list)  # this request opened a connection
     first_error: str | None = None
 
     @property
@@ -69,6 +74,7 @@ class OpenLoopResult:
             "degraded": np.asarray(self.degraded, dtype=bool),
             "allowed_drop": np.asarray(self.allowed_drop, dtype=np.float64),
             "send_lag_s": np.asarray(self.send_lag_s, dtype=np.float64),
+            "new_connection": np.asarray(self.new_connection, dtype=bool),
         }
 
 
@@ -98,6 +104,14 @@ def schedule(phases: Sequence[Phase], seed: int) -> list[tuple[float, int, int]]
             out.append((t, p, int(pool[rng.integers(pool.size)])))
         start = end
     return out
+
+
+def _forget_if_closed(conn: _RawConnection) -> None:
+    """An idle connection the server closed (keep-alive timeout) is let go, so request() opens a new
+    one instead of writing to a dead socket."""
+    if conn.reader is not None and conn.reader.at_eof() and conn.writer is not None:
+        conn.writer.close()
+        conn.reader = conn.writer = None
 
 
 async def run_open_loop(
@@ -130,6 +144,8 @@ async def run_open_loop(
     async def one(index: int, payload: bytes, due: float) -> None:
         nonlocal inflight
         conn = idle.pop() if idle else _RawConnection(host, port)
+        _forget_if_closed(conn)
+        result.new_connection[index] = conn.writer is None  # request() opens it
         try:
             status, body = await asyncio.wait_for(conn.request(payload), timeout_s)
             answer = None
@@ -161,6 +177,7 @@ async def run_open_loop(
         result.macs.append(float("nan"))
         result.degraded.append(False)
         result.allowed_drop.append(float("nan"))
+        result.new_connection.append(False)
         due = t0 + at
         wait = due - time.perf_counter()
         if wait > 0:

@@ -155,6 +155,8 @@ def step_summary(
         "allowed_drop_mean": float(np.nanmean(rec["allowed_drop"][sel][ok])) if ok.any() else math.nan,
         # The generator's own delay (included in every latency): a client-bound step shows here.
         "send_lag_p99_ms": float(np.percentile(rec["send_lag_s"][sel], 99) * 1e3) if arrivals else math.nan,
+        # Connections the generator opened in the step (HTTP/1.1: one per extra request in flight).
+        "new_connections": int(rec["new_connection"][sel].sum()) if "new_connection" in rec else 0,
     }
     if full_correct is not None and ok.any():
         out["full_accuracy_same_images"] = float(full_correct[images].mean())
@@ -570,7 +572,9 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
         + ", ".join(f"{f:g}" for f in st["steps"])
         + " × the capacity measured in the same run (closed loop, "
         f"{st['capacity_clients']} clients). Servers run one after the other on the same CPUs and schedule. "
-        "Generator lag: how late the load generator itself sent a request (part of its latency). Server CPU per "
+        "Generator lag: how late the load generator itself sent a request (part of its latency). Connections "
+        "opened: by the generator during the step (HTTP/1.1 carries one request at a time, so each extra "
+        "request in flight needs one; a step up in load opens them in a burst). Server CPU per "
         "answer and mean stage-1 batch: read at the step boundaries from /proc and /metrics (– where the "
         "server refused the scrape, at its connection limit); VM steal: the share of the machine's CPU time "
         "the hypervisor gave to others during the step (/proc/stat).",
@@ -603,8 +607,8 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
     lines += [
         "| server | load × cap | offered req/s | served req/s | p50 ms | p99 ms | shed | degraded "
         "| mean allowed drop served | accuracy | loss vs all stages | over target | generator lag p99 ms "
-        "| server CPU ms per answer | mean stage-1 batch | VM steal |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| connections opened | server CPU ms per answer | mean stage-1 batch | VM steal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, sc in (r.get("accuracy_first") or {}).items():
         for s in sc["steps"]:
@@ -615,6 +619,7 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
                 f"| {format_number(s.get('allowed_drop_mean'), '{:.2f} %', 100)} "
                 f"| {100 * s['accuracy']:.2f} % | {'–' if loss is None else f'{100 * loss:.2f} pp'} "
                 f"| {s['over_target']} | {format_number(s.get('send_lag_p99_ms'), '{:.1f}')} "
+                f"| {s.get('new_connections', '–')} "
                 f"| {format_number(s.get('server_cpu_ms_per_answer'), '{:.3f}')} "
                 f"| {format_number(s.get('stage1_batch_mean'), '{:.1f}')} "
                 f"| {format_number(s.get('steal_share'), '{:.1f} %', 100)} |"

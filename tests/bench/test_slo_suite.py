@@ -39,11 +39,12 @@ def test_open_loop_sends_on_schedule_whatever_the_server_answers() -> None:
     """Against a tiny server that answers 429 to every other request and is slow: every arrival is
     sent (none waits for an answer), statuses and latencies recorded per arrival."""
 
-    async def main() -> tuple[Any, int]:
-        seen = 0
+    async def main() -> tuple[Any, int, int]:
+        seen = connections = 0
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            nonlocal seen
+            nonlocal seen, connections
+            connections += 1
             try:
                 while True:
                     head = await reader.readuntil(b"\r\n\r\n")
@@ -73,9 +74,9 @@ def test_open_loop_sends_on_schedule_whatever_the_server_answers() -> None:
             host="127.0.0.1", port=port, path="/v1/classify", bodies=[b"x"], phases=[Phase(1.0, 100.0, [0])], seed=0
         )
         server.close()
-        return result, seen
+        return result, seen, connections
 
-    result, seen = asyncio.run(main())
+    result, seen, connections = asyncio.run(main())
     arrays = result.as_arrays()
     n = arrays["status"].size
     assert n == seen > 60  # ~100 arrivals in 1 s, all sent although each answer takes 50 ms
@@ -87,6 +88,40 @@ def test_open_loop_sends_on_schedule_whatever_the_server_answers() -> None:
     lag = arrays["send_lag_s"]  # the generator's own delay: recorded per arrival, small when it keeps up
     assert lag.shape == (n,) and np.all(lag >= 0) and np.median(lag) < 0.05
     assert result.late_sends_s == lag.max()
+    # ~5 requests in flight at a time: a few connections, each counted once, on the request that opened it
+    assert 1 < arrays["new_connection"].sum() == connections < n / 4
+    assert arrays["new_connection"][0]
+
+
+def test_open_loop_opens_a_new_connection_where_the_server_closed_an_idle_one() -> None:
+    """A server that closes every connection once it has answered (as a keep-alive timeout does, with
+    no Connection: close): each request opens its own connection, none is written to a dead socket."""
+    phases = [Phase(1.0, 8.0, [0])]
+    gaps = np.diff([0.0] + [at for at, _, _ in schedule(phases, seed=9)])
+    assert gaps.min() > 0.02  # time enough for the client to read each close before the next send
+
+    async def main() -> Any:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))[15:])
+            await reader.readexactly(length)
+            body = json.dumps({"results": [{"label": 1, "exit": 1, "macs": 1}], "budget": {}}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        result = await run_open_loop(
+            host="127.0.0.1", port=port, path="/v1/classify", bodies=[b"x"], phases=phases, seed=9
+        )
+        server.close()
+        return result
+
+    arrays = asyncio.run(main()).as_arrays()
+    assert arrays["status"].size == gaps.size > 3
+    assert np.all(arrays["status"] == 200)
+    assert np.all(arrays["new_connection"])
 
 
 def test_step_summary_counts_shed_over_target_and_loss() -> None:
