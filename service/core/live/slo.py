@@ -16,11 +16,6 @@ reach_r(k) is the calibrated share of images that reach stage k under rung r's t
 the per-image work outside the stages (HTTP, decode, answer), unknown a priori. Whenever the queue
 is not empty for a whole tick the server is saturated and X is its capacity at the rung in force,
 so o = 1/X − Σ_k reach_r(k) t_k (smoothed, never below 0). Capacity at any rung: μ_j = 1 / c_j.
-X is read over `learn_window_s` of consecutive saturated ticks at one rung, never from one tick:
-completions in a 0.1 s tick are lumpy (a batch of 32 answers at once), and the first saturated tick
-of a load step is its worst, while new connections flood in (docs/policies.md). Taken whole, that
-one tick set o about ten times too high; the model then put every rung's capacity below the load,
-held the floor and inflated the predicted wait for seconds after the queue had drained.
 The model sizes a move, so a step in load is answered by the one rung that fits, not by a blind
 walk: the least degraded rung j with λ ≤ ρ_high · μ_j.
 
@@ -73,7 +68,7 @@ from dataclasses import dataclass
 
 __all__ = ["Rung", "Signals", "SloConfig", "SloController"]
 
-#: Completions in a saturated window below which its throughput is too noisy to learn the overhead from.
+#: Completions in a saturated tick below which its throughput is too noisy to learn the overhead from.
 MIN_COMPLETED = 10
 
 
@@ -94,7 +89,6 @@ class SloConfig:
     latency_window_s: float = 0.5  # answers the p99 is read from; also the least time between changes
     latency_quantile: float = 0.99  # the promise: p99 of admitted requests
     min_latency_samples: int = 50  # fewer answers in the window: no latency signal
-    learn_window_s: float = 0.3  # saturated time at one rung the service rate is read over
 
     def __post_init__(self) -> None:
         if not self.latency_target_s > 0:
@@ -109,8 +103,6 @@ class SloConfig:
             raise ValueError("need shed_step_share > 0, 0 < latency_low_share < 1 and latency_window_s > 0")
         if not 0 < self.latency_quantile < 1:
             raise ValueError("need 0 < latency_quantile < 1")
-        if not self.learn_window_s > 0:
-            raise ValueError("learn_window_s must be > 0")
 
     @property
     def delay_high(self) -> float:
@@ -178,9 +170,6 @@ class SloController:
         self.smoothed_delay = 0.0  # the calm test reads this (time constant smoothing_s)
         self.shed_delay = config.shed_max  # L: the floor sheds while the queue delay passes it
         self._last_shed_change = -math.inf
-        self._saturated_s = 0.0  # consecutive saturated seconds at `_saturated_rung` not yet learnt from
-        self._saturated_done = 0  # images answered in them
-        self._saturated_rung = -1
 
     @property
     def floor(self) -> int:
@@ -252,23 +241,9 @@ class SloController:
         for k, t in enumerate(s.stage_seconds):
             if t is not None:
                 self.stage_seconds[k] += w * (t - self.stage_seconds[k]) if self.stage_seconds[k] else t
-        self._learn_overhead(s, dt)
-
-    def _learn_overhead(self, s: Signals, dt: float) -> None:
-        """o from the throughput of `learn_window_s` of consecutive saturated ticks at one rung."""
-        if not s.saturated or self._saturated_rung != self.rung:
-            self._saturated_s, self._saturated_done = 0.0, 0
-            self._saturated_rung = self.rung
-            if not s.saturated:
-                return
-        self._saturated_s += dt
-        self._saturated_done += s.completed
-        if self._saturated_s < self.config.learn_window_s or self._saturated_done < MIN_COMPLETED:
-            return
-        observed = self._saturated_s / self._saturated_done - self.stage_work(self.rung)  # 1/X minus the stages
-        w = 1.0 - math.exp(-self._saturated_s / self.config.smoothing_s)
-        self.overhead = max(0.0, self.overhead + w * (observed - self.overhead) if self.overhead else observed)
-        self._saturated_s, self._saturated_done = 0.0, 0
+        if s.saturated and s.completed >= MIN_COMPLETED:
+            observed = dt / s.completed - self.stage_work(self.rung)  # 1/X minus the stages' share
+            self.overhead = max(0.0, self.overhead + w * (observed - self.overhead) if self.overhead else observed)
 
     def _fits(self, rung: int, utilisation: float, rate: float) -> bool:
         return rate <= utilisation * self.capacity(rung)
