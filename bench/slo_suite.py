@@ -156,7 +156,7 @@ def step_summary(
         # The generator's own delay (included in every latency): a client-bound step shows here.
         "send_lag_p99_ms": float(np.percentile(rec["send_lag_s"][sel], 99) * 1e3) if arrivals else math.nan,
         # Connections the generator opened in the step (HTTP/1.1: one per extra request in flight).
-        "new_connections": int(rec["new_connection"][sel].sum()) if "new_connection" in rec else 0,
+        "new_connections": int(rec["new_connection"][sel].sum()) if "new_connection" in rec else None,
     }
     if full_correct is not None and ok.any():
         out["full_accuracy_same_images"] = float(full_correct[images].mean())
@@ -619,7 +619,7 @@ def slo_section(doc: dict[str, Any], image: str | None) -> list[str]:
                 f"| {format_number(s.get('allowed_drop_mean'), '{:.2f} %', 100)} "
                 f"| {100 * s['accuracy']:.2f} % | {'–' if loss is None else f'{100 * loss:.2f} pp'} "
                 f"| {s['over_target']} | {format_number(s.get('send_lag_p99_ms'), '{:.1f}')} "
-                f"| {s.get('new_connections', '–')} "
+                f"| {'–' if s.get('new_connections') is None else s['new_connections']} "
                 f"| {format_number(s.get('server_cpu_ms_per_answer'), '{:.3f}')} "
                 f"| {format_number(s.get('stage1_batch_mean'), '{:.1f}')} "
                 f"| {format_number(s.get('steal_share'), '{:.1f} %', 100)} |"
