@@ -259,6 +259,42 @@ def test_the_service_rate_model_sizes_the_step() -> None:
     assert reached <= 13.0 and moves < fits, (reached, path)
 
 
+def test_before_any_saturation_the_overhead_is_bounded_by_cpu_time_so_a_step_moves_at_once() -> None:
+    """At light load the queue never saturates, so the overhead was unlearnt (0) when the first
+    overload came: the predicted wait of a growing backlog read short and the controller moved a
+    tick late (a scratch trace: 76 images queued, read as 13 ms). The process's CPU time per answer
+    bounds it instead, so the first tick of a step moves."""
+    stage = list(STAGE_S)
+    light = int(0.5 * CAPACITY_0 * TICK_S)  # answers per tick at half load
+    cpu_per_tick = 0.9 * TICK_S  # the core 90 % busy at light load (small batches)
+    moved = {}
+    for cpu in (None, cpu_per_tick):
+        ctl = SloController(SloConfig(latency_target_s=TARGET_S), LADDER)
+        for i in range(20):  # 2 s of light load, never saturated
+            ctl.update(Signals(i * TICK_S, 0.001, 2, light, light, stage, False, cpu_s=cpu))
+        if cpu is not None:
+            bound = cpu_per_tick / light - ctl.stage_work(0)
+            assert ctl.overhead == pytest.approx(bound, rel=0.01)
+        backlog = 20  # the first tick of the step: 17.5 ms at the stages' cost alone, under the 20 ms mark
+        delay = max(0.005, ctl.predicted_wait(backlog))
+        ctl.update(Signals(20 * TICK_S, delay, backlog, 2 * light, light, stage, False, cpu_s=cpu))
+        moved[cpu is not None] = ctl.rung
+    assert moved == {False: 0, True: moved[True]} and moved[True] > 0, moved
+
+
+def test_the_cpu_bound_never_blocks_the_way_back_before_a_saturated_tick() -> None:
+    """The CPU bound overstates the overhead at light load: its capacity would refuse the step back
+    at half load, so until the first saturated tick the calm alone decides."""
+    stage = list(STAGE_S)
+    ctl = SloController(SloConfig(latency_target_s=TARGET_S), LADDER)
+    ctl.rung = 2
+    light = int(0.5 * CAPACITY_0 * TICK_S)
+    for i in range(1, 101):  # 10 s of calm half load; the CPU says 95 % busy
+        ctl.update(Signals(i * TICK_S, 0.0005, 1, light, light, stage, False, cpu_s=0.095))
+    assert not ctl._fits(0, ctl.config.utilisation_up, ctl.arrival_rate)  # the bound alone would block it
+    assert ctl.rung == 0
+
+
 def test_a_draining_backlog_is_not_a_reason_to_step_again() -> None:
     """After a step down, a delay still above the high mark moves again only if the backlog grows."""
     stage = list(STAGE_S)

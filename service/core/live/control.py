@@ -1,7 +1,7 @@
 """`LiveControl`: runs the live controllers on the event loop and applies their points.
 
 One task ticks every `tick_s` (loop time), reads the signals (the scheduler's queue delay, backlog
-and per-stage counters; the images admitted and answered), asks the pure controllers
+and per-stage counters; the images admitted and answered; the process's CPU time), asks the pure controllers
 (`service.core.live.macs`, `service.core.live.slo`) for a point, resolves a new point in a worker
 thread (a `budget_macs` reference answer can take tens of ms, the loop must not wait for it) and
 hands it to `LiveOperatingPoint`.
@@ -137,7 +137,7 @@ class LiveControl:
         self._ladder: list[Budget | None] = [None]
         self._ladder_for: ResolvedBudget | None = None
         self._base: ResolvedBudget | None = None
-        self._prev: tuple[float, int, int, list[tuple[int, float]], bool] | None = None
+        self._prev: tuple[float, int, int, list[tuple[int, float]], bool, float] | None = None
         self._busy = False  # a resolution is running in a worker thread
         #: How late this task's own timer fired at the last tick (s): the event loop's backlog, i.e.
         #: the wait of requests not yet parsed, which the scheduler's queue cannot see.
@@ -218,7 +218,8 @@ class LiveControl:
         # from the few requests it let in (shedding) and shed everything.
         busy = backlog > 0 and measured > (0.0 if slo is None else slo.config.delay_low)
         prev = self._prev
-        self._prev = (now, admitted, backlog, stages, busy)
+        cpu = time.process_time()
+        self._prev = (now, admitted, backlog, stages, busy, cpu)
         refused, self._refused = self._refused, 0
         latency = None
         if slo is not None:
@@ -226,13 +227,13 @@ class LiveControl:
             latency = self.latencies.quantile(time.monotonic(), cfg.latency_quantile, cfg.min_latency_samples)
         if prev is None:
             return Signals(now, delay, backlog, 0, 0, [None] * len(stages), False, latency, refused)
-        _, prev_admitted, prev_backlog, prev_stages, prev_busy = prev
+        _, prev_admitted, prev_backlog, prev_stages, prev_busy, prev_cpu = prev
         per_image: list[float | None] = []
         for (items, seconds), (items0, seconds0) in zip(stages, prev_stages, strict=True):
             per_image.append((seconds - seconds0) / (items - items0) if items > items0 else None)
         new = admitted - prev_admitted
         done = max(0, prev_backlog + new - backlog)
-        return Signals(now, delay, backlog, new, done, per_image, busy and prev_busy, latency, refused)
+        return Signals(now, delay, backlog, new, done, per_image, busy and prev_busy, latency, refused, cpu - prev_cpu)
 
     async def tick(self, now: float, dt: float, loop_lag: float = 0.0) -> None:
         """One control step at loop time `now`, `dt` seconds after the previous one; `loop_lag`: how
