@@ -106,6 +106,11 @@ class _RawConnection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def request(self, payload: bytes) -> tuple[int, bytes]:
+        status, _, body = await self.exchange(payload)
+        return status, body
+
+    async def exchange(self, payload: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Send one request; its status, headers (names lower-cased) and body."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -113,18 +118,14 @@ class _RawConnection:
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
-        length = -1
-        close = False
-        chunked = False
+        headers: dict[str, str] = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
-            key = name.strip().lower()
-            if key == "content-length":
-                length = int(value.strip())
-            elif key == "connection" and value.strip().lower() == "close":
-                close = True
-            elif key == "transfer-encoding" and "chunked" in value.lower():
-                chunked = True
+            if name:
+                headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "-1"))
+        close = headers.get("connection", "").lower() == "close"
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         if chunked:
             body = await self._read_chunked()
         elif length >= 0:
@@ -134,7 +135,7 @@ class _RawConnection:
             close = True
         if close:
             await self.close()
-        return status, body
+        return status, headers, body
 
     async def _read_chunked(self) -> bytes:
         assert self.reader is not None

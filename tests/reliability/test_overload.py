@@ -180,10 +180,6 @@ def _classify_histogram(server: Any) -> dict[float, float]:
     )
 
 
-#: The VM's steal share over a run above which the client-side latency is the host's, not the server's.
-STALLED_HOST_STEAL = 0.05
-
-
 def assert_overload(summary: dict[str, Any], *, min_multiple: float) -> None:
     statuses = summary["statuses"]
     assert set(statuses) <= {"200", "429", "503"}, f"unexpected answers under overload: {statuses}"
@@ -204,14 +200,7 @@ def assert_overload(summary: dict[str, Any], *, min_multiple: float) -> None:
     server_p99 = summary["server_admitted_p99_le_s"]
     assert server_p99 is not None and server_p99 <= max(2.5, 4.0 * drain_s), (server_p99, drain_s)
     bound_ms = 1000.0 * (10.0 * drain_s + 1.0)
-    admitted_p99 = summary["admitted_latency"]["p99_ms"]
-    steal = summary.get("vm_steal_share") or 0.0
-    if steal >= STALLED_HOST_STEAL:
-        # The host withheld the CPU (two CI runs: 13 % steal, the 429s themselves waited 5-8 s while
-        # the server's own p99 stayed within its bound). A delay the refusals share is not the
-        # admission queue's; what admission adds over them is still bounded.
-        admitted_p99 -= summary["refused_latency"].get("p99_ms") or 0.0
-    assert admitted_p99 <= bound_ms, (
+    assert summary["admitted_latency"]["p99_ms"] <= bound_ms, (
         summary["admitted_latency"],
         bound_ms,
         {key: summary.get(key) for key in ("vm_steal_share", "refused_latency", "client_skipped", "duration_s")},
