@@ -267,6 +267,7 @@ class LiveControl:
             self.slo = SloController(SloConfig(latency_target_s=target), rungs)
             if previous is not None:  # keep what was learnt of the rates, and the degradation
                 self.slo.arrival_rate, self.slo.overhead = previous.arrival_rate, previous.overhead
+                self.slo.saturated_once = previous.saturated_once
                 self.slo.stage_seconds = previous.stage_seconds
                 self.slo.shed_delay = previous.shed_delay
                 self.slo.rung = min(previous.rung, self.slo.floor)

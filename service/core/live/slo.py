@@ -19,7 +19,8 @@ so o = 1/X − Σ_k reach_r(k) t_k (smoothed, never below 0). Capacity at any ru
 Until the server has been saturated once, o is not unknown (zero, which read the first overload as
 a short queue and moved a tick late) but bounded from above by its own CPU time: o ≤ CPU seconds
 per answer − Σ_k reach_r(k) t_k (`Signals.cpu_s`). At light load that includes the cost of small
-batches and of idle turns of the loop, so it overstates o, which only makes the first move come
+batches and of idle turns of the loop (and, where the stages run on several cores, their CPU
+time adds up beyond the wall clock), so it overstates o, which only makes the first move come
 sooner and go further; the first saturated tick replaces it. Until then the step back to a more
 accurate rung waits for the calm alone, not for the bound's (pessimistic) capacity.
 The model sizes a move, so a step in load is answered by the one rung that fits, not by a blind
@@ -177,7 +178,7 @@ class SloController:
         self.smoothed_delay = 0.0  # the calm test reads this (time constant smoothing_s)
         self.shed_delay = config.shed_max  # L: the floor sheds while the queue delay passes it
         self._last_shed_change = -math.inf
-        self._saturated_once = False  # o learnt from a saturated tick (else: the CPU bound, if any)
+        self.saturated_once = False  # o learnt from a saturated tick (else: the CPU bound, if any)
 
     @property
     def floor(self) -> int:
@@ -251,10 +252,10 @@ class SloController:
                 self.stage_seconds[k] += w * (t - self.stage_seconds[k]) if self.stage_seconds[k] else t
         if s.saturated and s.completed >= MIN_COMPLETED:
             observed = dt / s.completed - self.stage_work(self.rung)  # 1/X minus the stages' share
-            first = not self._saturated_once or not self.overhead
+            first = not self.saturated_once or not self.overhead
             self.overhead = max(0.0, observed if first else self.overhead + w * (observed - self.overhead))
-            self._saturated_once = True
-        elif not self._saturated_once and s.cpu_s is not None and s.completed >= MIN_COMPLETED:
+            self.saturated_once = True
+        elif not self.saturated_once and s.cpu_s is not None and s.completed >= MIN_COMPLETED:
             bound = s.cpu_s / s.completed - self.stage_work(self.rung)  # CPU per answer minus the stages
             self.overhead = max(0.0, self.overhead + w * (bound - self.overhead) if self.overhead else bound)
 
@@ -290,5 +291,5 @@ class SloController:
         if now - self._calm_since < cfg.hold_up_s or now - self._last_move < cfg.hold_up_s:
             return
         # The CPU bound overstates o at light load: it may hasten a step down, never block the way back.
-        if not self._saturated_once or self._fits(self.rung - 1, cfg.utilisation_up, self.arrival_rate):
+        if not self.saturated_once or self._fits(self.rung - 1, cfg.utilisation_up, self.arrival_rate):
             self._move(self.rung - 1, now, -1.0)

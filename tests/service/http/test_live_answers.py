@@ -256,3 +256,25 @@ def test_slo_mode_reads_what_answered_requests_took_and_what_it_refused(make_cli
         assert _metric(text, "boostserve_slo_shed_limit_seconds") == pytest.approx(control.slo.shed_delay)
         # p99 four times the target, but no queue (an idle test server): shedding cannot help, no shrink
         assert control.slo.shed_delay == pytest.approx(control.slo.config.shed_max)
+
+
+def test_a_ladder_rebuild_keeps_what_slo_mode_learnt_and_the_tick_reads_cpu_time(make_client: ClientFactory) -> None:
+    """A new adjusted point rebuilds the ladder and its controller; the rates, the overhead, whether
+    it was ever learnt from a saturated tick (else the CPU bound would overwrite it) and the shed
+    limit carry over. Each tick hands the controller the process's CPU time since the last one."""
+    with make_client(default_budget=GLOBAL, latency_target_ms=50, max_accuracy_drop_under_load=0.2) as client:
+        assert client.portal is not None
+        control = client.app.state.live  # type: ignore[attr-defined]
+        client.portal.call(control.tick, 0.0, 0.0)
+        old = control.slo
+        old.overhead, old.saturated_once, old.arrival_rate, old.shed_delay = 0.0004, True, 123.0, 0.015
+        control._ladder_for = None  # as after a new adjusted point
+        seen: list[Signals] = []
+        client.portal.call(control.tick, 0.1, 0.1)
+        new = control.slo
+        assert new is not old
+        assert (new.overhead, new.saturated_once, new.shed_delay) == (0.0004, True, 0.015)
+        update = new.update
+        new.update = lambda s: seen.append(s) or update(s)
+        client.portal.call(control.tick, 0.2, 0.1)
+        assert seen[-1].cpu_s is not None and seen[-1].cpu_s >= 0.0
