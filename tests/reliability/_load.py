@@ -154,6 +154,9 @@ def closed_loop(
 def raw_request(base_url: str, spec: dict[str, Any]) -> tuple[str, bytes]:
     """(path, the bytes of one HTTP/1.1 keep-alive request) for a `RequestFactory` dict with method,
     url (a path), content and headers."""
+    unsupported = set(spec) - {"method", "url", "content", "headers"}
+    if unsupported:
+        raise ValueError(f"the raw open loop sends method, url, content and headers only, not {sorted(unsupported)}")
     host = urlsplit(base_url).netloc
     content: bytes = spec.get("content", b"")
     headers = {"Host": host, **spec.get("headers", {}), "Content-Length": str(len(content))}
