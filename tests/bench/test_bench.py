@@ -382,5 +382,34 @@ def test_profile_summary_attributes_innermost_component(tmp_path: Path) -> None:
     out = summarise_raw(raw)
     shares = {c["component"]: c["share"] for c in out["components"]}
     assert out["samples"] == 4
-    assert shares == {"image decode + preprocess (Pillow)": 0.75, "FastAPI/Starlette": 0.25}
+    assert shares == {"image decode + preprocess": 0.75, "FastAPI/Starlette": 0.25}
     assert out["hottest"][0] == {"function": "load (PIL/Image.py)", "share": 0.75}
+
+
+def test_profile_rules_name_our_code_where_it_is(tmp_path: Path) -> None:
+    """Every path a component rule names exists, and our frame under uvicorn's is counted as ours.
+
+    The rules once named modules that had since moved (service/scheduler.py and the like), so the
+    published profile gave the fast path, the classify core and the scheduler to "uvicorn" and
+    "other"; this keeps them honest after the next move.
+    """
+    from bench.profiling import OWN_CODE, summarise_raw
+
+    repo = Path(__file__).resolve().parents[2]
+    stacks: list[tuple[str, str]] = []
+    for component, paths in OWN_CODE:
+        for path in paths:
+            assert (repo / path).exists(), f"{component}: {path} is not in the repository"
+            file = repo / path if path.endswith(".py") else sorted((repo / path).rglob("*.py"))[0]
+            # py-spy prints a path relative to sys.path where it can, else absolute: both are ours
+            for shown in (file, file.relative_to(repo)):
+                stack = f"run (uvicorn/protocols/http/httptools_impl.py:1);f ({shown}:7);g (<frozen x>:2) 1"
+                stacks.append((component, stack))
+    raw = tmp_path / "p.txt"
+    raw.write_text("".join(stack + "\n" for _, stack in stacks))
+    shares = {c["component"]: c["share"] for c in summarise_raw(raw)["components"]}
+    expected = {name: sum(1 for c, _ in stacks if c == name) / len(stacks) for name, _ in OWN_CODE}
+    assert shares == expected
+    # another package's folder of the same name is not ours
+    raw.write_text("run (uvicorn/server.py:1);f (site-packages/other_service/http/app.py:3) 1\n")
+    assert [c["component"] for c in summarise_raw(raw)["components"]] == ["uvicorn HTTP protocol (httptools)"]
