@@ -50,7 +50,6 @@ OWN_CODE: tuple[tuple[str, tuple[str, ...]], ...] = (
 #: Third-party code by component (a regex on the frame).
 LIBRARIES: tuple[tuple[str, str], ...] = (
     ("ONNX Runtime (Session.run)", r"onnxruntime"),
-    ("request id (uuid)", r"\(uuid\.py"),
     ("prometheus metrics", r"prometheus_client"),
     ("image decode + preprocess", r"PIL/|pyspng"),
     ("response rendering", r"pydantic|json/|jsonable_encoder"),
@@ -63,7 +62,7 @@ LIBRARIES: tuple[tuple[str, str], ...] = (
 
 
 def _own_rule(paths: tuple[str, ...]) -> str:
-    """A frame "function (path:line)" whose path ends in one of ours (py-spy prints absolute paths)."""
+    """A frame "function (path:line)" whose path is one of ours, relative or absolute (py-spy prints both)."""
     return "|".join(rf"[(/]{re.escape(p)}" for p in paths)
 
 
