@@ -192,7 +192,7 @@ def test_the_shed_limit_grows_back_once_answers_are_fast_again() -> None:
     0.8 T, one step per latency window; between 0.8 T and T it stays where it is."""
     cfg = SloConfig(latency_target_s=TARGET_S)
     ctl = SloController(cfg, LADDER)
-    ctl.rung = ctl.floor
+    ctl.rung, ctl.shed_delay = ctl.floor, cfg.shed_max
     stage = list(STAGE_S)
     t = 0.0
 
@@ -214,23 +214,38 @@ def test_the_shed_limit_grows_back_once_answers_are_fast_again() -> None:
     assert all(step == pytest.approx(cfg.shed_step_share * TARGET_S) for step in steps[:-1])
     assert grown[-1] == pytest.approx(cfg.shed_max)
     ctl.rung = ctl.floor - 1  # above the floor nothing is shed: the limit is left alone
-    assert tick(0.2) == pytest.approx(cfg.shed_max)
+    ctl.update(Signals(t + TICK_S, 0.0, 0, 100, 100, stage, True, 0.2, 10))
+    assert (ctl.rung, ctl.shed_delay) == (ctl.floor - 1, pytest.approx(cfg.shed_max))
 
 
-def test_a_slow_tail_without_a_saturated_queue_does_not_shrink_the_limit() -> None:
+def test_without_a_saturated_queue_the_limit_stays_where_it_is() -> None:
     """Shedding only shortens a queue: with answers slow but the queue not saturated (a host that
-    stalls the machine), the limit does not shrink, and a shrunk one grows back."""
+    stalls the machine) the limit does not shrink; and with answers fast but no queue there is no
+    evidence that a longer queue would keep the target, so a small limit does not grow either."""
+    cfg = SloConfig(latency_target_s=TARGET_S)
+    stage = list(STAGE_S)
+    for start, latency in ((cfg.shed_max, 0.2), (cfg.shed_min, 0.2), (cfg.shed_min, 0.01)):
+        ctl = SloController(cfg, LADDER)
+        ctl.rung, ctl.shed_delay = ctl.floor, start
+        for i in range(1, 101):  # 10 s
+            ctl.update(Signals(i * TICK_S, 0.001, 3, 100, 100, stage, False, latency, 5))
+        assert ctl.shed_delay == pytest.approx(start), (start, latency)
+
+
+def test_the_limit_starts_at_its_least_and_again_on_each_arrival_at_the_floor() -> None:
+    """A step in load reaches the floor with a queue already building: a limit left at its most
+    (grown while nothing was shed) would admit images for 0.6 T before the first refusal. So the
+    floor starts from the least and grows only on evidence (saturated queue, answered p99 under
+    0.8 T)."""
     cfg = SloConfig(latency_target_s=TARGET_S)
     ctl = SloController(cfg, LADDER)
-    ctl.rung = ctl.floor
+    assert ctl.shed_delay == pytest.approx(cfg.shed_min)
     stage = list(STAGE_S)
-    for i in range(1, 31):
-        ctl.update(Signals(i * TICK_S, 0.001, 3, 100, 100, stage, False, 0.2, 5))
-    assert ctl.shed_delay == pytest.approx(cfg.shed_max)
-    ctl.shed_delay = cfg.shed_min
-    for i in range(31, 131):  # 10 s
-        ctl.update(Signals(i * TICK_S, 0.001, 3, 100, 100, stage, False, 0.2, 5))
-    assert ctl.shed_delay == pytest.approx(cfg.shed_max)
+    ctl.rung, ctl.shed_delay = ctl.floor - 1, cfg.shed_max
+    ctl.update(Signals(TICK_S, 0.0, 0, 100, 100, stage, False, None, 0))
+    ctl.update(Signals(2 * TICK_S, 0.1, 5000, int(4 * CAPACITY_0 * TICK_S), 100, stage, True, None, 0))
+    assert ctl.rung == ctl.floor
+    assert ctl.shed_delay == pytest.approx(cfg.shed_min)
 
 
 def test_a_tick_that_refused_requests_is_not_calm() -> None:

@@ -46,13 +46,18 @@ The rules (hysteresis: distinct levels, utilisations and a dwell for each direct
   L: admitting more would break the target anyway. Measured, not predicted: the prediction rests on
   the learnt overhead, and a wrong estimate must not refuse traffic.
 * **the shed limit adapts to the latency answered requests had** (at the cheapest rung only). L
-  starts at `shed_share` × the target, its most. An admitted image waits about L in the queue, and
+  starts at `shed_min_share` × the target, its least, and is set back there on every arrival at
+  the floor from above: a step in load reaches the floor with a queue already building, and a limit
+  left at its most would admit images for `shed_share` × T before the first refusal; so L starts
+  where the target is safe and grows only on evidence that a longer queue still keeps it (the A/B
+  against starting at the most is in docs/policies.md). An admitted image waits about L in the queue, and
   then the batch it runs in, the deeper stages and a worker thread that shares a busy CPU add their
   own time, which the queue cannot show. So the controller reads the p99 of the latencies answered
   in the last `latency_window_s` (`Signals.latency`). Above the target, and only while the queue
   is saturated (`Signals.saturated`), L shrinks in proportion (L·T/p99, at most halved, never below
-  `shed_min_share` × T). Below `latency_low_share` × T, or while the queue is not saturated, it
-  grows back by `shed_step_share` × T. A change waits `latency_window_s` after the last one, so
+  `shed_min_share` × T). Below `latency_low_share` × T, again only while the queue is saturated,
+  it grows by `shed_step_share` × T, up to `shed_share` × T; an unsaturated queue says nothing
+  about what a longer one would cost, so L stays. A change waits `latency_window_s` after the last one, so
   each change is judged on answers given after the one before (no wind-up on stale samples).
   Saturation gates the shrink because shedding can only shorten a queue: a tail from elsewhere (a
   host that stalls the VM) drove an ungated limit to its least in a scratch run, where the floor
@@ -90,9 +95,9 @@ class SloConfig:
     hold_up_s: float = 3.0  # calm time before a step back
     shed_share: float = 0.6  # at the floor: the largest shed limit, as a share of the target
     smoothing_s: float = 1.0  # time constant of the rate and overhead estimates
-    shed_min_share: float = 0.2  # the smallest shed limit, as a share of the target
-    shed_step_share: float = 0.05  # the shed limit grows back by this share of the target per change
-    latency_low_share: float = 0.8  # the shed limit grows back while answered p99 is below this share
+    shed_min_share: float = 0.2  # the smallest shed limit, and the first, as a share of the target
+    shed_step_share: float = 0.05  # the shed limit grows by this share of the target per change
+    latency_low_share: float = 0.8  # the shed limit grows while answered p99 is below this share
     latency_window_s: float = 0.5  # answers the p99 is read from; also the least time between changes
     latency_quantile: float = 0.99  # the promise: p99 of admitted requests
     min_latency_samples: int = 50  # fewer answers in the window: no latency signal
@@ -176,7 +181,7 @@ class SloController:
         self._last_rate = 0.0  # images/s admitted over the last tick (unsmoothed)
         self._calm_since: float | None = None
         self.smoothed_delay = 0.0  # the calm test reads this (time constant smoothing_s)
-        self.shed_delay = config.shed_max  # L: the floor sheds while the queue delay passes it
+        self.shed_delay = config.shed_min  # L: the floor sheds while the queue delay passes it
         self._last_shed_change = -math.inf
         self.saturated_once = False  # o learnt from a saturated tick (else: the CPU bound, if any)
 
@@ -228,8 +233,8 @@ class SloController:
         return self.rung
 
     def _adapt_shed_limit(self, s: Signals) -> None:
-        """At the floor: shrink the shed limit while answered p99 is over the target and the queue is
-        saturated, grow it back while p99 is well under or the queue is not (one change per window)."""
+        """At the floor, while the queue is saturated: shrink the shed limit while answered p99 is over
+        the target, grow it while p99 is well under (one change per window)."""
         cfg = self.config
         if self.rung != self.floor or s.latency is None or s.now - self._last_shed_change < cfg.latency_window_s:
             return
@@ -237,7 +242,7 @@ class SloController:
         if s.latency > target and s.saturated:
             shrink = max(0.5, target / s.latency)
             self.shed_delay = max(cfg.shed_min, self.shed_delay * shrink)
-        elif (s.latency < cfg.latency_low_share * target or not s.saturated) and self.shed_delay < cfg.shed_max:
+        elif s.latency < cfg.latency_low_share * target and s.saturated and self.shed_delay < cfg.shed_max:
             self.shed_delay = min(cfg.shed_max, self.shed_delay + cfg.shed_step_share * target)
         else:
             return
@@ -263,7 +268,11 @@ class SloController:
         return rate <= utilisation * self.capacity(rung)
 
     def _move(self, rung: int, now: float, backlog: float) -> None:
-        self.rung = max(0, min(self.floor, rung))
+        rung = max(0, min(self.floor, rung))
+        if rung == self.floor and self.rung != self.floor:
+            self.shed_delay = self.config.shed_min
+            self._last_shed_change = now
+        self.rung = rung
         self._last_move = now
         self._backlog_at_move = backlog
         self._calm_since = None
