@@ -221,15 +221,35 @@ def test_the_shed_limit_grows_back_once_answers_are_fast_again() -> None:
 def test_without_a_saturated_queue_the_limit_stays_where_it_is() -> None:
     """Shedding only shortens a queue: with answers slow but the queue not saturated (a host that
     stalls the machine) the limit does not shrink; and with answers fast but no queue there is no
-    evidence that a longer queue would keep the target, so a small limit does not grow either."""
+    evidence that a longer queue would keep the target, so a limit that refuses nothing does not grow."""
     cfg = SloConfig(latency_target_s=TARGET_S)
     stage = list(STAGE_S)
     for start, latency in ((cfg.shed_max, 0.2), (cfg.shed_min, 0.2), (cfg.shed_min, 0.01)):
         ctl = SloController(cfg, LADDER)
         ctl.rung, ctl.shed_delay = ctl.floor, start
         for i in range(1, 101):  # 10 s
-            ctl.update(Signals(i * TICK_S, 0.001, 3, 100, 100, stage, False, latency, 5))
+            ctl.update(Signals(i * TICK_S, 0.001, 3, 100, 100, stage, False, latency, refused=0))
         assert ctl.shed_delay == pytest.approx(start), (start, latency)
+
+
+def test_a_limit_that_refuses_while_answers_are_fast_grows_without_a_saturated_queue() -> None:
+    """Bursts at a moderate load pass a small limit with the queue short and answers fast: those
+    refusals are ones the target did not need, so the limit grows (one step per window) while the
+    tick refuses; slow answers with an unsaturated queue still do not shrink it."""
+    cfg = SloConfig(latency_target_s=TARGET_S)
+    stage = list(STAGE_S)
+    ctl = SloController(cfg, LADDER)
+    ctl.rung = ctl.floor
+    limits = []
+    for i in range(1, 101):  # 10 s: refusing, fast answers, the queue never saturated
+        ctl.update(Signals(i * TICK_S, 0.001, 3, 100, 100, stage, False, 0.01, refused=2))
+        limits.append(ctl.shed_delay)
+    steps = [b - a for a, b in itertools.pairwise([cfg.shed_min, *limits]) if b != a]
+    assert steps and all(step == pytest.approx(cfg.shed_step_share * TARGET_S) for step in steps[:-1])
+    assert limits[-1] == pytest.approx(cfg.shed_max)
+    for i in range(101, 201):
+        ctl.update(Signals(i * TICK_S, 0.001, 3, 100, 100, stage, False, 0.2, refused=2))
+    assert ctl.shed_delay == pytest.approx(cfg.shed_max)
 
 
 def test_the_limit_starts_at_its_least_and_again_on_each_arrival_at_the_floor() -> None:

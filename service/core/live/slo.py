@@ -55,10 +55,12 @@ The rules (hysteresis: distinct levels, utilisations and a dwell for each direct
   own time, which the queue cannot show. So the controller reads the p99 of the latencies answered
   in the last `latency_window_s` (`Signals.latency`). Above the target, and only while the queue
   is saturated (`Signals.saturated`), L shrinks in proportion (L·T/p99, at most halved, never below
-  `shed_min_share` × T). Below `latency_low_share` × T, again only while the queue is saturated,
-  it grows by `shed_step_share` × T, up to `shed_share` × T; an unsaturated queue says nothing
-  about what a longer one would cost, so L stays. A change waits `latency_window_s` after the last one, so
-  each change is judged on answers given after the one before (no wind-up on stale samples).
+  `shed_min_share` × T). Below `latency_low_share` × T it grows by `shed_step_share` × T, up to
+  `shed_share` × T, but only while the limit binds: the queue saturated, or the tick refused
+  requests (bursts at a moderate load, answered fast: refusals the target did not need). A short
+  queue that refuses nothing says nothing about what a longer one would cost, so L stays. A change
+  waits `latency_window_s` after the last one, so each change is judged on answers given after the
+  one before (no wind-up on stale samples).
   Saturation gates the shrink because shedding can only shorten a queue: a tail from elsewhere (a
   host that stalls the VM) drove an ungated limit to its least in a scratch run, where the floor
   then refused nearly everything while serving a fraction of its capacity (docs/policies.md). The
@@ -233,8 +235,9 @@ class SloController:
         return self.rung
 
     def _adapt_shed_limit(self, s: Signals) -> None:
-        """At the floor, while the queue is saturated: shrink the shed limit while answered p99 is over
-        the target, grow it while p99 is well under (one change per window)."""
+        """At the floor: shrink the shed limit while answered p99 is over the target and the queue is
+        saturated; grow it while p99 is well under and the limit binds (a saturated queue, or a tick
+        that refused); one change per window."""
         cfg = self.config
         if self.rung != self.floor or s.latency is None or s.now - self._last_shed_change < cfg.latency_window_s:
             return
@@ -242,11 +245,16 @@ class SloController:
         if s.latency > target and s.saturated:
             shrink = max(0.5, target / s.latency)
             self.shed_delay = max(cfg.shed_min, self.shed_delay * shrink)
-        elif s.latency < cfg.latency_low_share * target and s.saturated and self.shed_delay < cfg.shed_max:
+        elif s.latency < cfg.latency_low_share * target and self._limit_binds(s) and self.shed_delay < cfg.shed_max:
             self.shed_delay = min(cfg.shed_max, self.shed_delay + cfg.shed_step_share * target)
         else:
             return
         self._last_shed_change = s.now
+
+    @staticmethod
+    def _limit_binds(s: Signals) -> bool:
+        """Is the shed limit deciding admissions? A saturated queue presses on it; a refusal passed it."""
+        return s.saturated or s.refused > 0
 
     def _learn(self, s: Signals, dt: float) -> None:
         w = 1.0 - math.exp(-dt / self.config.smoothing_s)
