@@ -15,7 +15,15 @@ import pytest
 
 from bench.common import load_artifact
 from bench.openloop import Phase, run_open_loop, schedule
-from bench.slo_suite import SloSettings, StepSampler, hardest_third, refusal_cost, slo_section, step_summary
+from bench.slo_suite import (
+    SloSettings,
+    StepSampler,
+    capacity_again,
+    hardest_third,
+    refusal_cost,
+    slo_section,
+    step_summary,
+)
 from bench.targets import evaluate_slo
 from tests.fixtures.synthetic_artifact import build_synthetic_artifact
 from tests.service.http import images
@@ -214,6 +222,23 @@ def test_refusal_cost_measures_the_head_gate_and_asgi_admission(tmp_path: Path) 
     text = "\n".join(slo_section(doc, None))
     assert "429 refused at the request head 0.040 ms [0.035–0.050], through ASGI admission 0.140 ms" in text
     assert "per answered request at the floor 0.300 ms" in text
+
+
+def test_the_report_gives_the_capacity_measured_again_after_the_scenario() -> None:
+    """A VM whose speed moved within the run shows as a second capacity far from the first; a
+    result from before the second measurement renders as it did."""
+    cap = {"budget_rps": 1000.0, "floor_rps": 1400.0, "floor_over_budget": 1.4, "budget_cpu_ms_per_request": 0.5}
+    assert capacity_again(cap) is None
+    doc = {"result": {"settings": asdict(SloSettings()), "capacity": cap}}
+    assert "measured again" not in "\n".join(slo_section(doc, None))
+    cap.update(budget_rps_after=600.0, budget_cpu_ms_per_request_after=0.85)
+    line = capacity_again(cap)
+    assert line == (
+        "Capacity at the budget measured again after the accuracy-first scenario: 600 req/s, 0.60× the first "
+        "measurement (server CPU per request 0.850 ms against 0.500 ms): far from 1× means the VM's speed moved "
+        "within the run."
+    )
+    assert line in slo_section(doc, None)
 
 
 def test_step_sampler_reads_cpu_and_batches_at_each_step_boundary() -> None:
