@@ -255,7 +255,7 @@ def test_a_limit_that_refuses_while_answers_are_fast_grows_without_a_saturated_q
 def test_the_limit_starts_at_its_least_and_again_on_each_arrival_at_the_floor() -> None:
     """A step in load reaches the floor with a queue already building: a limit left at its most
     (grown while nothing was shed) would admit images for 0.6 T before the first refusal. So the
-    floor starts from the least and grows only on evidence (saturated queue, answered p99 under
+    floor starts from the least and grows only on evidence (the limit binding, answered p99 under
     0.8 T)."""
     cfg = SloConfig(latency_target_s=TARGET_S)
     ctl = SloController(cfg, LADDER)

@@ -46,25 +46,25 @@ The rules (hysteresis: distinct levels, utilisations and a dwell for each direct
   L: admitting more would break the target anyway. Measured, not predicted: the prediction rests on
   the learnt overhead, and a wrong estimate must not refuse traffic.
 * **the shed limit adapts to the latency answered requests had** (at the cheapest rung only). L
-  starts at `shed_min_share` × the target, its least, and is set back there on every arrival at
-  the floor from above: a step in load reaches the floor with a queue already building, and a limit
-  left at its most would admit images for `shed_share` × T before the first refusal; so L starts
-  where the target is safe and grows only on evidence that a longer queue still keeps it (the A/B
-  against starting at the most is in docs/policies.md). An admitted image waits about L in the queue, and
+  starts at `shed_min_share` × the target, its least, and is set back there on every arrival at the
+  floor from above: a step in load reaches the floor with a queue already building, and a limit left
+  at its most would admit images for `shed_share` × T before the first refusal; so L starts where
+  the target is safe and grows only on evidence that a longer queue still keeps it (the A/B against
+  starting at the most is in docs/policies.md). An admitted image waits about L in the queue, and
   then the batch it runs in, the deeper stages and a worker thread that shares a busy CPU add their
   own time, which the queue cannot show. So the controller reads the p99 of the latencies answered
-  in the last `latency_window_s` (`Signals.latency`). Above the target, and only while the queue
-  is saturated (`Signals.saturated`), L shrinks in proportion (L·T/p99, at most halved, never below
+  in the last `latency_window_s` (`Signals.latency`). Above the target, and only while the queue is
+  saturated (`Signals.saturated`), L shrinks in proportion (L·T/p99, at most halved, never below
   `shed_min_share` × T). Below `latency_low_share` × T it grows by `shed_step_share` × T, up to
   `shed_share` × T, but only while the limit binds: the queue saturated, or the tick refused
   requests (bursts at a moderate load, answered fast: refusals the target did not need). A short
   queue that refuses nothing says nothing about what a longer one would cost, so L stays. A change
   waits `latency_window_s` after the last one, so each change is judged on answers given after the
-  one before (no wind-up on stale samples).
-  Saturation gates the shrink because shedding can only shorten a queue: a tail from elsewhere (a
-  host that stalls the VM) drove an ungated limit to its least in a scratch run, where the floor
-  then refused nearly everything while serving a fraction of its capacity (docs/policies.md). The
-  least, 0.2 T, stays above what a queue holds by design (the batch wait, one batch run).
+  one before (no wind-up on stale samples). Saturation gates the shrink because shedding can only
+  shorten a queue: a tail from elsewhere (a host that stalls the VM) drove an ungated limit to its
+  least in a scratch run, where the floor then refused nearly everything while serving a fraction of
+  its capacity (docs/policies.md). The least, 0.2 T, stays above what a queue holds by design (the
+  batch wait, one batch run).
 
 Saturation (when the overhead is learnt) is read from the measured queue too (its delay above
 `delay_low` at both ends of the tick), never from the prediction: a prediction that declared itself
